@@ -1,0 +1,41 @@
+"""The whole model: U-Net, KL-VAE and text encoder built from one `ModelConfig`, plus the small glue
+between them (prompts -> context, images <-> scaled latents). Diffusion and sampling live elsewhere
+(model/diffusion.py, model/samplers.py); this class holds weights only."""
+import torch
+import torch.nn as nn
+
+from model.config import ModelConfig
+from model.text import TextEncoder, Tokenizer, encode_prompts
+from model.unet import UNet
+from model.vae import AutoencoderKL
+
+
+class Text2Earth(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.unet = UNet(cfg.unet)
+        self.vae = AutoencoderKL(cfg.vae)
+        self.text_encoder = TextEncoder(cfg.text)
+        self.tokenizer = Tokenizer(cfg.text.context_length)
+
+    def encode_text(self, prompts):
+        """list[str] -> (B, 77, width) context; "" gives the null condition used by classifier-free guidance."""
+        return encode_prompts(self.text_encoder, self.tokenizer, prompts)
+
+    @torch.no_grad()
+    def encode_images(self, images, generator=None, sample=True):
+        """(B, 3, H, W) in [-1, 1] -> scaled latents (B, 4, H/8, W/8)."""
+        return self.vae.encode_latents(images, generator, sample)
+
+    @torch.no_grad()
+    def decode_latents(self, z, tile=None):
+        """Scaled latents -> images (B, 3, H, W) clamped to [-1, 1]."""
+        return self.vae.decode_latents(z, tile=tile).clamp(-1, 1)
+
+    def parameter_counts(self):
+        """Parameters per component and in total (works on the meta device)."""
+        counts = {name: sum(p.numel() for p in getattr(self, name).parameters())
+                  for name in ("unet", "vae", "text_encoder")}
+        counts["total"] = sum(counts.values())
+        return counts

@@ -1,0 +1,201 @@
+"""The denoising U-Net: SD2-base layout (Rombach et al. 2022) plus Text2Earth's resolution embedding.
+
+    unet(x_t, t, context, level) -> prediction (eps, v or x0, as the diffusion config says)
+
+The Google map level L (resolution_m = 2 ** (17 - L); 0 = "no resolution") is embedded exactly like the
+timestep and *added* to the time embedding, so every res-block is told the ground resolution.
+
+Open for extension without rewrites:
+- `in_channels` = 9 gives the inpainting model ([x_t, mask, masked-image latent] concatenated on channels);
+- `extra_emb` (B, time_dim) is added to the time embedding (e.g. a geo-location embedding);
+- `down_residuals` / `mid_residual` are added to the skip features (what a ControlNet produces);
+- every linear / conv is a plain nn.Linear / nn.Conv2d that an adapter (LoRA) can wrap.
+"""
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+from model.attention import SpatialTransformer
+from model.config import UNetConfig
+
+
+def sinusoidal_embedding(t, dim, max_period=10000.0):
+    """t: (B,) float -> (B, dim) as [cos(t w_i), sin(t w_i)], w_i = max_period ** (-i / (dim / 2)) (DDPM's, cos first)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    angles = t.float()[:, None] * freqs[None]                                       # B, dim/2
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)                # B, dim
+
+
+class EmbeddingMLP(nn.Module):
+    """Linear -> SiLU -> Linear, from the sinusoidal features to the time-embedding width."""
+
+    def __init__(self, in_dim, dim):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        return self.fc2(F.silu(self.fc1(x)))
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, the time embedding added in between (DDPM / SD residual block)."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, groups, eps):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x, emb):
+        h = self.conv1(F.silu(self.norm1(x)))                             # B, out, H, W
+        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    """One resolution level: res-blocks, each optionally followed by a spatial transformer, then a resampler."""
+
+    def __init__(self, in_chs, out_ch, emb_dim, heads, cfg, attention, resample):
+        super().__init__()
+        g, eps = cfg.norm_groups, cfg.norm_eps
+        self.res = nn.ModuleList([ResBlock(c, out_ch, emb_dim, g, eps) for c in in_chs])
+        self.attn = nn.ModuleList([SpatialTransformer(out_ch, heads, cfg.context_dim, g) for _ in in_chs]
+                                  if attention else [])
+        self.resample = resample
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch, emb_dim, heads, cfg):
+        super().__init__()
+        self.res1 = ResBlock(ch, ch, emb_dim, cfg.norm_groups, cfg.norm_eps)
+        self.attn = SpatialTransformer(ch, heads, cfg.context_dim, cfg.norm_groups)
+        self.res2 = ResBlock(ch, ch, emb_dim, cfg.norm_groups, cfg.norm_eps)
+
+
+class UNet(nn.Module):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        n = len(cfg.channels)
+        if not (len(cfg.attention) == len(cfg.heads) == n):
+            raise ValueError(f"UNetConfig: channels {cfg.channels}, attention {cfg.attention} and heads {cfg.heads} "
+                             "must have one entry per level")
+        self.cfg = cfg
+        ch0 = cfg.channels[0]
+        emb_dim = cfg.time_dim or 4 * ch0
+        self.time_embed = EmbeddingMLP(ch0, emb_dim)
+        self.level_embed = EmbeddingMLP(ch0, emb_dim) if cfg.level_embedding else None
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
+
+        # Down path. `skips` records the channels of every feature map kept for the up path.
+        skips, ch = [ch0], ch0
+        self.down = nn.ModuleList()
+        for i, out in enumerate(cfg.channels):
+            last = i == n - 1
+            in_chs = [ch] + [out] * (cfg.layers_per_level - 1)
+            self.down.append(Level(in_chs, out, emb_dim, cfg.heads[i], cfg, cfg.attention[i],
+                                   None if last else Downsample(out)))
+            skips += [out] * (cfg.layers_per_level + (0 if last else 1))
+            ch = out
+        self.mid = MidBlock(ch, emb_dim, cfg.heads[-1], cfg)
+
+        # Up path: one more res-block per level than on the way down, each eating one skip.
+        self.up = nn.ModuleList()
+        for i, out in reversed(list(enumerate(cfg.channels))):
+            in_chs = []
+            for _ in range(cfg.layers_per_level + 1):
+                in_chs.append(ch + skips.pop())
+                ch = out
+            self.up.append(Level(in_chs, out, emb_dim, cfg.heads[i], cfg, cfg.attention[i],
+                                 Upsample(out) if i > 0 else None))
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, ch0, eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(ch0, cfg.out_channels, 3, padding=1)
+
+    def _call(self, module, *args):
+        """Run a block, recomputing its activations in the backward pass when gradient checkpointing is on."""
+        if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    def embed(self, t, level=None, extra_emb=None):
+        """Time embedding, plus the level embedding and any extra conditioning embedding: (B,) -> (B, time_dim)."""
+        ch0 = self.cfg.channels[0]
+        dtype = self.time_embed.fc1.weight.dtype
+        emb = self.time_embed(sinusoidal_embedding(t, ch0).to(dtype))
+        if self.level_embed is not None:
+            if level is None:
+                raise ValueError("this U-Net has a level embedding: pass `level` (0 = no resolution)")
+            emb = emb + self.level_embed(sinusoidal_embedding(level, ch0).to(dtype))
+        if extra_emb is not None:
+            emb = emb + extra_emb
+        return emb
+
+    def forward(self, x, t, context, level=None, extra_emb=None, down_residuals=None, mid_residual=None):
+        """x: (B, in_channels, H, W), t: (B,) or scalar, context: (B, Lc, context_dim), level: (B,) or scalar.
+
+        H and W must be multiples of 2 ** (levels - 1). Returns (B, out_channels, H, W).
+        """
+        B = x.shape[0]
+        if x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"U-Net expects {self.cfg.in_channels} input channels, got x of shape {tuple(x.shape)}")
+        t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
+        if level is not None:
+            level = torch.as_tensor(level, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
+        emb = self.embed(t, level, extra_emb)                                    # B, time_dim
+
+        h = self.conv_in(x)                                                      # B, C0, H, W
+        feats = [h]
+        for lvl in self.down:
+            for j, res in enumerate(lvl.res):
+                h = self._call(res, h, emb)
+                if lvl.attn:
+                    h = self._call(lvl.attn[j], h, context)
+                feats.append(h)
+            if lvl.resample is not None:
+                h = lvl.resample(h)                                              # B, C, H/2, W/2
+                feats.append(h)
+        if down_residuals is not None:                                           # ControlNet: one per skip feature
+            if len(down_residuals) != len(feats):
+                raise ValueError(f"down_residuals: expected {len(feats)} tensors, got {len(down_residuals)}")
+            feats = [f + r for f, r in zip(feats, down_residuals)]
+
+        h = self._call(self.mid.res1, h, emb)
+        h = self._call(self.mid.attn, h, context)
+        h = self._call(self.mid.res2, h, emb)
+        if mid_residual is not None:
+            h = h + mid_residual
+
+        for lvl in self.up:
+            for j, res in enumerate(lvl.res):
+                h = self._call(res, torch.cat([h, feats.pop()], dim=1), emb)
+                if lvl.attn:
+                    h = self._call(lvl.attn[j], h, context)
+            if lvl.resample is not None:
+                h = lvl.resample(h)                                              # B, C, 2H, 2W
+        return self.conv_out(F.silu(self.norm_out(h)))                           # B, out_channels, H, W

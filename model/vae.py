@@ -1,0 +1,237 @@
+"""The KL-regularised autoencoder of latent diffusion (Rombach et al. 2022, Sec. 3 and App. G).
+
+    image (B, 3, H, W) in [-1, 1]  --encode-->  posterior over (B, 4, H/8, W/8)  --decode-->  image
+
+Diffusion runs on `scaling_factor * z` (0.18215 for the SD / Text2Earth VAE) so latents have unit-ish variance;
+`encode_latents` / `decode_latents` apply that factor, `encode` / `decode` do not.
+"""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from model.config import VAEConfig
+
+
+class ResBlock(nn.Module):
+    """GroupNorm-SiLU-conv twice, with a 1x1 shortcut when the width changes (no time embedding)."""
+
+    def __init__(self, in_ch, out_ch, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, in_ch, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, out_ch, eps=1e-6)
+        self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x):
+        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv2(F.silu(self.norm2(h)))
+        return self.skip(x) + h
+
+
+class SelfAttention(nn.Module):
+    """Single-head self-attention over all H*W positions (only used once, in the mid-block)."""
+
+    def __init__(self, ch, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, ch, eps=1e-6)
+        self.to_q, self.to_k, self.to_v, self.to_out = (nn.Linear(ch, ch) for _ in range(4))
+
+    def forward(self, x):
+        B, C, H, W = x.shape
+        h = rearrange(self.norm(x), "b c h w -> b 1 (h w) c")                  # B, 1 head, L, C
+        out = F.scaled_dot_product_attention(self.to_q(h), self.to_k(h), self.to_v(h))
+        out = rearrange(self.to_out(out), "b 1 (h w) c -> b c h w", h=H, w=W)
+        return x + out
+
+
+class MidBlock(nn.Module):
+    def __init__(self, ch, groups):
+        super().__init__()
+        self.res1 = ResBlock(ch, ch, groups)
+        self.attn = SelfAttention(ch, groups)
+        self.res2 = ResBlock(ch, ch, groups)
+
+    def forward(self, x):
+        return self.res2(self.attn(self.res1(x)))
+
+
+class Downsample(nn.Module):
+    """Stride-2 3x3 conv with the LDM's asymmetric padding (pad right and bottom only)."""
+
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, stride=2)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, ch):
+        super().__init__()
+        self.conv = nn.Conv2d(ch, ch, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class Level(nn.Module):
+    def __init__(self, in_ch, out_ch, n_res, groups, resample):
+        super().__init__()
+        self.res = nn.ModuleList([ResBlock(in_ch if i == 0 else out_ch, out_ch, groups) for i in range(n_res)])
+        self.resample = resample
+
+    def forward(self, x):
+        for res in self.res:
+            x = res(x)
+        return x if self.resample is None else self.resample(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chs, g, n = cfg.channels, cfg.norm_groups, len(cfg.channels)
+        self.conv_in = nn.Conv2d(cfg.in_channels, chs[0], 3, padding=1)
+        self.levels = nn.ModuleList([
+            Level(chs[max(i - 1, 0)], chs[i], cfg.layers_per_level, g, Downsample(chs[i]) if i < n - 1 else None)
+            for i in range(n)])
+        self.mid = MidBlock(chs[-1], g)
+        self.norm_out = nn.GroupNorm(g, chs[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(chs[-1], 2 * cfg.latent_channels, 3, padding=1)   # mean and log-variance
+
+    def forward(self, x):
+        h = self.conv_in(x)                                                       # B, C0, H, W
+        for level in self.levels:
+            h = level(h)                                                          # ... B, C_last, H/f, W/f
+        return self.conv_out(F.silu(self.norm_out(self.mid(h))))                  # B, 2*4, H/f, W/f
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        chs, g = cfg.channels[::-1], cfg.norm_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, chs[0], 3, padding=1)
+        self.mid = MidBlock(chs[0], g)
+        self.levels = nn.ModuleList([
+            Level(chs[max(i - 1, 0)], chs[i], cfg.layers_per_level + 1, g, Upsample(chs[i]) if i < len(chs) - 1 else None)
+            for i in range(len(chs))])
+        self.norm_out = nn.GroupNorm(g, chs[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(chs[-1], cfg.in_channels, 3, padding=1)
+
+    def forward(self, z):
+        h = self.mid(self.conv_in(z))                                             # B, C_last, h, w
+        for level in self.levels:
+            h = level(h)                                                          # ... B, C0, H, W
+        return self.conv_out(F.silu(self.norm_out(h)))                            # B, 3, H, W
+
+
+class DiagonalGaussian:
+    """The encoder's posterior q(z|x) = N(mean, diag(exp(logvar)))."""
+
+    def __init__(self, moments):
+        self.mean, logvar = moments.chunk(2, dim=1)                               # B, 4, h, w each
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+
+    def sample(self, generator=None):
+        noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self):
+        return self.mean
+
+    def kl(self):
+        """KL(q || N(0, I)) summed over latent dimensions: (B,)."""
+        return 0.5 * (self.mean.pow(2) + self.logvar.exp() - 1.0 - self.logvar).sum(dim=(1, 2, 3))
+
+
+class AutoencoderKL(nn.Module):
+    def __init__(self, cfg: VAEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.latent_channels, cfg.latent_channels, 1)
+
+    @property
+    def downsample(self):
+        return 2 ** (len(self.cfg.channels) - 1)
+
+    def encode(self, x):
+        """x: (B, 3, H, W) in [-1, 1] -> DiagonalGaussian over (B, 4, H/f, W/f)."""
+        f = self.downsample
+        if x.ndim != 4 or x.shape[1] != self.cfg.in_channels or x.shape[2] % f or x.shape[3] % f:
+            raise ValueError(f"VAE.encode expects (B, {self.cfg.in_channels}, H, W) with H, W multiples of {f}, "
+                             f"got {tuple(x.shape)}")
+        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+
+    def decode(self, z):
+        """z: (B, 4, h, w) unscaled latents -> (B, 3, h*f, w*f)."""
+        return self.decoder(self.post_quant_conv(z))
+
+    def forward(self, x, generator=None):
+        """Reconstruction for VAE training: returns (reconstruction, posterior)."""
+        posterior = self.encode(x)
+        return self.decode(posterior.sample(generator)), posterior
+
+    def encode_latents(self, x, generator=None, sample=True):
+        """Images -> scaled latents, the space diffusion runs in."""
+        posterior = self.encode(x)
+        z = posterior.sample(generator) if sample else posterior.mode()
+        return z * self.cfg.scaling_factor
+
+    def decode_latents(self, z, tile=None, overlap=None):
+        """Scaled latents -> images in [-1, 1] (unclamped). With `tile` (latent pixels), decode tile by tile."""
+        z = z / self.cfg.scaling_factor
+        if tile is None or (z.shape[2] <= tile and z.shape[3] <= tile):
+            return self.decode(z)
+        return self.decode_tiled(z, tile, overlap if overlap is not None else tile // 4)
+
+    # ------------------------------------------------------------------------------------------------
+    # Tiled decoding, for canvases larger than memory allows in one pass (unbounded scenes).
+    # Overlapping latent tiles are decoded separately and cross-faded with weights that fall linearly to
+    # zero across the overlap, so every output pixel is a convex blend and no hard tile edge appears.
+    # ------------------------------------------------------------------------------------------------
+    def decode_tiled(self, z, tile, overlap):
+        """z: (B, 4, h, w) unscaled latents; tile and overlap in latent pixels, 0 <= overlap < tile."""
+        if not 0 <= overlap < tile:
+            raise ValueError(f"decode_tiled: need 0 <= overlap ({overlap}) < tile ({tile})")
+        f = self.downsample
+        B, _, h, w = z.shape
+        out = torch.zeros(B, self.cfg.in_channels, h * f, w * f, device=z.device, dtype=z.dtype)
+        weight = torch.zeros(1, 1, h * f, w * f, device=z.device, dtype=z.dtype)
+        for y0 in _tile_starts(h, tile, overlap):
+            for x0 in _tile_starts(w, tile, overlap):
+                piece = self.decode(z[:, :, y0:y0 + tile, x0:x0 + tile])            # B, 3, th*f, tw*f
+                ramp_y = _ramp(piece.shape[2], overlap * f, y0 > 0, y0 + tile < h, z)
+                ramp_x = _ramp(piece.shape[3], overlap * f, x0 > 0, x0 + tile < w, z)
+                wgt = ramp_y[:, None] * ramp_x[None, :]                             # th*f, tw*f
+                ys, xs = slice(y0 * f, y0 * f + piece.shape[2]), slice(x0 * f, x0 * f + piece.shape[3])
+                out[:, :, ys, xs] += piece * wgt
+                weight[:, :, ys, xs] += wgt
+        return out / weight
+
+
+def _tile_starts(size, tile, overlap):
+    """Start offsets of tiles of length `tile` stepping by tile - overlap, the last one flush with the end."""
+    if size <= tile:
+        return [0]
+    stride = tile - overlap
+    starts = list(range(0, size - tile, stride))
+    return starts + [size - tile]
+
+
+def _ramp(n, overlap, fade_in, fade_out, like):
+    """Per-pixel blend weight along one axis: rises over the first `overlap` pixels (if a tile precedes)
+    and falls over the last `overlap` pixels (if a tile follows); 1 elsewhere. Never exactly 0."""
+    wgt = torch.ones(n, device=like.device, dtype=like.dtype)
+    if overlap > 0:
+        ramp = (torch.arange(overlap, device=like.device, dtype=like.dtype) + 0.5) / overlap
+        if fade_in:
+            wgt[:overlap] = torch.minimum(wgt[:overlap], ramp)
+        if fade_out:
+            wgt[-overlap:] = torch.minimum(wgt[-overlap:], ramp.flip(0))
+    return wgt
