@@ -82,3 +82,17 @@ class ModelConfig:
                 raise ValueError(f"model config section '{name}' has unknown keys {sorted(bad)}")
             kwargs[name] = sub(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
         return cls(**kwargs)
+
+
+def load_config(path):
+    """Execute a config file (plain Python assignments, see configs/) and return its public names as a dict-like
+    namespace. `model` in it is a ModelConfig; training files add plain values (lr, batch size, ...)."""
+    import runpy
+    import types
+    from pathlib import Path
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist")
+    values = {k: v for k, v in runpy.run_path(str(path)).items()
+              if not k.startswith("_") and not isinstance(v, (types.ModuleType, type, types.FunctionType))}
+    return types.SimpleNamespace(**values)

@@ -1,0 +1,218 @@
+"""Samplers: DDPM ancestral, DDIM, Euler and DPM-Solver++(2M), as plain functions with one signature
+
+    sample_xxx(model_fn, x, diffusion, steps, *, generator=None, prediction="eps", spacing="leading",
+               steps_offset=1, callback=None, progress=False, **opts) -> x0 sample (B, C, H, W)
+
+model_fn(x_t, t) -> prediction (eps, v or x0, as `prediction` says) with x_t (B, C, H, W) and t (B,)
+timesteps in [0, T); wrap the U-Net and guidance into it with model/guidance.py. x is the initial
+noise, N(0, I), shaped like the latents. `diffusion` is a model.diffusion.Diffusion. The defaults
+(leading spacing, steps_offset 1) follow SD2-base's scheduler_config.json, which Text2Earth inherits.
+callback, if given, is called after every step with {"i", "t", "x" (the sampler's state), "x0"}.
+"""
+import math
+
+import torch
+from tqdm.auto import tqdm
+
+from model.diffusion import check_prediction, to_x0_eps
+
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared helpers: timesteps, argument checks
+# ----------------------------------------------------------------------------------------------
+
+def make_timesteps(num_train_steps, steps, spacing="leading", steps_offset=1, integer=True):
+    """The descending sampling timesteps, float64 (steps,), as Lin et al. 2024 ("Common diffusion noise
+    schedules and sample steps are flawed"), Table 2, names them:
+        leading:  arange(steps) * (T // steps) + steps_offset      (SD2-base; never reaches t = T-1)
+        trailing: round(T - arange(steps) * T / steps) - 1         (starts at t = T-1)
+        linspace: linspace(0, T - 1, steps), rounded when integer   (starts at t = T-1)
+    steps_offset applies to "leading" only, as in diffusers.
+    """
+    if not isinstance(steps, int) or steps < 1 or steps > num_train_steps:
+        raise ValueError(f"steps must be an int in [1, {num_train_steps}], got {steps!r}")
+    k = torch.arange(steps, dtype=torch.float64)
+    if spacing == "leading":
+        ts = (k * (num_train_steps // steps) + steps_offset).flip(0)
+    elif spacing == "trailing":
+        delta = (num_train_steps - num_train_steps / steps) - num_train_steps      # as np.arange computes it
+        ts = (num_train_steps + k * delta).round() - 1
+    elif spacing == "linspace":                                                  # as np.linspace computes it
+        ts = k * ((num_train_steps - 1) / max(steps - 1, 1))
+        ts[-1] = num_train_steps - 1 if steps > 1 else 0
+        ts = (ts.round() if integer else ts).flip(0)
+    else:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if ts[0] > num_train_steps - 1 or ts[-1] < 0:
+        raise ValueError(f"{spacing} spacing with steps={steps}, steps_offset={steps_offset} gives timesteps "
+                         f"{ts[0].item():g}..{ts[-1].item():g}, outside [0, {num_train_steps - 1}]")
+    return ts
+
+
+def _setup(name, x, diffusion, steps, prediction, spacing, steps_offset, opts, defaults, integer=True):
+    """Validate the shared arguments and sampler options; returns (timesteps, options)."""
+    check_prediction(prediction)
+    if not torch.is_tensor(x) or not x.is_floating_point():
+        raise ValueError(f"{name}: x must be a floating-point tensor of initial noise, got {type(x).__name__}")
+    unknown = set(opts) - set(defaults)
+    if unknown:
+        raise ValueError(f"{name}: unknown option(s) {sorted(unknown)}; accepted: {sorted(defaults) or 'none'}")
+    ts = make_timesteps(diffusion.num_steps, steps, spacing, steps_offset, integer)
+    return ts, {**defaults, **opts}
+
+
+def _t(t, x, dtype=torch.long):
+    """A timestep as the (B,) tensor that model_fn receives."""
+    return torch.full((x.shape[0],), t, dtype=dtype, device=x.device)
+
+
+def _scalar(v, x):
+    """A float64 0-dim tensor on x's device: coefficients stay float64, products take x's dtype."""
+    return torch.tensor(v, dtype=torch.float64, device=x.device)
+
+
+def _randn(x, generator):
+    return torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# DDPM ancestral sampling
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_ddpm(model_fn, x, diffusion, steps, *, generator=None, prediction="eps", spacing="leading",
+                steps_offset=1, callback=None, progress=False, **opts):
+    """Ancestral sampling, Ho et al. 2020, Alg. 2, on a respaced chain (Nichol & Dhariwal 2021, Sec. 4):
+    between consecutive sampled steps t > s, beta' = 1 - abar_t / abar_s and
+        x_s = mean~(x_t, x0) + sqrt(beta~) z,   mean~ and beta~ = (1 - abar_s) / (1 - abar_t) beta'  (Eq. 6-7),
+    z = 0 at t = 0; the last step goes to abar = 1. Matches diffusers' DDPMScheduler (fixed_small variance).
+    """
+    ts, _ = _setup("sample_ddpm", x, diffusion, steps, prediction, spacing, steps_offset, opts, {})
+    ac = diffusion.alphas_cumprod
+    for i in tqdm(range(len(ts)), disable=not progress, desc="ddpm"):
+        t = int(ts[i])
+        ab_t = ac[t].item()
+        ab_s = ac[int(ts[i + 1])].item() if i + 1 < len(ts) else 1.0
+        alpha = ab_t / ab_s                                                      # alpha' of the respaced step
+        x0, _ = to_x0_eps(x, model_fn(x, _t(t, x)), _scalar(ab_t, x), prediction)
+        c0 = math.sqrt(ab_s) * (1 - alpha) / (1 - ab_t)                          # Eq. 7, coefficient of x0
+        ct = math.sqrt(alpha) * (1 - ab_s) / (1 - ab_t)                          # Eq. 7, coefficient of x_t
+        x = c0 * x0 + ct * x
+        if t > 0:
+            var = (1 - ab_s) / (1 - ab_t) * (1 - alpha)                          # beta~, Eq. 7
+            x = x + math.sqrt(var) * _randn(x, generator)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": x0})
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# DDIM
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_ddim(model_fn, x, diffusion, steps, *, generator=None, prediction="eps", spacing="leading",
+                steps_offset=1, callback=None, progress=False, **opts):
+    """Song et al. 2021, Eq. 12, with sigma_t = eta * sqrt((1 - abar_s) / (1 - abar_t)) sqrt(1 - abar_t / abar_s)
+    (Eq. 16):  x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma_t^2) eps + sigma_t z.
+
+    Options: eta (0 = deterministic DDIM, 1 = DDPM-like), set_alpha_to_one (the last step goes to
+    abar = 1 if True, else to abar_0 as SD2-base's config says: False). The previous step is the next
+    sampled timestep; diffusers' DDIMScheduler uses t - T // steps, the same for "leading" spacing and
+    for "trailing" when steps divides T.
+    """
+    ts, o = _setup("sample_ddim", x, diffusion, steps, prediction, spacing, steps_offset, opts,
+                   {"eta": 0.0, "set_alpha_to_one": False})
+    if o["eta"] < 0:
+        raise ValueError(f"sample_ddim: eta must be >= 0, got {o['eta']}")
+    ac = diffusion.alphas_cumprod
+    final = 1.0 if o["set_alpha_to_one"] else ac[0].item()
+    for i in tqdm(range(len(ts)), disable=not progress, desc="ddim"):
+        t = int(ts[i])
+        ab_t = ac[t].item()
+        ab_s = ac[int(ts[i + 1])].item() if i + 1 < len(ts) else final
+        x0, eps = to_x0_eps(x, model_fn(x, _t(t, x)), _scalar(ab_t, x), prediction)
+        std = o["eta"] * math.sqrt((1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s))  # Eq. 16
+        x = math.sqrt(ab_s) * x0 + math.sqrt(max(1 - ab_s - std ** 2, 0.0)) * eps  # Eq. 12
+        if o["eta"] > 0:
+            x = x + std * _randn(x, generator)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": x0})
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# Euler (probability-flow ODE in sigma)
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_euler(model_fn, x, diffusion, steps, *, generator=None, prediction="eps", spacing="leading",
+                 steps_offset=1, callback=None, progress=False, **opts):
+    """Karras et al. 2022, Alg. 2 with S_churn = 0 and no 2nd-order correction: Euler steps of the
+    probability-flow ODE dx/dsigma = (x - D(x; sigma)) / sigma in the variance-exploding variable
+    x = x_t / sqrt(abar_t), sigma = sqrt((1 - abar) / abar) (their Table 1, "VP" column).
+
+    As diffusers' EulerDiscreteScheduler: sigma interpolated linearly at the (possibly fractional)
+    timesteps, the network sees x / sqrt(sigma^2 + 1) and the float timestep, the last sigma is 0.
+    The noise x (N(0, I)) starts at x * sqrt(sigma_0^2 + 1); the callback's "x" is the VE variable.
+    """
+    ts, _ = _setup("sample_euler", x, diffusion, steps, prediction, spacing, steps_offset, opts, {},
+                   integer=False)
+    sigmas = torch.cat([diffusion.sigma_at(ts), torch.zeros(1, dtype=torch.float64)]).tolist()
+    x = x * math.sqrt(sigmas[0] ** 2 + 1)                                        # VP noise -> VE x
+    for i in tqdm(range(len(ts)), disable=not progress, desc="euler"):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        x_in = x / math.sqrt(s ** 2 + 1)                                         # the VP x_t the net expects
+        out = model_fn(x_in, _t(ts[i].item(), x, torch.float32))
+        x0, _ = to_x0_eps(x_in, out, _scalar(1 / (s ** 2 + 1), x), prediction)  # denoiser D(x; sigma)
+        d = (x - x0) / s                                                         # Alg. 2, line 7
+        x = x + d * (s_next - s)                                                 # Alg. 2, line 8
+        if callback is not None:
+            callback({"i": i, "t": ts[i].item(), "x": x, "x0": x0})
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# DPM-Solver++(2M)
+# ----------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def sample_dpmpp_2m(model_fn, x, diffusion, steps, *, generator=None, prediction="eps", spacing="leading",
+                    steps_offset=1, callback=None, progress=False, **opts):
+    """Lu et al. 2022, "DPM-Solver++", Alg. 2 (multistep, second order, data prediction), in
+    lambda = log(alpha / sigma), alpha = sqrt(abar), sigma = sqrt(1 - abar); h_i = lambda_i - lambda_{i-1}:
+        r = h_{i-1} / h_i,  D = (1 + 1/(2r)) x0_{i-1} - 1/(2r) x0_{i-2}
+        x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (exp(-h_i) - 1) D
+    The first step is first order (D = x0); the last goes to sigma = 0, where the first-order
+    update is x = x0; below 15 steps the one before it is first order too, for stability, as in
+    the authors' code ("lower_order_final") and diffusers' DPMSolverMultistepScheduler. One model
+    evaluation per step, like DDIM. Works best with "trailing" spacing: "linspace" ends with very
+    large steps in lambda (t -> 0), where the second-order extrapolation loses its advantage.
+    """
+    ts, _ = _setup("sample_dpmpp_2m", x, diffusion, steps, prediction, spacing, steps_offset, opts, {})
+    ab = diffusion.alphas_cumprod[ts.long()].tolist()
+    lam = [0.5 * math.log(a / (1 - a)) for a in ab]                             # log(alpha / sigma)
+    x0_prev = None
+    for i in tqdm(range(len(ts)), disable=not progress, desc="dpm++2m"):
+        t = int(ts[i])
+        x0, _ = to_x0_eps(x, model_fn(x, _t(t, x)), _scalar(ab[i], x), prediction)
+        if i + 1 == len(ts):
+            x = x0                                                               # sigma_next = 0
+        else:
+            h = lam[i + 1] - lam[i]
+            if x0_prev is None or (i + 2 == len(ts) and len(ts) < 15):
+                D = x0                                                           # first-order step
+            else:
+                r = (lam[i] - lam[i - 1]) / h
+                D = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * x0_prev
+            ratio = math.sqrt((1 - ab[i + 1]) / (1 - ab[i]))                     # sigma_i / sigma_{i-1}
+            x = ratio * x - math.sqrt(ab[i + 1]) * math.expm1(-h) * D
+        x0_prev = x0
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": x0})
+    return x
+
+
+SAMPLERS = {"ddpm": sample_ddpm, "ddim": sample_ddim, "euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
