@@ -3,10 +3,12 @@
 Every attention call in the U-Net goes through `attention()`. Which implementation runs is chosen in
 exactly one place, `set_backend()`:
   "sdpa"   torch.nn.functional.scaled_dot_product_attention (default; flash / efficient / cuDNN / math on its own)
-  "triton" our fused FlashAttention-2 kernel (kernels/flash_attention.py), CUDA tensors only, else falls back to SDPA
+  "triton" our fused FlashAttention-2 kernel (kernels/flash_attention.py) for CUDA tensors (and any tensor under
+           TRITON_INTERPRET=1, Triton's CPU interpreter, which is how CI tests it); otherwise SDPA
   "math"   the plain softmax(q k^T / sqrt(d)) v, for reading and for testing the others
 """
 import math
+import os
 
 import torch
 import torch.nn as nn
@@ -37,7 +39,7 @@ def attention_math(q, k, v):
 
 def attention(q, k, v):
     """Scaled dot-product attention, no mask: q (B, heads, Lq, D), k/v (B, heads, Lk, D) -> (B, heads, Lq, D)."""
-    if _backend == "triton" and q.is_cuda:
+    if _backend == "triton" and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         from kernels.flash_attention import flash_attention  # imported lazily: triton is only needed on the GPU
         return flash_attention(q, k, v)
     if _backend == "math":
