@@ -32,13 +32,15 @@ DEFAULT_WEIGHTS = "out/demo/model.safetensors"   # what the README's demo comman
 @torch.no_grad()
 def generate(model, prompts, levels, *, seeds, sampler="dpmpp_2m", steps=20, cfg=4.0, negative_prompt="",
              size=(256, 256), interval=None, rescale=0.0, dtype=torch.float32, progress=False, noise=None,
-             decode_tile=None):
+             decode_tile=None, unet=None):
     """Sample one image per (prompt, level, seed): returns images (B, 3, H, W) in [-1, 1] (float32, CPU).
 
     The initial noise of image i is drawn on the CPU from `seeds[i]`, so a seed gives the same image on any
     device (up to the device's arithmetic). `noise` (B, C, h, w) overrides that, for tests.
     CFG with dynamic condition adaptation: null branch = (negative prompt or "", level 0).
+    `unet` replaces model.unet (e.g. the EMA weights during training).
     """
+    net = model.unet if unet is None else unet
     B = len(prompts)
     if not (len(levels) == len(seeds) == B):
         raise ValueError(f"need one level and one seed per prompt: {B} prompts, {len(levels)} levels, {len(seeds)} seeds")
@@ -46,8 +48,8 @@ def generate(model, prompts, levels, *, seeds, sampler="dpmpp_2m", steps=20, cfg
     f = model.vae.downsample
     if H % f or W % f:
         raise ValueError(f"size {H}x{W}: height and width must be multiples of {f}")
-    device = next(model.unet.parameters()).device
-    unet_dtype = next(model.unet.parameters()).dtype
+    device = next(net.parameters()).device
+    unet_dtype = next(net.parameters()).dtype
     shape = (model.cfg.unet.out_channels, H // f, W // f)
     if noise is None:
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
@@ -59,11 +61,11 @@ def generate(model, prompts, levels, *, seeds, sampler="dpmpp_2m", steps=20, cfg
     level = torch.tensor(levels, dtype=torch.float32, device=device) if has_level else None
     null_level = 0.0 if has_level else None
 
-    def unet(x_t, t, c, lv):                                                     # the U-Net in its own dtype
+    def unet_fn(x_t, t, c, lv):                                                  # the U-Net in its own dtype
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            return model.unet(x_t.to(unet_dtype), t, c, lv).float()
+            return net(x_t.to(unet_dtype), t, c, lv).float()
 
-    model_fn = cfg_model_fn(unet, context, level, null_context, null_level, cfg, interval=interval, rescale=rescale)
+    model_fn = cfg_model_fn(unet_fn, context, level, null_context, null_level, cfg, interval=interval, rescale=rescale)
     dcfg = model.cfg.diffusion
     z = SAMPLERS[sampler](model_fn, x, Diffusion.from_config(dcfg), steps, generator=torch.Generator(device).manual_seed(seeds[0]),
                           prediction=dcfg.prediction, spacing=dcfg.spacing, steps_offset=dcfg.steps_offset,

@@ -185,7 +185,9 @@ class Diffusion:
             target = v_target(x0, noise, self.abar(t, x0))
         else:
             target = x0
-        mse = (out.float() - target.float()).pow(2).flatten(1).mean(1)          # B
+        err = out - target
+        err = err.float() if err.dtype in (torch.float16, torch.bfloat16) else err  # reduce in >= fp32
+        mse = err.pow(2).flatten(1).mean(1)                                      # B
         loss = mse
         if min_snr_gamma is not None:
             loss = mse * self.min_snr_weight(t, prediction, min_snr_gamma).to(mse.device, mse.dtype)

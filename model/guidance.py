@@ -67,7 +67,7 @@ def cfg_model_fn(unet, context, level, null_context, null_level, scale, *, inter
             guide = (t >= interval[0]) & (t <= interval[1])                     # B
             if not bool(guide.any()):
                 return unet(x, t, c, lv)                                         # skip the null forward
-        nc = _batch(null_context, B, "null_context").to(c.dtype)
+        nc = _batch(null_context, B, "null_context").to(c)
         nlv = None if lv is None else _batch(null_level, B, "null_level").to(x.device, torch.float32)
         out = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([c, nc]),
                    None if lv is None else torch.cat([lv, nlv]))                 # 2B, C, H, W

@@ -186,10 +186,10 @@ def sample_dpmpp_2m(model_fn, x, diffusion, steps, *, generator=None, prediction
         r = h_{i-1} / h_i,  D = (1 + 1/(2r)) x0_{i-1} - 1/(2r) x0_{i-2}
         x_i = (sigma_i / sigma_{i-1}) x_{i-1} - alpha_i (exp(-h_i) - 1) D
     The first step is first order (D = x0); the last goes to sigma = 0, where the first-order
-    update is x = x0; below 15 steps the one before it is first order too, for stability, as in
-    the authors' code ("lower_order_final") and diffusers' DPMSolverMultistepScheduler. One model
-    evaluation per step, like DDIM. Works best with "trailing" spacing: "linspace" ends with very
-    large steps in lambda (t -> 0), where the second-order extrapolation loses its advantage.
+    update is x = x0 (the authors' "lower_order_final", as in diffusers' DPMSolverMultistepScheduler
+    with final_sigmas_type "zero"). One model evaluation per step, like DDIM. Works best with
+    "trailing" spacing: "linspace" ends with very large steps in lambda (t -> 0), where the
+    second-order extrapolation loses its advantage.
     """
     ts, _ = _setup("sample_dpmpp_2m", x, diffusion, steps, prediction, spacing, steps_offset, opts, {})
     ab = diffusion.alphas_cumprod[ts.long()].tolist()
@@ -202,7 +202,7 @@ def sample_dpmpp_2m(model_fn, x, diffusion, steps, *, generator=None, prediction
             x = x0                                                               # sigma_next = 0
         else:
             h = lam[i + 1] - lam[i]
-            if x0_prev is None or (i + 2 == len(ts) and len(ts) < 15):
+            if x0_prev is None:
                 D = x0                                                           # first-order step
             else:
                 r = (lam[i] - lam[i - 1]) / h

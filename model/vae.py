@@ -174,10 +174,12 @@ class AutoencoderKL(nn.Module):
         """z: (B, 4, h, w) unscaled latents -> (B, 3, h*f, w*f)."""
         return self.decoder(self.post_quant_conv(z))
 
-    def forward(self, x, generator=None):
-        """Reconstruction for VAE training: returns (reconstruction, posterior)."""
+    def forward(self, x, noise=None, generator=None):
+        """Reconstruction for VAE training: returns (reconstruction, posterior). `noise` (B, 4, h, w), if
+        given, is the standard normal draw of the reparameterised sample z = mean + std * noise."""
         posterior = self.encode(x)
-        return self.decode(posterior.sample(generator)), posterior
+        z = posterior.sample(generator) if noise is None else posterior.mean + posterior.std * noise
+        return self.decode(z), posterior
 
     def encode_latents(self, x, generator=None, sample=True):
         """Images -> scaled latents, the space diffusion runs in."""

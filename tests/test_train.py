@@ -1,0 +1,160 @@
+"""train.py: single process, torchrun DDP equivalence, exact resume, crash safety, learning on real data."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+from model.weights import load_model
+
+ROOT = Path(__file__).resolve().parents[1]
+UCM = ROOT.parent / "shared" / "data" / "ucm_captions"
+TINY = ["--config", "configs/tiny.py", "--data=synthetic", "--image_size=32", "--synthetic_samples=64",
+        "--num_workers=0", "--log_every=1", "--warmup_steps=0", "--lr=1e-3", "--ema_decay=0.9"]
+
+
+def run_inprocess(tmp, *overrides):
+    cfg = train.parse_config(TINY + [f"--out_dir={tmp}", *overrides])
+    return train.train(cfg)
+
+
+def unet_state(out_dir):
+    ckpt = train.load_checkpoint(train.checkpoint_paths(out_dir)[-1])
+    return {k: v for k, v in ckpt["model"].items() if k.startswith("unet.")}, ckpt
+
+
+def max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_config_overrides_are_type_checked():
+    cfg = train.parse_config(["--config", "configs/tiny.py", "--lr=3e-4", "--model.unet.gradient_checkpointing=true",
+                              "--sample_levels=(12, 13.5)"])
+    assert cfg.lr == 3e-4 and cfg.model.unet.gradient_checkpointing is True and cfg.sample_levels == (12, 13.5)
+    assert cfg.model.unet.channels == (32, 64, 64)                     # from the config file
+    for bad, msg in [("--lrr=1", "unknown config key --lrr"), ("--max_steps=ten", "expected int"),
+                     ("--model.unet.chanels=1", "unknown config key"), ("--resume=maybe", "expected a boolean")]:
+        with pytest.raises(ValueError, match=msg):
+            train.parse_config(["--config", "configs/tiny.py", bad])
+    assert train.main(["--nonsense"]) == 2
+
+
+def test_single_process_trains_and_exports(tmp_path):
+    run_inprocess(tmp_path, "--batch_size=4", "--max_steps=3", "--ckpt_every=2", "--keep_last=1")
+    assert [p.name for p in train.checkpoint_paths(tmp_path)] == ["ckpt_000000003.pt"]   # keep_last=1
+    model = load_model(tmp_path / "model.safetensors")                # sample.py can use it directly
+    assert model.cfg.unet.channels == (32, 64, 64)
+    assert (tmp_path / "tb").is_dir() and json.loads((tmp_path / "config.json").read_text())["max_steps"] == 3
+
+
+def test_resume_continues_the_same_curve(tmp_path):
+    """N steps + stop + resume N steps == 2N steps straight, with grad accumulation and data reshuffles."""
+    common = ["--batch_size=4", "--grad_accum=2", "--synthetic_samples=24", "--ckpt_every=100"]
+    run_inprocess(tmp_path / "straight", *common, "--max_steps=6")
+    run_inprocess(tmp_path / "split", *common, "--max_steps=3")
+    run_inprocess(tmp_path / "split", *common, "--max_steps=6")       # resumes from step 3
+    a, ca = unet_state(tmp_path / "straight")
+    b, cb = unet_state(tmp_path / "split")
+    assert ca["step"] == cb["step"] == 6
+    assert ca["data"] == cb["data"] == [{"epoch": 1, "batch_in_epoch": 6}]   # 12 batches of 4 from 24: one wrap
+    assert max_diff(a, b) <= 1e-5
+    ema_a, ema_b = ca["ema"], cb["ema"]
+    assert max(((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a)) <= 1e-5
+
+
+def _torchrun(args, nproc):
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--standalone", f"--nproc_per_node={nproc}",
+           "train.py", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+
+
+def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo) with batch B each == one process with batch 2B, update for update.
+
+    Adam divides by sqrt(v) + eps, which turns a 1e-7 difference in a near-zero gradient (all-reduce order)
+    into a difference of up to lr in the update; eps = 1e-3 keeps the update linear in such gradients, so
+    the comparison tests the gradients DDP averages, not Adam's sign of rounding noise."""
+    common = TINY + ["--max_steps=2", "--ckpt_every=100", "--device=cpu", "--adam_eps=1e-3"]
+    _torchrun(common + [f"--out_dir={tmp_path / 'ddp'}", "--batch_size=2"], nproc=2)
+    _torchrun(common + [f"--out_dir={tmp_path / 'one'}", "--batch_size=4"], nproc=1)
+    a, ca = unet_state(tmp_path / "ddp")
+    b, _ = unet_state(tmp_path / "one")
+    assert len(ca["data"]) == 2                                        # one data position per rank
+    torch.manual_seed(0)                                               # train.py's seed -> the initial weights
+    init = train.Text2Earth(train.parse_config(TINY).model).unet.state_dict()
+    moved = max((a[k] - init[k.removeprefix("unet.")]).abs().max().item() for k in a)
+    assert moved > 1e-4                                                # the runs did update the weights
+    assert max_diff(a, b) <= 1e-5
+
+
+CRASH_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, torch
+    sys.path.insert(0, {root!r})
+    import train
+    real_save, calls = torch.save, [0]
+    def dying_save(obj, f, *a, **k):
+        calls[0] += 1
+        if calls[0] == 2:                      # the second checkpoint: write half of it, then die hard
+            real_save(obj, f, *a, **k)
+            data = open(f, "rb").read()
+            open(f, "wb").write(data[: len(data) // 2])
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real_save(obj, f, *a, **k)
+    train.torch.save = dying_save
+    train.train(train.parse_config({args!r}))
+""")
+
+
+def test_sigkill_while_saving_leaves_previous_checkpoint(tmp_path):
+    args = TINY + [f"--out_dir={tmp_path}", "--batch_size=2", "--max_steps=4", "--ckpt_every=1"]
+    script = tmp_path / "crash.py"
+    script.write_text(CRASH_SCRIPT.format(root=str(ROOT), args=args))
+    res = subprocess.run([sys.executable, str(script)], cwd=ROOT, capture_output=True, timeout=300)
+    assert res.returncode == -signal.SIGKILL
+    paths = train.checkpoint_paths(tmp_path)
+    assert [p.name for p in paths] == ["ckpt_000000001.pt"]            # the half-written one is only a .tmp
+    assert train.load_checkpoint(paths[-1])["step"] == 1
+    model, _ = run_inprocess(tmp_path, "--batch_size=2", "--max_steps=2", "--ckpt_every=1")   # resumes from it
+    assert train.load_checkpoint(train.checkpoint_paths(tmp_path)[-1])["step"] == 2
+
+
+def test_sigterm_saves_and_stops(tmp_path):
+    args = TINY + [f"--out_dir={tmp_path}", "--batch_size=2", "--max_steps=100000", "--ckpt_every=100000"]
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:                                           # wait until training runs
+        if "training unet" in line:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-2000:]
+    step = train.load_checkpoint(train.checkpoint_paths(tmp_path)[-1])["step"]
+    assert 0 < step < 100000 and "stopped by signal" in out
+
+
+@pytest.mark.skipif(not UCM.is_dir(), reason="../shared/data/ucm_captions not present")
+def test_learns_on_ucm_captions_and_samples_follow_the_prompt(tmp_path):
+    from sample import generate
+    torch.manual_seed(0)
+    args = ["--data=karpathy", f"--data_path={UCM / 'dataset.json'}", "--gsd_m=0.3048", "--batch_size=8",
+            "--max_steps=40", "--ckpt_every=1000", "--lr=2e-3", "--image_size=32"]
+    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", *args])
+    model, ema = train.train(cfg)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    losses = [e.value for e in acc.Scalars("loss")]
+    first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
+    assert last < 0.8 * first, (first, last)
+    model.eval()
+    a, b = generate(model, ["many buildings and green trees", "a river with sandy beach"], [18.7, 18.7],
+                    seeds=[0, 0], steps=10, size=(32, 32), unet=ema)
+    assert (a - b).abs().mean() > 0.02                                  # same noise, different prompt -> different image
