@@ -67,9 +67,12 @@ def generate(model, prompts, levels, *, seeds, sampler="dpmpp_2m", steps=20, cfg
 
     model_fn = cfg_model_fn(unet_fn, context, level, null_context, null_level, cfg, interval=interval, rescale=rescale)
     dcfg = model.cfg.diffusion
-    z = SAMPLERS[sampler](model_fn, x, Diffusion.from_config(dcfg), steps, generator=torch.Generator(device).manual_seed(seeds[0]),
-                          prediction=dcfg.prediction, spacing=dcfg.spacing, steps_offset=dcfg.steps_offset,
-                          progress=progress)
+    # DPM-Solver++(2M) is measurably better from t = T-1 ("trailing") than from the release's "leading" steps
+    # (benchmarks/results/samplers_cpu.md); the other samplers follow the release's scheduler config.
+    spacing, offset = ("trailing", 0) if sampler == "dpmpp_2m" else (dcfg.spacing, dcfg.steps_offset)
+    z = SAMPLERS[sampler](model_fn, x, Diffusion.from_config(dcfg), steps,
+                          generator=torch.Generator(device).manual_seed(seeds[0]), prediction=dcfg.prediction,
+                          spacing=spacing, steps_offset=offset, progress=progress)
     images = model.vae.decode_latents(z.to(next(model.vae.parameters()).dtype), tile=decode_tile)
     return images.float().clamp(-1, 1).cpu()
 

@@ -62,6 +62,7 @@ class TrainConfig:
     image_size: int = 256
     synthetic_samples: int = 100_000
     synthetic_levels: tuple = (10.0, 18.0)
+    synthetic_integer_levels: bool = False
     num_workers: int = 2
     max_bad_fraction: float = 0.01  # stop when more than this fraction of samples is unreadable
     # optimisation (paper: AdamW, lr 1e-4, global batch 1024)
@@ -172,7 +173,8 @@ def build_dataset(cfg):
     tf = train_transform(cfg.image_size)
     if cfg.data == "synthetic":
         from data.synthetic import ProceduralEarth
-        return ProceduralEarth(cfg.synthetic_samples, size=cfg.image_size, levels=cfg.synthetic_levels, seed=cfg.seed)
+        return ProceduralEarth(cfg.synthetic_samples, size=cfg.image_size, levels=cfg.synthetic_levels, seed=cfg.seed,
+                               integer_levels=cfg.synthetic_integer_levels)
     if not cfg.data_path:
         raise ValueError(f"--data={cfg.data} needs --data_path")
     if cfg.data == "karpathy":
@@ -474,8 +476,7 @@ def train(cfg: TrainConfig):
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():                                 # EMA (parameters are identical on every rank)
             d = min(cfg.ema_decay, (1 + step) / (10 + step))
-            for pe, p in zip(ema.parameters(), trainable.parameters()):
-                pe.lerp_(p, 1 - d)
+            torch._foreach_lerp_(list(ema.parameters()), list(trainable.parameters()), 1 - d)
         step += 1
         bar.update(1)
 

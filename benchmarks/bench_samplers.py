@@ -8,6 +8,13 @@ Error = RMS distance of the final sample to a reference solution from the same n
 and 500 steps, Richardson-extrapolated (2 x_1000 - x_500 cancels DDIM's first-order error), all with
 "trailing" spacing (every run starts at t = 999) and the last step to abar = 1. Timings interleave
 the runs and keep the fastest of N, since the CPU may be shared.
+
+A last section compares the timestep spacing sample.py gets from the release's scheduler config
+("leading", steps_offset 1: DPM-Solver++(2M)-20 starts at t = 951, DDIM-50 at t = 981) with "trailing"
+(starts at t = 999). Besides the error to the reference above it reports the error to the converged
+solution of the ODE from the sampler's own first timestep (pure discretisation error) and, for the
+gaussian model, the exact 2-Wasserstein distance of the sampled distribution to the data N(mu, s^2):
+every sampler is affine in x there, so out = A x + b per element, and W2^2 = mean((b - mu)^2 + (|A| - s)^2).
     python benchmarks/bench_samplers.py            # writes benchmarks/results/samplers_cpu.md
 """
 import argparse
@@ -43,6 +50,7 @@ def gaussian_model(diffusion, shape, seed=0):
         abar = (1 / (1 + sig_ve ** 2)).reshape(-1, 1, 1, 1)
         a, sig = abar.sqrt(), (1 - abar).sqrt()
         return sig * (x - a * mu) / (a * a * s * s + sig * sig)
+    model_fn.mu, model_fn.s = mu, s                                              # the data distribution
     return model_fn
 
 
@@ -73,9 +81,28 @@ class ConvNet(torch.nn.Module):
 # Measurements
 # ----------------------------------------------------------------------------------------------
 
-def run(name, model_fn, x, d, steps):
-    kw = {"set_alpha_to_one": True} if name == "ddim" else {}
-    return ODE_SAMPLERS[name](model_fn, x, d, steps, spacing="trailing", **kw)
+def run(name, model_fn, x, d, steps, spacing="trailing", steps_offset=1, **kw):
+    if name == "ddim":
+        kw = {"set_alpha_to_one": True, **kw}
+    return ODE_SAMPLERS[name](model_fn, x, d, steps, spacing=spacing, steps_offset=steps_offset, **kw)
+
+
+def ddim_from(model_fn, x, d, t0, stride):
+    """DDIM (Eq. 12, eta 0) through t0, t0 - stride, ..., ending at abar = 1: the ODE from t0, for references."""
+    ac = d.alphas_cumprod
+    ts = list(range(t0, -1, -stride))
+    for i, t in enumerate(ts):
+        ab_t = ac[t].item()
+        ab_s = ac[ts[i + 1]].item() if i + 1 < len(ts) else 1.0
+        eps = model_fn(x, torch.full((x.shape[0],), t, dtype=torch.long))
+        x0 = (x - math.sqrt(1 - ab_t) * eps) / math.sqrt(ab_t)
+        x = math.sqrt(ab_s) * x0 + math.sqrt(1 - ab_s) * eps
+    return x
+
+
+def ode_reference(model_fn, x, d, t0):
+    """The converged ODE solution from x at timestep t0 (Richardson: 2 x_stride1 - x_stride2)."""
+    return 2 * ddim_from(model_fn, x, d, t0, 1) - ddim_from(model_fn, x, d, t0, 2)
 
 
 def rms(a, b):
@@ -106,6 +133,64 @@ def t_of_sigma(d, sigma):
     return int((d.sigmas - sigma).abs().argmin())
 
 
+SPACING_RUNS = [  # (label, sampler, steps, spacing, options); sample.py passes no options
+    ("DPM-Solver++(2M)-20, leading + 1 (sample.py now)", "dpmpp_2m", 20, "leading", {}),
+    ("DPM-Solver++(2M)-20, trailing", "dpmpp_2m", 20, "trailing", {}),
+    ("DDIM-50, leading + 1, last step to abar_0 (sample.py now)", "ddim", 50, "leading", {"set_alpha_to_one": False}),
+    ("DDIM-50, leading + 1, last step to abar = 1", "ddim", 50, "leading", {}),
+    ("DDIM-50, trailing, last step to abar = 1", "ddim", 50, "trailing", {}),
+]
+
+
+def spacing_section(models, refs, d, shape):
+    """Leading + steps_offset 1 (the release config, what sample.py uses) vs trailing; see module docstring."""
+    from model.samplers import make_timesteps
+    mu, s = models["gaussian"][0].mu, models["gaussian"][0].s
+
+    def w2(name, model_fn, steps, spacing, kw):
+        zero = torch.zeros(1, *shape, dtype=torch.float64)
+        b = run(name, model_fn, zero, d, steps, spacing, **kw)
+        a = run(name, model_fn, zero + 1, d, steps, spacing, **kw) - b
+        return ((b - mu).pow(2) + (a.abs() - s).pow(2)).mean().sqrt().item()
+
+    lines = ["## Spacing: the release's leading + steps_offset 1 vs trailing", "",
+             "Error to the reference (ODE from t = 999, as above) and to the converged ODE from the sampler's own "
+             "first timestep; W2 = exact 2-Wasserstein distance of the sampled distribution to the gaussian "
+             "model's data distribution (the reference's own W2 is given for scale).", ""]
+    for mname, (model_fn, _) in models.items():
+        x, ref = refs[mname]
+        own = {}
+        gauss = mname == "gaussian"
+        lines += [f"### {mname} model", "",
+                  "| run | timesteps | error to reference (t=999) | error to ODE from own start |"
+                  + (" W2 to data |" if gauss else ""), "|---|---|---|---|" + ("---|" if gauss else "")]
+        for label, name, steps, spacing, kw in SPACING_RUNS:
+            ts = make_timesteps(d.num_steps, steps, spacing, 1)
+            t0 = int(ts[0])
+            if t0 not in own:
+                own[t0] = ode_reference(model_fn, x, d, t0)
+            out = run(name, model_fn, x, d, steps, spacing, **kw)
+            row = f"| {label} | {t0}..{int(ts[-1])} | {rms(out, ref):.2e} | {rms(out, own[t0]):.2e} |"
+            lines.append(row + (f" {w2(name, model_fn, steps, spacing, kw):.2e} |" if gauss else ""))
+        if gauss:
+            lines += ["", "W2 to data of the references: " + ", ".join(
+                f"ODE from t={t0} {w2_of_ode(model_fn, d, t0, shape, mu, s):.2e}" for t0 in sorted(own, reverse=True))
+                + "."]
+        lines += ["", "DPM-Solver++(2M) error to the reference (t=999) vs steps:", "",
+                  "| steps | leading + 1 | trailing |", "|---|---|---|"]
+        lines += [f"| {n} | {rms(run('dpmpp_2m', model_fn, x, d, n, 'leading'), ref):.2e} | "
+                  f"{rms(run('dpmpp_2m', model_fn, x, d, n, 'trailing'), ref):.2e} |" for n in STEPS]
+        lines.append("")
+    return lines
+
+
+def w2_of_ode(model_fn, d, t0, shape, mu, s):
+    zero = torch.zeros(1, *shape, dtype=torch.float64)
+    b = ode_reference(model_fn, zero, d, t0)
+    a = ode_reference(model_fn, zero + 1, d, t0) - b
+    return ((b - mu).pow(2) + (a.abs() - s).pow(2)).mean().sqrt().item()
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--repeats", type=int, default=5, help="timing repeats (fastest reported)")
@@ -121,7 +206,7 @@ def main():
              "(2 DDIM-1000 - DDIM-500) from the same noise.", ""]
 
     # --- quality vs steps ---
-    needed = {}
+    needed, refs = {}, {}
     convnet = ConvNet()
     models = {"gaussian": (gaussian_model(d, shape), torch.float64),
               "convnet": (lambda x, t: convnet(x, t), torch.float32)}
@@ -129,6 +214,7 @@ def main():
         x = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(1), dtype=dtype)
         ddim1000 = run("ddim", model_fn, x, d, 1000)
         ref = 2 * ddim1000 - run("ddim", model_fn, x, d, 500)                    # Richardson extrapolation
+        refs[mname] = (x, ref)
         dpm1000 = run("dpmpp_2m", model_fn, x, d, 1000)
         errs = {s: {n: rms(run(s, model_fn, x, d, n), ref) for n in STEPS} for s in ODE_SAMPLERS}
         target = errs["ddim"][50]
@@ -182,6 +268,8 @@ def main():
     lines += [f"| {r[0]} | {r[1]} | {r[2]:.0f} | {r[3]:.3f} |" for r in rows]
     lines += ["", f"Interval guidance costs {rows[1][2] / rows[0][2]:.2f}x the model work and "
               f"{rows[1][3] / rows[0][3]:.2f}x the time of always-on guidance.", ""]
+
+    lines += spacing_section(models, refs, d, shape)
 
     text = "\n".join(lines)
     print(text)

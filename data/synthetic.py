@@ -1365,12 +1365,13 @@ class ProceduralEarth(torch.utils.data.Dataset):
 
     Items: image (3, H, W) float32 in [-1, 1], caption str, level float, label int."""
 
-    def __init__(self, n: int, size: int = 64, levels=LEVEL_RANGE, seed: int = 0):
+    def __init__(self, n: int, size: int = 64, levels=LEVEL_RANGE, seed: int = 0, integer_levels: bool = False):
         if n <= 0 or size <= 0:
             raise ValueError(f"n and size must be positive, got n={n}, size={size}")
         if not (0 < levels[0] <= levels[1] <= 24):
             raise ValueError(f"levels must be (min, max) with 0 < min <= max <= 24, got {levels}")
         self.n, self.size, self.levels, self.seed = n, size, (float(levels[0]), float(levels[1])), seed
+        self.integer_levels = integer_levels                  # whole Google levels only, as most real data has
         self.classes = CLASSES
 
     def __len__(self):
@@ -1381,7 +1382,11 @@ class ProceduralEarth(torch.utils.data.Dataset):
             raise IndexError(f"index {i} out of range for ProceduralEarth of length {self.n}")
         i %= self.n
         rng = np.random.default_rng([self.seed, i, 4])
-        s = sample(int(rng.integers(1 << 62)), float(rng.uniform(*self.levels)), self.size,
-                   cls=i % len(CLASSES))
+        seed = int(rng.integers(1 << 62))
+        if self.integer_levels:
+            level = float(rng.integers(math.ceil(self.levels[0]), math.floor(self.levels[1]) + 1))
+        else:
+            level = float(rng.uniform(*self.levels))
+        s = sample(seed, level, self.size, cls=i % len(CLASSES))
         img = torch.from_numpy(s["image"]).permute(2, 0, 1).float() / 127.5 - 1.0
         return dict(image=img, caption=s["caption"], level=s["level"], label=s["label"])
