@@ -393,7 +393,10 @@ def train(cfg: TrainConfig):
     if cfg.train_text_encoder:
         model.text_encoder.requires_grad_(True).train()
     params = [p for p in model.parameters() if p.requires_grad]
-    ema = copy.deepcopy(trainable).requires_grad_(False).eval()
+    averaged = torch.nn.ModuleDict({"trained": trainable})       # what the EMA tracks and export() swaps in
+    if cfg.train_text_encoder:
+        averaged["text_encoder"] = model.text_encoder
+    ema = copy.deepcopy(averaged).requires_grad_(False).eval()
     decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
@@ -445,7 +448,7 @@ def train(cfg: TrainConfig):
         state = checkpoint_state()                          # collective: every rank takes part
         if main:
             path = save_checkpoint(out_dir, state, cfg.keep_last)
-            export(model, ema, cfg, out_dir / "model.safetensors", step)
+            export(model, ema, averaged, out_dir / "model.safetensors", step)
             log.info("saved %s", path)
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc=f"train {cfg.train}")
@@ -476,7 +479,7 @@ def train(cfg: TrainConfig):
         opt.zero_grad(set_to_none=True)
         with torch.no_grad():                                 # EMA (parameters are identical on every rank)
             d = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(list(ema.parameters()), list(trainable.parameters()), 1 - d)
+            torch._foreach_lerp_(list(ema.parameters()), list(averaged.parameters()), 1 - d)
         step += 1
         bar.update(1)
 
@@ -494,7 +497,7 @@ def train(cfg: TrainConfig):
                 writer.add_scalar("mfu", ips / world * flops / (peak * 1e12), step)
             t_last, imgs_since = time.perf_counter(), 0
         if main and cfg.sample_every and step % cfg.sample_every == 0 and cfg.train == "unet":
-            sample_grid(model, ema, cfg, out_dir / "samples" / f"step_{step:09d}.png", writer, step)
+            sample_grid(model, ema["trained"], cfg, out_dir / "samples" / f"step_{step:09d}.png", writer, step)
         stop_now = stop["now"]
         if ddp:                                               # all ranks stop at the same step
             flag = torch.tensor([float(stop_now)], device=device)
@@ -507,8 +510,8 @@ def train(cfg: TrainConfig):
             break
     bar.close()
     if cfg.train == "vae" and main and step == cfg.max_steps:
-        set_latent_scale(model, ema, batches, device)
-        export(model, ema, cfg, out_dir / "model.safetensors", step)
+        set_latent_scale(model, ema["trained"], batches, device)
+        export(model, ema, averaged, out_dir / "model.safetensors", step)
     if writer is not None:
         writer.close()
     if ddp:
@@ -517,15 +520,14 @@ def train(cfg: TrainConfig):
     return model, ema
 
 
-def export(model, ema, cfg, path, step):
-    """The whole model with EMA weights in the trained part, as one of our safetensors checkpoints."""
-    trained = model.unet if cfg.train == "unet" else model.vae
-    live = copy.deepcopy(trained.state_dict())
-    trained.load_state_dict(ema.state_dict())
+def export(model, ema, averaged, path, step):
+    """The whole model with the EMA weights in the trained parts, as one of our safetensors checkpoints."""
+    live = copy.deepcopy(averaged.state_dict())
+    averaged.load_state_dict(ema.state_dict())
     try:
-        save_model(model, path, metadata={"step": step, "train": cfg.train})
+        save_model(model, path, metadata={"step": step})
     finally:
-        trained.load_state_dict(live)
+        averaged.load_state_dict(live)
 
 
 @torch.no_grad()

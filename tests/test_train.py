@@ -156,5 +156,5 @@ def test_learns_on_ucm_captions_and_samples_follow_the_prompt(tmp_path):
     assert last < 0.8 * first, (first, last)
     model.eval()
     a, b = generate(model, ["many buildings and green trees", "a river with sandy beach"], [18.7, 18.7],
-                    seeds=[0, 0], steps=10, size=(32, 32), unet=ema)
+                    seeds=[0, 0], steps=10, size=(32, 32), unet=ema["trained"])
     assert (a - b).abs().mean() > 0.02                                  # same noise, different prompt -> different image

@@ -1,0 +1,173 @@
+"""The embedded default, end to end on a CPU with no downloads: procedural Earth -> trained model -> images.
+
+    python demo.py                     # about 10 minutes on 2 CPU cores
+    python demo.py --fast              # the shortened version CI runs
+
+1. trains a tiny KL-VAE, then a tiny U-Net with a small text tower, on the procedural Earth (data/synthetic.py),
+   each with train.py's own loop (resumable: rerun the command after an interruption);
+2. trains the conditioning probe (model/probe.py), a small classifier of scene class and map level;
+3. samples prompts x levels and measures, with the probe, how often a generated image shows the class its
+   prompt asked for (text adherence) and the level asked for (resolution control), next to the same figures
+   for real procedural images (the ceiling) and for unconditional samples (the floor);
+4. writes out/demo/: model.safetensors (works with `sample.py --weights`), grid.png, overview.png,
+   results.json.
+"""
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+import train
+from data.synthetic import CLASSES, sample as procedural_sample
+from model.config import load_config
+from model.probe import evaluate_probe, make_probe_data, train_probe
+from model.weights import load_model
+from sample import generate, to_pil
+
+GRID_LEVELS = (11, 13, 15, 17)
+
+
+def stage_config(cfg_file, stage, out_dir, steps=None, init_from=""):
+    cfg = train.TrainConfig(model=cfg_file.model, out_dir=str(out_dir), init_from=init_from)
+    for k, v in {**cfg_file.common, **stage}.items():
+        if not hasattr(cfg, k):
+            raise ValueError(f"configs/demo.py: unknown TrainConfig key {k!r}")
+        setattr(cfg, k, v)
+    if steps is not None:
+        cfg.max_steps = steps
+    return cfg
+
+
+def eval_targets(levels=(10, 18), seed=10_000):
+    """One prompt per (class, integer level): the caption of a held-out procedural scene of that class."""
+    targets = []
+    for c in range(len(CLASSES)):
+        for level in range(levels[0], levels[1] + 1):
+            s = procedural_sample(seed + 100 * c + level, level=float(level), size=64, cls=c)
+            targets.append((s["caption"], float(level), c))
+    return targets
+
+
+def generate_all(model, prompts, levels, cfg_scale, steps, batch=54):
+    images = []
+    for i in range(0, len(prompts), batch):
+        images.append(generate(model, prompts[i:i + batch], levels[i:i + batch], seeds=list(range(i, i + len(prompts[i:i + batch]))),
+                               steps=steps, cfg=cfg_scale, size=(64, 64)))
+    return torch.cat(images)
+
+
+def overview(path, grid_rows, results, elapsed):
+    """One page: title, the prompts x levels grid with labels, the probe figures."""
+    font = ImageFont.load_default()
+    cell, label_w, top = 96, 330, 60
+    rows, cols = len(grid_rows), len(GRID_LEVELS)
+    table_h = 150
+    page = Image.new("RGB", (label_w + cols * cell + 20, top + rows * cell + table_h), "white")
+    d = ImageDraw.Draw(page)
+    d.text((10, 8), "text2earth demo: tiny model trained on the procedural Earth, CPU only", fill="black", font=font)
+    d.text((10, 26), f"columns: Google map level (resolution_m = 2^(17-L)); trained in {elapsed / 60:.1f} min",
+           fill="black", font=font)
+    for j, level in enumerate(GRID_LEVELS):
+        d.text((label_w + j * cell + 20, top - 14), f"L{level} ({2 ** (17 - level):g} m)", fill="black", font=font)
+    for i, (prompt, images) in enumerate(grid_rows):
+        y = top + i * cell
+        words, line, lines = prompt.split(), "", []
+        for w in words:
+            if len(line) + len(w) > 50:
+                lines.append(line)
+                line = ""
+            line += w + " "
+        lines.append(line)
+        for k, text in enumerate(lines[:5]):
+            d.text((10, y + 8 + 12 * k), text, fill="black", font=font)
+        for j, im in enumerate(images):
+            page.paste(im.resize((cell - 4, cell - 4), Image.NEAREST), (label_w + j * cell, y))
+    y = top + rows * cell + 10
+    d.text((10, y), "probe accuracy            class    level exact   level +-1", fill="black", font=font)
+    for k, name in enumerate(("real procedural images (ceiling)", "generated, prompt + level (ours)",
+                              "unconditional samples (floor)")):
+        r = results[name]
+        d.text((10, y + 18 * (k + 1)), f"{name:34s} {100 * r['class_acc']:5.1f}%   {100 * r['level_acc']:5.1f}%"
+               f"       {100 * r['level_acc_pm1']:5.1f}%", fill="black", font=font)
+    page.save(path)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/demo.py")
+    p.add_argument("--out", default="out/demo")
+    p.add_argument("--fast", action="store_true", help="the shortened run CI uses (a fraction of the steps)")
+    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale for the samples")
+    p.add_argument("--steps", type=int, default=20, help="DPM-Solver++(2M) steps per sample")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing finished demo in --out")
+    args = p.parse_args(argv)
+    out = Path(args.out)
+    if (out / "overview.png").exists() and not args.overwrite:
+        p.error(f"{out} holds a finished demo; pass --overwrite to redo it or --out for another folder")
+    cfg_file = load_config(args.config)
+    torch.manual_seed(0)
+    t0 = time.time()
+    fast = cfg_file.fast if args.fast else {}
+
+    # 1. The model: VAE, then U-Net + text tower, each resumable from its own folder.
+    vae_cfg = stage_config(cfg_file, cfg_file.vae_stage, out / "vae", fast.get("vae_steps"))
+    train.train(vae_cfg)
+    unet_cfg = stage_config(cfg_file, cfg_file.unet_stage, out / "unet", fast.get("unet_steps"),
+                            init_from=str(out / "vae" / "model.safetensors"))
+    train.train(unet_cfg)
+    shutil.copyfile(out / "unet" / "model.safetensors", out / "model.safetensors")
+    model = load_model(out / "model.safetensors").eval()
+    t_train = time.time() - t0
+
+    # 2. The probe, trained on real procedural images; its accuracy on held-out ones is the ceiling.
+    print("training the conditioning probe ...", flush=True)
+    train_data = make_probe_data(n=fast.get("probe_train_images", cfg_file.probe_train_images), size=64, seed=1)
+    probe = train_probe(train_data, steps=fast.get("probe_steps", cfg_file.probe_steps), batch_size=64, seed=0,
+                        progress=True)
+    held = make_probe_data(n=216, size=64, seed=2)
+    results = {"real procedural images (ceiling)": evaluate_probe(probe, *held)}
+
+    # 3. Generated images: one per (class, level), the prompt a held-out caption of that class.
+    print("sampling and measuring ...", flush=True)
+    targets = eval_targets()
+    prompts, levels, labels = [t[0] for t in targets], [t[1] for t in targets], torch.tensor([t[2] for t in targets])
+    lv = torch.tensor(levels)
+    images = generate_all(model, prompts, levels, args.cfg, args.steps)
+    results["generated, prompt + level (ours)"] = evaluate_probe(probe, images, labels, lv)
+    uncond = generate_all(model, [""] * len(prompts), [0.0] * len(prompts), 1.0, args.steps)
+    results["unconditional samples (floor)"] = evaluate_probe(probe, uncond, labels, lv)
+
+    # 4. Outputs.
+    out.mkdir(parents=True, exist_ok=True)
+    per_class = len(range(10, 19))
+    grid_rows = []
+    for c in range(0, len(CLASSES), 2):
+        row = [to_pil(images[c * per_class + (level - 10)]) for level in GRID_LEVELS]
+        grid_rows.append((f"[{CLASSES[c]}] " + prompts[c * per_class + (GRID_LEVELS[0] - 10)], row))
+    grid = Image.new("RGB", (64 * len(GRID_LEVELS), 64 * len(grid_rows)))
+    for i, (_, row) in enumerate(grid_rows):
+        for j, im in enumerate(row):
+            grid.paste(im, (64 * j, 64 * i))
+    grid.save(out / "grid.png")
+    elapsed = time.time() - t0
+    overview(out / "overview.png", grid_rows, results, t_train)
+    summary = {"results": results, "train_minutes": t_train / 60, "total_minutes": elapsed / 60, "fast": args.fast,
+               "cfg": args.cfg, "steps": args.steps}
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    print(f"\n{'':36s} class   level  level+-1")
+    for name, r in results.items():
+        print(f"{name:36s} {100 * r['class_acc']:5.1f}%  {100 * r['level_acc']:5.1f}%  {100 * r['level_acc_pm1']:5.1f}%")
+    print(f"done in {elapsed / 60:.1f} min: {out / 'overview.png'}, {out / 'grid.png'}, weights {out / 'model.safetensors'}")
+    print(f"try: python sample.py --weights {out / 'model.safetensors'} --size 64 64 --level 16 "
+          f"--prompt \"{prompts[3 * per_class + 6]}\"")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)
