@@ -625,9 +625,9 @@ def collate(batch):
     batch = [s for s in batch if s is not None]
     if not batch:
         return None
-    out = {"caption": [s["caption"] for s in batch], "key": [s.get("key", "") for s in batch],
+    out = {"caption": [s["caption"] for s in batch], "key": [s["key"] for s in batch],
            "level": torch.tensor([s["level"] for s in batch], dtype=torch.float32),
-           "quality": torch.tensor([s.get("quality", float("nan")) for s in batch], dtype=torch.float32)}
+           "quality": torch.tensor([s["quality"] for s in batch], dtype=torch.float32)}
     if all("label" in s for s in batch):                      # class labels (procedural Earth)
         out["label"] = torch.tensor([s["label"] for s in batch])
     for name in ("image", "latent"):

@@ -1363,7 +1363,7 @@ def modalities(scene: Scene, level: float, size: int = 64, seed: int = 0) -> dic
 class ProceduralEarth(torch.utils.data.Dataset):
     """n synthetic samples, deterministic per index: classes cycle (balanced), levels uniform.
 
-    Items: image (3, H, W) float32 in [-1, 1], caption str, level float, label int."""
+    Items: image (3, H, W) float32 in [-1, 1], caption str, level float, label int, quality nan, key str."""
 
     def __init__(self, n: int, size: int = 64, levels=LEVEL_RANGE, seed: int = 0, integer_levels: bool = False):
         if n <= 0 or size <= 0:
@@ -1389,4 +1389,5 @@ class ProceduralEarth(torch.utils.data.Dataset):
             level = float(rng.uniform(*self.levels))
         s = sample(seed, level, self.size, cls=i % len(CLASSES))
         img = torch.from_numpy(s["image"]).permute(2, 0, 1).float() / 127.5 - 1.0
-        return dict(image=img, caption=s["caption"], level=s["level"], label=s["label"])
+        return dict(image=img, caption=s["caption"], level=s["level"], label=s["label"],
+                    quality=float("nan"), key=f"procedural-{self.seed}-{i}")  # the readers' common sample dict

@@ -247,7 +247,7 @@ def test_modalities_physics():
 def test_dataset_items_and_loader():
     ds = ProceduralEarth(24, size=32, levels=(11.0, 17.0), seed=3)
     item = ds[5]
-    assert set(item) == {"image", "caption", "level", "label"}
+    assert set(item) == {"image", "caption", "level", "label", "quality", "key"}   # the readers' sample dict
     img = item["image"]
     assert img.shape == (3, 32, 32) and img.dtype == torch.float32
     assert img.min() >= -1 and img.max() <= 1 and img.std() > 0.01
