@@ -383,12 +383,12 @@ def train(cfg: TrainConfig):
         model.load_state_dict(resume["model"])
     elif cfg.init_from:
         model = load_weights(cfg.init_from)
-        model.unet.cfg.gradient_checkpointing = cfg.model.unet.gradient_checkpointing
     else:
         model = Text2Earth(cfg.model)
+    model.unet.cfg.gradient_checkpointing = cfg.model.unet.gradient_checkpointing   # a run-time choice, not stored
     model.to(device)
     trainable = model.unet if cfg.train == "unet" else model.vae
-    model.requires_grad_(False)
+    model.requires_grad_(False).eval()                                # frozen parts stay in eval mode
     trainable.requires_grad_(True).train()
     if cfg.train_text_encoder:
         model.text_encoder.requires_grad_(True).train()
@@ -472,6 +472,11 @@ def train(cfg: TrainConfig):
                     loss, stats = vae_loss(cfg, net, batch, g, idx, GB, device, autocast)
                 scaler.scale(loss / cfg.grad_accum).backward()
             imgs_since += len(batch["caption"])
+        if ddp and cfg.train_text_encoder:                    # outside DDP's module: average its grads by hand
+            for p in model.text_encoder.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
         scaler.step(opt)

@@ -76,23 +76,31 @@ def _torchrun(args, nproc):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--train_text_encoder=true"]], ids=["unet", "unet+text"])
+def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path, extra):
     """torchrun --nproc_per_node=2 (gloo) with batch B each == one process with batch 2B, update for update.
 
     Adam divides by sqrt(v) + eps, which turns a 1e-7 difference in a near-zero gradient (all-reduce order)
     into a difference of up to lr in the update; eps = 1e-3 keeps the update linear in such gradients, so
     the comparison tests the gradients DDP averages, not Adam's sign of rounding noise."""
-    common = TINY + ["--max_steps=2", "--ckpt_every=100", "--device=cpu", "--adam_eps=1e-3"]
+    common = TINY + ["--max_steps=2", "--ckpt_every=100", "--device=cpu", "--adam_eps=1e-3", *extra]
     _torchrun(common + [f"--out_dir={tmp_path / 'ddp'}", "--batch_size=2"], nproc=2)
     _torchrun(common + [f"--out_dir={tmp_path / 'one'}", "--batch_size=4"], nproc=1)
     a, ca = unet_state(tmp_path / "ddp")
     b, _ = unet_state(tmp_path / "one")
     assert len(ca["data"]) == 2                                        # one data position per rank
     torch.manual_seed(0)                                               # train.py's seed -> the initial weights
-    init = train.Text2Earth(train.parse_config(TINY).model).unet.state_dict()
+    init_model = train.Text2Earth(train.parse_config(TINY).model)
+    init = init_model.unet.state_dict()
+    init_text = {f"text_encoder.{k}": v for k, v in init_model.text_encoder.state_dict().items()}
     moved = max((a[k] - init[k.removeprefix("unet.")]).abs().max().item() for k in a)
     assert moved > 1e-4                                                # the runs did update the weights
     assert max_diff(a, b) <= 1e-5
+    if extra:                                                          # the text tower trained too: same there
+        ta, tb = (train.load_checkpoint(train.checkpoint_paths(tmp_path / r)[-1])["model"] for r in ("ddp", "one"))
+        text = [k for k in ta if k.startswith("text_encoder.")]
+        assert max((ta[k] - tb[k]).abs().max().item() for k in text) <= 1e-5
+        assert max((ta[k] - init_text[k]).abs().max().item() for k in text) > 1e-4
 
 
 CRASH_SCRIPT = textwrap.dedent("""
