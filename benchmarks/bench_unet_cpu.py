@@ -9,7 +9,6 @@ import argparse
 import gc
 import resource
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -107,7 +106,7 @@ def main():
     peaks = {k: peak_in_child(args, k) for k in run}
 
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
-    lines = [f"# U-Net forward, CPU fp32: ours vs diffusers (same weights)",
+    lines = ["# U-Net forward, CPU fp32: ours vs diffusers (same weights)",
              f"config {args.config}, batch {B}, latent {s}x{s}, {args.repeats} alternating repeats, "
              f"torch {torch.__version__}, {torch.get_num_threads()} threads; max |ours - diffusers| = {diff:.2e}",
              "", "| | median s/forward | all runs (s) | peak RSS growth in forward (MB) |", "|---|---|---|---|"]

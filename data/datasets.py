@@ -330,7 +330,7 @@ class Git10M(CaptionImageDataset):
     def __init__(self, root, split="train", transform=None, min_quality=None, min_size=0,
                  counter=None, seed=0, max_open_files=64, allow_empty_caption=False):
         super().__init__(transform, min_size, counter, seed, allow_empty_caption)
-        import pyarrow as pa
+        import pyarrow  # noqa: F401  (fail here, before indexing, when pyarrow is missing)
         root = Path(root)
         split_dir = root if (root / "state.json").is_file() else root / split
         if not (root / "state.json").is_file() and (root / "dataset_dict.json").is_file():

@@ -1267,7 +1267,7 @@ def _caption_parts(scene, inv, res, rng):
         if get("sea").frac + get("shallow").frac > 0:
             return ch(f"the blue sea lies to the {side} and a sandy beach runs along the coast",
                       f"waves break on a sandy beach with the sea to the {side}")
-        return f"a sandy beach near the sea"
+        return "a sandy beach near the sea"
     if name == "desert":
         s = ch("a vast orange desert", "an empty desert of orange sand")
         if _band(scene.params["stripe_m"], res) > 0:

@@ -10,7 +10,6 @@ exactly one place, `set_backend()`:
 import math
 import os
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
