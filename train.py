@@ -79,6 +79,9 @@ class TrainConfig:
     p_text: float = 0.1             # DCA: caption -> "" with this probability
     p_res: float = 0.1              # DCA: level -> 0, independently
     min_snr_gamma: float = 0.0      # 0 = off; 5 is Hang et al.'s choice
+    timestep_power: float = 1.0     # t = T * u ** (1 / k), u ~ U(0, 1): 1 = uniform (the paper), 2 = density
+                                    # rising linearly with t, i.e. more of the high-noise steps where the
+                                    # conditions decide the image (what the demo's short training needs)
     kl_weight: float = 1e-6         # VAE: weight of KL(sum over latent) against L1 (sum over pixels)
     # system
     device: str = ""                # "" = cuda when available, else cpu
@@ -250,13 +253,21 @@ def global_slice(rank, world, n):
 # ------------------------------------------------------------------------------------------------------
 # Losses
 # ------------------------------------------------------------------------------------------------------
+def sample_timesteps(num_steps, n, power, g):
+    """n integer timesteps in [0, num_steps): uniform for power 1, else floor(num_steps * u ** (1 / power))."""
+    if power == 1.0:
+        return torch.randint(0, num_steps, (n,), generator=g)
+    u = torch.rand(n, generator=g, dtype=torch.float64)
+    return (num_steps * u ** (1.0 / power)).long().clamp_(max=num_steps - 1)
+
+
 def unet_loss(cfg, model, unet, diffusion, batch, g, idx, GB, device, autocast):
     """DCA diffusion loss for one micro-batch: drop text / level, encode, noise, predict.
     g draws for the global micro-batch of GB samples; idx are this rank's positions in it."""
     idx = idx[:len(batch["caption"])]
     drop_text = (torch.rand(GB, generator=g) < cfg.p_text)[idx]
     drop_res = (torch.rand(GB, generator=g) < cfg.p_res)[idx]
-    t = torch.randint(0, diffusion.num_steps, (GB,), generator=g)[idx]
+    t = sample_timesteps(diffusion.num_steps, GB, cfg.timestep_power, g)[idx]
     captions = ["" if d else c for c, d in zip(batch["caption"], drop_text.tolist())]
     levels = torch.where(drop_res, torch.zeros_like(batch["level"]), batch["level"]).to(device)
 
@@ -350,6 +361,8 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40": 362.0, "4090"
 # The run
 # ------------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig):
+    if not cfg.timestep_power > 0:
+        raise ValueError(f"timestep_power must be > 0, got {cfg.timestep_power}")
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if ddp:
         use_cuda = torch.cuda.is_available() and cfg.device != "cpu"

@@ -45,6 +45,19 @@ def test_config_overrides_are_type_checked():
     assert train.main(["--nonsense"]) == 2
 
 
+def test_timestep_sampling_power():
+    """power 1 is uniform over [0, T); power k has density k (t/T)^(k-1): mean T k / (k + 1), all in range."""
+    g = torch.Generator().manual_seed(0)
+    uniform = train.sample_timesteps(1000, 200_000, 1.0, g).double()
+    assert uniform.min() == 0 and uniform.max() == 999 and abs(uniform.mean().item() - 499.5) < 3
+    high = train.sample_timesteps(1000, 200_000, 2.0, g).double()
+    assert high.min() >= 0 and high.max() == 999
+    assert abs(high.mean().item() - 1000 * 2 / 3) < 3                  # E[T u^(1/2)] = 2T/3
+    assert abs((high < 500).double().mean().item() - 0.25) < 0.005     # P(t < T/2) = (1/2)^2
+    with pytest.raises(ValueError, match="timestep_power must be > 0"):
+        run_inprocess(Path("/nonexistent"), "--timestep_power=0")
+
+
 def test_single_process_trains_and_exports(tmp_path):
     run_inprocess(tmp_path, "--batch_size=4", "--max_steps=3", "--ckpt_every=2", "--keep_last=1")
     assert [p.name for p in train.checkpoint_paths(tmp_path)] == ["ckpt_000000003.pt"]   # keep_last=1
