@@ -95,11 +95,15 @@ def overview(path, grid_rows, results, elapsed):
         for j, im in enumerate(images):
             page.paste(im.resize((cell - 4, cell - 4), Image.NEAREST), (label_w + j * cell, y))
     y = top + rows * cell + 10
-    d.text((10, y), "probe accuracy            class    level exact   level +-1", fill="black", font=font)
+    cols_x = (250, 310, 380)
+    d.text((10, y), "probe accuracy", fill="black", font=font)
+    for x, head in zip(cols_x, ("class", "level", "level +-1")):
+        d.text((x, y), head, fill="black", font=font)
     for k, name in enumerate(results):
-        r = results[name]
-        d.text((10, y + 18 * (k + 1)), f"{name:34s} {100 * r['class_acc']:5.1f}%   {100 * r['level_acc']:5.1f}%"
-               f"       {100 * r['level_acc_pm1']:5.1f}%", fill="black", font=font)
+        r, row_y = results[name], y + 18 * (k + 1)
+        d.text((10, row_y), name, fill="black", font=font)
+        for x, key in zip(cols_x, ("class_acc", "level_acc", "level_acc_pm1")):
+            d.text((x, row_y), f"{100 * r[key]:5.1f}%", fill="black", font=font)
     page.save(path)
 
 

@@ -20,13 +20,19 @@ def test_fast_demo_writes_everything(fast_demo):
     assert json.loads((out / "results.json").read_text())["fast"] is True
 
 
-def test_fast_demo_measures_with_a_working_probe(fast_demo):
-    """The probe that judges the demo's samples must itself see class on real procedural images. (Whether the
-    generated images beat the unconditional floor after the shortened run is not asserted: see issue 5.)"""
+def test_fast_demo_follows_the_prompt(fast_demo):
+    """The shortened demo (VAE 200 steps, U-Net 150 steps) must already learn text conditioning: the probe reads
+    the class the prompt asked for far more often than on unconditional samples. Measured on 2 CPU cores:
+    47% against a floor of 6.5% (the full demo: 52% against 8%). The level is not asserted: it is not learnt
+    in this budget (samples at the floor, ~14% exact); docs/demo.md has the figures and the reasons."""
     _, summary = fast_demo
     r = summary["results"]
-    assert r["real procedural images (ceiling)"]["class_acc"] > 0.5
-    for name in ("generated, prompt + level (ours)", "unconditional samples (floor)"):
+    assert r["real procedural images (ceiling)"]["class_acc"] > 0.7            # the probe itself works
+    assert r["real images through the VAE"]["class_acc"] > 0.4                  # and sees through the VAE
+    ours, floor = r["generated, prompt + level (ours)"], r["unconditional samples (floor)"]
+    assert floor["class_acc"] < 0.2, floor                                       # ~1/12 when nothing is followed
+    assert ours["class_acc"] > floor["class_acc"] + 0.2, (ours, floor)          # a clear margin over the floor
+    for name in r:
         assert set(r[name]) == {"class_acc", "level_acc", "level_acc_pm1"}
 
 
