@@ -159,9 +159,16 @@ def parse_config(argv):
             raise ValueError(f"arguments are --config FILE and --key=value overrides; got {arg!r}")
         key, text = arg[2:].split("=", 1)
         _set(cfg, key, text, key)
+    check_config(cfg)
+    return cfg
+
+
+def check_config(cfg):
+    """Values no type check catches; raised as one-line ValueErrors before anything starts."""
     if cfg.train not in ("unet", "vae"):
         raise ValueError(f"--train must be 'unet' or 'vae', got {cfg.train!r}")
-    return cfg
+    if not cfg.timestep_power > 0:
+        raise ValueError(f"timestep_power must be > 0, got {cfg.timestep_power}")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -361,8 +368,7 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40": 362.0, "4090"
 # The run
 # ------------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig):
-    if not cfg.timestep_power > 0:
-        raise ValueError(f"timestep_power must be > 0, got {cfg.timestep_power}")
+    check_config(cfg)
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if ddp:
         use_cuda = torch.cuda.is_available() and cfg.device != "cpu"

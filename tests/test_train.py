@@ -56,6 +56,10 @@ def test_timestep_sampling_power():
     assert abs((high < 500).double().mean().item() - 0.25) < 0.005     # P(t < T/2) = (1/2)^2
     with pytest.raises(ValueError, match="timestep_power must be > 0"):
         run_inprocess(Path("/nonexistent"), "--timestep_power=0")
+    cfg = train.TrainConfig(timestep_power=-1.0)                        # built in code (demo.py), not parsed
+    with pytest.raises(ValueError, match="timestep_power must be > 0"):
+        train.train(cfg)
+    assert train.main(["--config", "configs/tiny.py", "--timestep_power=0"]) == 2
 
 
 def test_single_process_trains_and_exports(tmp_path):
