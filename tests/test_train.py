@@ -86,7 +86,7 @@ def test_resume_continues_the_same_curve(tmp_path):
 
 
 def _torchrun(args, nproc):
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--standalone", f"--nproc_per_node={nproc}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "train.py", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
