@@ -3,8 +3,9 @@
     python demo.py                     # about 10 minutes on 2 CPU cores
     python demo.py --fast              # the shortened version CI runs
 
-1. trains a tiny KL-VAE, then a tiny U-Net with a small text tower, on the procedural Earth (data/synthetic.py),
-   each with train.py's own loop (resumable: rerun the command after an interruption);
+1. trains a tiny KL-VAE on the procedural Earth (data/synthetic.py); renders the U-Net's training scenes once and
+   writes them, VAE-encoded, to latent shards (data/shards.py); trains a tiny U-Net with a small text tower on
+   those; each stage with train.py's own loop (resumable: rerun the command after an interruption);
 2. trains the conditioning probe (model/probe.py), a small classifier of scene class and map level;
 3. samples prompts x levels and measures, with the probe, how often a generated image shows the class its
    prompt asked for (text adherence) and the level asked for (resolution control), next to the same figures
@@ -23,7 +24,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import train
-from data.synthetic import CLASSES, sample as procedural_sample
+from data.shards import write_shards
+from data.synthetic import CLASSES, ProceduralEarth, sample as procedural_sample
 from model.config import load_config
 from model.probe import evaluate_probe, make_probe_data, train_probe
 from model.weights import load_model
@@ -43,14 +45,30 @@ def stage_config(cfg_file, stage, out_dir, steps=None, init_from=""):
     return cfg
 
 
-def eval_targets(levels=(10, 18), seed=10_000):
-    """One prompt per (class, integer level): the caption of a held-out procedural scene of that class."""
+def eval_targets(size, levels=(10, 18), seed=10_000):
+    """One prompt per (class, integer level): the caption of a held-out procedural scene of that class, seen
+    size x size pixels (the caption tells what that frame shows)."""
     targets = []
     for c in range(len(CLASSES)):
         for level in range(levels[0], levels[1] + 1):
-            s = procedural_sample(seed + 100 * c + level, level=float(level), size=64, cls=c)
+            s = procedural_sample(seed + 100 * c + level, level=float(level), size=size, cls=c)
             targets.append((s["caption"], float(level), c))
     return targets
+
+
+def encode_pool(vae_file, out_dir, n, cfg):
+    """The U-Net's training set: the first n procedural scenes of the stage's data (TrainConfig cfg), rendered
+    and encoded by the trained VAE once into latent shards in out_dir (posterior means, scaled). The U-Net then
+    reads latents only, several epochs of them: on two cores, rendering and encoding every batch anew costs half
+    as much again as the U-Net step itself. An out_dir holding a complete pool of n is reused (resume)."""
+    index = Path(out_dir) / "index.json"
+    if index.exists() and json.loads(index.read_text()).get("total") == n:
+        return
+    model = load_model(vae_file).eval()
+    pool = ProceduralEarth(n, size=cfg.image_size, levels=cfg.synthetic_levels, seed=cfg.seed,
+                           integer_levels=cfg.synthetic_integer_levels)
+    write_shards(pool, out_dir, samples_per_shard=max(1, n // 8), batch_size=64, write_images=False, overwrite=True,
+                 encode_fn=lambda x: model.encode_images(x, sample=False), progress=True)
 
 
 @torch.no_grad()
@@ -60,11 +78,11 @@ def through_vae(model, images, batch=256):
     return torch.cat(out).clamp(-1, 1)
 
 
-def generate_all(model, prompts, levels, cfg_scale, steps, batch=54):
+def generate_all(model, prompts, levels, cfg_scale, steps, size, batch=54):
     images = []
     for i in range(0, len(prompts), batch):
         images.append(generate(model, prompts[i:i + batch], levels[i:i + batch], seeds=list(range(i, i + len(prompts[i:i + batch]))),
-                               steps=steps, cfg=cfg_scale, size=(64, 64)))
+                               steps=steps, cfg=cfg_scale, size=(size, size)))
     return torch.cat(images)
 
 
@@ -124,11 +142,15 @@ def main(argv=None):
     t0 = time.time()
     fast = cfg_file.fast if args.fast else {}
 
-    # 1. The model: VAE, then U-Net + text tower, each resumable from its own folder.
+    # 1. The model: VAE, latent pool, then U-Net + text tower, each resumable from its own folder.
     vae_cfg = stage_config(cfg_file, cfg_file.vae_stage, out / "vae", fast.get("vae_steps"))
     train.train(vae_cfg)
     unet_cfg = stage_config(cfg_file, cfg_file.unet_stage, out / "unet", fast.get("unet_steps"),
                             init_from=str(out / "vae" / "model.safetensors"))
+    unet_cfg.data, unet_cfg.data_path = "shards", str(out / "latents")
+    print("rendering and encoding the U-Net's training scenes ...", flush=True)
+    encode_pool(unet_cfg.init_from, out / "latents", fast.get("latent_pool", cfg_file.latent_pool),
+                unet_cfg)
     train.train(unet_cfg)
     shutil.copyfile(out / "unet" / "model.safetensors", out / "model.safetensors")
     model = load_model(out / "model.safetensors").eval()
@@ -138,24 +160,25 @@ def main(argv=None):
     #    images come out of its decoder, so the probe must judge their content, not the decoder's softness.
     #    Its accuracy on held-out real images, and on the same images through the VAE, are the ceilings.
     print("training the conditioning probe ...", flush=True)
+    size = unet_cfg.image_size
     images, labels, levels = make_probe_data(n=fast.get("probe_train_images", cfg_file.probe_train_images),
-                                             size=64, seed=1)
+                                             size=size, seed=1)
     half = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:len(images) // 2]
     images[half] = through_vae(model, images[half])
     probe = train_probe((images, labels, levels), steps=fast.get("probe_steps", cfg_file.probe_steps),
                         batch_size=64, seed=0, progress=True)
-    held = make_probe_data(n=216, size=64, seed=2)
+    held = make_probe_data(n=216, size=size, seed=2)
     results = {"real procedural images (ceiling)": evaluate_probe(probe, *held),
                "real images through the VAE": evaluate_probe(probe, through_vae(model, held[0]), *held[1:])}
 
     # 3. Generated images: one per (class, level), the prompt a held-out caption of that class.
     print("sampling and measuring ...", flush=True)
-    targets = eval_targets()
+    targets = eval_targets(size)
     prompts, levels, labels = [t[0] for t in targets], [t[1] for t in targets], torch.tensor([t[2] for t in targets])
     lv = torch.tensor(levels)
-    images = generate_all(model, prompts, levels, args.cfg, args.steps)
+    images = generate_all(model, prompts, levels, args.cfg, args.steps, size)
     results["generated, prompt + level (ours)"] = evaluate_probe(probe, images, labels, lv)
-    uncond = generate_all(model, [""] * len(prompts), [0.0] * len(prompts), 1.0, args.steps)
+    uncond = generate_all(model, [""] * len(prompts), [0.0] * len(prompts), 1.0, args.steps, size)
     results["unconditional samples (floor)"] = evaluate_probe(probe, uncond, labels, lv)
 
     # 4. Outputs.
@@ -165,10 +188,10 @@ def main(argv=None):
     for c in range(0, len(CLASSES), 2):
         row = [to_pil(images[c * per_class + (level - 10)]) for level in GRID_LEVELS]
         grid_rows.append((f"[{CLASSES[c]}] " + prompts[c * per_class + (GRID_LEVELS[0] - 10)], row))
-    grid = Image.new("RGB", (64 * len(GRID_LEVELS), 64 * len(grid_rows)))
+    grid = Image.new("RGB", (size * len(GRID_LEVELS), size * len(grid_rows)))
     for i, (_, row) in enumerate(grid_rows):
         for j, im in enumerate(row):
-            grid.paste(im, (64 * j, 64 * i))
+            grid.paste(im, (size * j, size * i))
     grid.save(out / "grid.png")
     elapsed = time.time() - t0
     overview(out / "overview.png", grid_rows, results, t_train)
@@ -179,7 +202,7 @@ def main(argv=None):
     for name, r in results.items():
         print(f"{name:36s} {100 * r['class_acc']:5.1f}%  {100 * r['level_acc']:5.1f}%  {100 * r['level_acc_pm1']:5.1f}%")
     print(f"done in {elapsed / 60:.1f} min: {out / 'overview.png'}, {out / 'grid.png'}, weights {out / 'model.safetensors'}")
-    print(f"try: python sample.py --weights {out / 'model.safetensors'} --size 64 64 --level 16 "
+    print(f"try: python sample.py --weights {out / 'model.safetensors'} --size {size} {size} --level 16 "
           f"--prompt \"{prompts[3 * per_class + 6]}\"")
     return summary
 

@@ -22,17 +22,20 @@ model = ModelConfig(
     diffusion=DiffusionConfig(prediction="v", spacing="trailing", steps_offset=0),
 )
 
-common = dict(data="synthetic", image_size=64, synthetic_samples=200_000, synthetic_levels=(10.0, 18.0),
+common = dict(data="synthetic", image_size=32, synthetic_samples=200_000, synthetic_levels=(10.0, 18.0),
               synthetic_integer_levels=True, num_workers=1, log_every=10, keep_last=1, warmup_steps=50,
               lr_decay="cosine", grad_clip=1.0)
-vae_stage = dict(train="vae", image_size=32, max_steps=320, batch_size=32, lr=2e-3, ema_decay=0.99, ckpt_every=160)
-unet_stage = dict(train="unet", max_steps=300, batch_size=32, lr=1e-3, ema_decay=0.995, ckpt_every=100,
+vae_stage = dict(train="vae", max_steps=320, batch_size=32, lr=2e-3, ema_decay=0.99, ckpt_every=160)
+unet_stage = dict(train="unet", max_steps=1000, batch_size=32, lr=1e-3, ema_decay=0.995, ckpt_every=100,
                   train_text_encoder=True, p_text=0.1, p_res=0.1, timestep_power=2.0)
 
+# The U-Net's training set: this many scenes rendered and VAE-encoded once into latent shards (demo.encode_pool).
+latent_pool = 8000
+
 # The CI version (demo.py --fast): same pipeline, fewer steps; still long enough to learn text conditioning.
-fast = dict(vae_steps=200, unet_steps=150, probe_train_images=1080, probe_steps=300)
+fast = dict(vae_steps=200, unet_steps=350, latent_pool=4000, probe_train_images=1080, probe_steps=300)
 
 # The conditioning probe (model/probe.py): procedural training images and optimisation steps. Half of its
 # training images go through the demo's VAE first, so that it judges content, not the VAE's softness.
 probe_train_images = 3240
-probe_steps = 500
+probe_steps = 800

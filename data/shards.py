@@ -300,13 +300,15 @@ def _add(tar, name, data):
 
 
 def write_shards(dataset, out_dir, samples_per_shard=1000, encode_fn=None, batch_size=16, write_images=True,
-                 image_format="jpg", jpeg_quality=95, latent_dtype=torch.float16, overwrite=False, prefix="shard"):
+                 image_format="jpg", jpeg_quality=95, latent_dtype=torch.float16, overwrite=False, prefix="shard",
+                 progress=False):
     """Write any reader's samples (None ones skipped) to `{out_dir}/{prefix}-000000.tar`, ... plus
     index.json. encode_fn(images (B, 3, H, W) in [-1, 1]) -> latents (B, C, h, w) pre-encodes
     latents (stored as `latent_dtype` .npy), batch_size images at a time, which needs equal image
     sizes (use a fixed-size transform on the reader, e.g. eval_transform(256)).
     Existing shards are never overwritten unless overwrite=True. Returns the shard paths.
-    Images are re-encoded from the transformed tensors (jpg at jpeg_quality, or lossless png)."""
+    Images are re-encoded from the transformed tensors (jpg at jpeg_quality, or lossless png).
+    progress=True shows a progress bar over the samples read."""
     if image_format not in ("jpg", "png"):
         raise ValueError(f"image_format must be 'jpg' or 'png', got {image_format!r}")
     if samples_per_shard < 1:
@@ -380,6 +382,9 @@ def write_shards(dataset, out_dir, samples_per_shard=1000, encode_fn=None, batch
         iterator = iter(dataset)
     else:
         iterator = (dataset[i] for i in range(len(dataset)))
+    if progress:
+        from tqdm.auto import tqdm
+        iterator = tqdm(iterator, total=len(dataset) if hasattr(dataset, "__len__") else None, desc="write shards")
     for s in iterator:
         if s is None:
             skipped += 1
