@@ -3,11 +3,11 @@
     python demo.py                     # about 10 minutes on 2 CPU cores
     python demo.py --fast              # the shortened version CI runs
 
-1. trains a tiny KL-VAE on the procedural Earth (data/synthetic.py); renders the U-Net's training scenes once and
-   writes them, VAE-encoded, to latent shards (data/shards.py); trains a tiny U-Net with a small text tower on
-   those; each stage with train.py's own loop (resumable: rerun the command after an interruption);
+1. renders training scenes of the procedural Earth (data/synthetic.py) once, into shards (data/shards.py);
+   trains a tiny KL-VAE on them, encodes them into latent shards, and trains a tiny U-Net with a small text
+   tower on those; each with train.py's own loop (resumable: rerun the command after an interruption);
 2. trains the conditioning probe (model/probe.py), a small classifier of scene class and map level;
-3. samples prompts x levels and measures, with the probe, how often a generated image shows the class its
+3. samples prompts x levels (x seeds) and measures, with the probe, how often a generated image shows the class its
    prompt asked for (text adherence) and the level asked for (resolution control), next to the same figures
    for real procedural images (the ceiling) and for unconditional samples (the floor);
 4. writes out/demo/: model.safetensors (works with `sample.py --weights`), grid.png, overview.png,
@@ -24,7 +24,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import train
-from data.shards import write_shards
+from data.shards import ShardDataset, write_shards
 from data.synthetic import CLASSES, ProceduralEarth, sample as procedural_sample
 from model.config import load_config
 from model.probe import evaluate_probe, make_probe_data, train_probe
@@ -56,19 +56,32 @@ def eval_targets(size, levels=(10, 18), seed=10_000):
     return targets
 
 
-def encode_pool(vae_file, out_dir, n, cfg):
-    """The U-Net's training set: the first n procedural scenes of the stage's data (TrainConfig cfg), rendered
-    and encoded by the trained VAE once into latent shards in out_dir (posterior means, scaled). The U-Net then
-    reads latents only, several epochs of them: on two cores, rendering and encoding every batch anew costs half
-    as much again as the U-Net step itself. An out_dir holding a complete pool of n is reused (resume)."""
+def _complete(out_dir, n):
+    """Whether out_dir holds a finished set of n shard samples (index.json is written last)."""
     index = Path(out_dir) / "index.json"
-    if index.exists() and json.loads(index.read_text()).get("total") == n:
-        return
-    model = load_model(vae_file).eval()
-    pool = ProceduralEarth(n, size=cfg.image_size, levels=cfg.synthetic_levels, seed=cfg.seed,
-                           integer_levels=cfg.synthetic_integer_levels)
-    write_shards(pool, out_dir, samples_per_shard=max(1, n // 8), batch_size=64, write_images=False, overwrite=True,
-                 encode_fn=lambda x: model.encode_images(x, sample=False), progress=True)
+    return index.exists() and json.loads(index.read_text()).get("total") == n
+
+
+def render_pool(out_dir, n, cfg):
+    """The demo's training scenes: the first n procedural samples of the stage's data (TrainConfig cfg), rendered
+    once into lossless image shards in out_dir. The VAE trains on them, several epochs (rendering every batch anew
+    would cost half as much again as the VAE step itself on two cores), and the U-Net on their latents.
+    An out_dir already holding all n is kept (resume)."""
+    if not _complete(out_dir, n):
+        pool = ProceduralEarth(n, size=cfg.image_size, levels=cfg.synthetic_levels, seed=cfg.seed,
+                               integer_levels=cfg.synthetic_integer_levels)
+        write_shards(pool, out_dir, samples_per_shard=max(1, n // 8), image_format="png", overwrite=True,
+                     progress=True)
+
+
+def encode_pool(vae_file, images_dir, out_dir, n):
+    """The image shards of render_pool, encoded once by the trained VAE (posterior means, scaled) into latent
+    shards in out_dir: the U-Net then reads latents only."""
+    if not _complete(out_dir, n):
+        model = load_model(vae_file).eval()
+        images = ShardDataset(images_dir, rank=0, world_size=1, shuffle_buffer=0, shuffle_shards=False)
+        write_shards(images, out_dir, samples_per_shard=max(1, n // 8), batch_size=64, write_images=False,
+                     overwrite=True, encode_fn=lambda x: model.encode_images(x, sample=False), progress=True)
 
 
 @torch.no_grad()
@@ -78,15 +91,16 @@ def through_vae(model, images, batch=256):
     return torch.cat(out).clamp(-1, 1)
 
 
-def generate_all(model, prompts, levels, cfg_scale, steps, size, batch=54):
+def generate_all(model, prompts, levels, cfg_scale, steps, size, level_cfg=None, batch=54):
     images = []
     for i in range(0, len(prompts), batch):
-        images.append(generate(model, prompts[i:i + batch], levels[i:i + batch], seeds=list(range(i, i + len(prompts[i:i + batch]))),
-                               steps=steps, cfg=cfg_scale, size=(size, size)))
+        j = min(i + batch, len(prompts))
+        images.append(generate(model, prompts[i:j], levels[i:j], seeds=list(range(i, j)), steps=steps, cfg=cfg_scale,
+                               size=(size, size), level_cfg=level_cfg))
     return torch.cat(images)
 
 
-def overview(path, grid_rows, results, elapsed):
+def overview(path, grid_rows, results, elapsed, guidance=""):
     """One page: title, the prompts x levels grid with labels, the probe figures."""
     font = ImageFont.load_default()
     cell, label_w, top = 96, 330, 60
@@ -95,8 +109,8 @@ def overview(path, grid_rows, results, elapsed):
     page = Image.new("RGB", (label_w + cols * cell + 20, top + rows * cell + table_h), "white")
     d = ImageDraw.Draw(page)
     d.text((10, 8), "text2earth demo: tiny model trained on the procedural Earth, CPU only", fill="black", font=font)
-    d.text((10, 26), f"columns: Google map level (resolution_m = 2^(17-L)); trained in {elapsed / 60:.1f} min",
-           fill="black", font=font)
+    d.text((10, 26), f"columns: Google map level (resolution_m = 2^(17-L)); trained in {elapsed / 60:.1f} min; "
+           f"{guidance}", fill="black", font=font)
     for j, level in enumerate(GRID_LEVELS):
         d.text((label_w + j * cell + 20, top - 14), f"L{level} ({2 ** (17 - level):g} m)", fill="black", font=font)
     for i, (prompt, images) in enumerate(grid_rows):
@@ -113,15 +127,16 @@ def overview(path, grid_rows, results, elapsed):
         for j, im in enumerate(images):
             page.paste(im.resize((cell - 4, cell - 4), Image.NEAREST), (label_w + j * cell, y))
     y = top + rows * cell + 10
-    cols_x = (250, 310, 380)
-    d.text((10, y), "probe accuracy", fill="black", font=font)
-    for x, head in zip(cols_x, ("class", "level", "level +-1")):
+    cols_x = (250, 310, 370, 440)
+    d.text((10, y), "probe", fill="black", font=font)
+    for x, head in zip(cols_x, ("class", "level", "level +-1", "level corr.")):
         d.text((x, y), head, fill="black", font=font)
     for k, name in enumerate(results):
         r, row_y = results[name], y + 18 * (k + 1)
         d.text((10, row_y), name, fill="black", font=font)
         for x, key in zip(cols_x, ("class_acc", "level_acc", "level_acc_pm1")):
             d.text((x, row_y), f"{100 * r[key]:5.1f}%", fill="black", font=font)
+        d.text((cols_x[3], row_y), f"{r['level_corr']:5.2f}", fill="black", font=font)
     page.save(path)
 
 
@@ -130,7 +145,9 @@ def main(argv=None):
     p.add_argument("--config", default="configs/demo.py")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--fast", action="store_true", help="the shortened run CI uses (a fraction of the steps)")
-    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale for the samples")
+    p.add_argument("--cfg", type=float, default=2.0, help="guidance scale of the text (with the level, see below)")
+    p.add_argument("--level-cfg", type=float, default=6.0,
+                   help="guidance scale of the level on its own (model/guidance.py); equal to --cfg: joint guidance")
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++(2M) steps per sample")
     p.add_argument("--overwrite", action="store_true", help="replace an existing finished demo in --out")
     args = p.parse_args(argv)
@@ -142,15 +159,18 @@ def main(argv=None):
     t0 = time.time()
     fast = cfg_file.fast if args.fast else {}
 
-    # 1. The model: VAE, latent pool, then U-Net + text tower, each resumable from its own folder.
+    # 1. The model: training scenes, VAE, their latents, then U-Net + text tower; each step resumable.
+    n_pool = fast.get("pool", cfg_file.pool)
     vae_cfg = stage_config(cfg_file, cfg_file.vae_stage, out / "vae", fast.get("vae_steps"))
+    vae_cfg.data, vae_cfg.data_path = "shards", str(out / "images")
+    print(f"rendering {n_pool} training scenes ...", flush=True)
+    render_pool(out / "images", n_pool, vae_cfg)
     train.train(vae_cfg)
     unet_cfg = stage_config(cfg_file, cfg_file.unet_stage, out / "unet", fast.get("unet_steps"),
                             init_from=str(out / "vae" / "model.safetensors"))
     unet_cfg.data, unet_cfg.data_path = "shards", str(out / "latents")
-    print("rendering and encoding the U-Net's training scenes ...", flush=True)
-    encode_pool(unet_cfg.init_from, out / "latents", fast.get("latent_pool", cfg_file.latent_pool),
-                unet_cfg)
+    print("encoding them with the trained VAE ...", flush=True)
+    encode_pool(unet_cfg.init_from, out / "images", out / "latents", n_pool)
     train.train(unet_cfg)
     shutil.copyfile(out / "unet" / "model.safetensors", out / "model.safetensors")
     model = load_model(out / "model.safetensors").eval()
@@ -171,12 +191,13 @@ def main(argv=None):
     results = {"real procedural images (ceiling)": evaluate_probe(probe, *held),
                "real images through the VAE": evaluate_probe(probe, through_vae(model, held[0]), *held[1:])}
 
-    # 3. Generated images: one per (class, level), the prompt a held-out caption of that class.
+    # 3. Generated images: `eval_seeds` per (class, level) (each its own seed), the prompt a held-out caption of
+    #    that class. The first 108 make the grid.
     print("sampling and measuring ...", flush=True)
-    targets = eval_targets(size)
+    targets = eval_targets(size) * fast.get("eval_seeds", cfg_file.eval_seeds)
     prompts, levels, labels = [t[0] for t in targets], [t[1] for t in targets], torch.tensor([t[2] for t in targets])
     lv = torch.tensor(levels)
-    images = generate_all(model, prompts, levels, args.cfg, args.steps, size)
+    images = generate_all(model, prompts, levels, args.cfg, args.steps, size, args.level_cfg)
     results["generated, prompt + level (ours)"] = evaluate_probe(probe, images, labels, lv)
     uncond = generate_all(model, [""] * len(prompts), [0.0] * len(prompts), 1.0, args.steps, size)
     results["unconditional samples (floor)"] = evaluate_probe(probe, uncond, labels, lv)
@@ -194,16 +215,20 @@ def main(argv=None):
             grid.paste(im, (size * j, size * i))
     grid.save(out / "grid.png")
     elapsed = time.time() - t0
-    overview(out / "overview.png", grid_rows, results, t_train)
+    guidance = f"guidance: text {args.cfg:g}" + (f", level {args.level_cfg:g}" if args.level_cfg is not None else "")
+    overview(out / "overview.png", grid_rows, results, t_train, guidance)
     summary = {"results": results, "train_minutes": t_train / 60, "total_minutes": elapsed / 60, "fast": args.fast,
-               "cfg": args.cfg, "steps": args.steps}
+               "cfg": args.cfg, "level_cfg": args.level_cfg, "steps": args.steps}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
-    print(f"\n{'':36s} class   level  level+-1")
+    print(f"\n{'':36s} class   level  level+-1  level corr.")
     for name, r in results.items():
-        print(f"{name:36s} {100 * r['class_acc']:5.1f}%  {100 * r['level_acc']:5.1f}%  {100 * r['level_acc_pm1']:5.1f}%")
-    print(f"done in {elapsed / 60:.1f} min: {out / 'overview.png'}, {out / 'grid.png'}, weights {out / 'model.safetensors'}")
+        print(f"{name:36s} " + "  ".join(f"{100 * r[k]:5.1f}%" for k in ("class_acc", "level_acc", "level_acc_pm1"))
+              + f"  {r['level_corr']:5.2f}")
+    print(f"done in {elapsed / 60:.1f} min: {out / 'overview.png'}, {out / 'grid.png'}, "
+          f"weights {out / 'model.safetensors'}")
+    level_cfg = f" --level-cfg {args.level_cfg:g}" if args.level_cfg is not None else ""
     print(f"try: python sample.py --weights {out / 'model.safetensors'} --size {size} {size} --level 16 "
-          f"--prompt \"{prompts[3 * per_class + 6]}\"")
+          f"--cfg {args.cfg:g}{level_cfg} --prompt \"{prompts[3 * per_class + 6]}\"")
     return summary
 
 

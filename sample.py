@@ -32,12 +32,13 @@ DEFAULT_WEIGHTS = "out/demo/model.safetensors"   # what the README's demo comman
 @torch.no_grad()
 def generate(model, prompts, levels, *, seeds, sampler="dpmpp_2m", steps=20, cfg=4.0, negative_prompt="",
              size=(256, 256), interval=None, rescale=0.0, dtype=torch.float32, progress=False, noise=None,
-             decode_tile=None, unet=None):
+             decode_tile=None, unet=None, level_cfg=None):
     """Sample one image per (prompt, level, seed): returns images (B, 3, H, W) in [-1, 1] (float32, CPU).
 
     The initial noise of image i is drawn on the CPU from `seeds[i]`, so a seed gives the same image on any
     device (up to the device's arithmetic). `noise` (B, C, h, w) overrides that, for tests.
-    CFG with dynamic condition adaptation: null branch = (negative prompt or "", level 0).
+    CFG with dynamic condition adaptation: null branch = (negative prompt or "", level 0); level_cfg guides the
+    level with its own scale (model/guidance.py; None: jointly with the text, at cfg).
     `unet` replaces model.unet (e.g. the EMA weights during training).
     """
     net = model.unet if unet is None else unet
@@ -65,7 +66,10 @@ def generate(model, prompts, levels, *, seeds, sampler="dpmpp_2m", steps=20, cfg
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             return net(x_t.to(unet_dtype), t, c, lv).float()
 
-    model_fn = cfg_model_fn(unet_fn, context, level, null_context, null_level, cfg, interval=interval, rescale=rescale)
+    if level_cfg is not None and not has_level:
+        raise ValueError("level_cfg: this model has no level embedding")
+    model_fn = cfg_model_fn(unet_fn, context, level, null_context, null_level, cfg, level_scale=level_cfg,
+                            interval=interval, rescale=rescale)
     dcfg = model.cfg.diffusion
     # DPM-Solver++(2M) is measurably better from t = T-1 ("trailing") than from the release's "leading" steps
     # (benchmarks/results/samplers_cpu.md); the other samplers follow the release's scheduler config.
@@ -105,6 +109,8 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default="dpmpp_2m", help=f"one of {sorted(SAMPLERS)}")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--cfg", type=float, default=4.0, help="guidance scale (release default 4.0; 1 = none)")
+    p.add_argument("--level-cfg", type=float, default=None,
+                   help="guidance scale of the level on its own (default: guided with the text, at --cfg)")
     p.add_argument("--cfg-interval", type=float, nargs=2, default=None, metavar=("LO", "HI"),
                    help="guide only for timesteps in [LO, HI] (Kynkaanniemi et al. 2024)")
     p.add_argument("--cfg-rescale", type=float, default=0.0, help="guidance rescale phi (Lin et al. 2024)")
@@ -124,6 +130,8 @@ def parse_args(argv=None):
         p.error(f"--sampler {args.sampler!r} is unknown; choose one of {sorted(SAMPLERS)}")
     if args.steps < 1:
         p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.cfg < 0 or (args.level_cfg is not None and args.level_cfg < 0):
+        p.error(f"--cfg and --level-cfg must be >= 0, got {args.cfg} and {args.level_cfg}")
     if args.n < 1 or args.batch < 1:
         p.error("--n and --batch must be >= 1")
     if args.level is not None and args.resolution_m is not None:
@@ -175,11 +183,12 @@ def main(argv=None):
         images = generate(model, [j[0] for j in jobs], [j[1] for j in jobs], seeds=[j[2] for j in jobs],
                           sampler=args.sampler, steps=args.steps, cfg=args.cfg, negative_prompt=args.negative_prompt,
                           size=tuple(args.size), interval=args.cfg_interval, rescale=args.cfg_rescale,
-                          dtype=args.dtype, progress=True)
+                          dtype=args.dtype, progress=True, level_cfg=args.level_cfg)
         for (text, level, seed), image, name in zip(jobs, images, names[start:start + args.batch]):
             info = PngInfo()
             for k, v in {"prompt": text, "level": f"{level:g}", "seed": seed, "sampler": args.sampler,
-                         "steps": args.steps, "cfg": args.cfg, "negative_prompt": args.negative_prompt,
+                         "steps": args.steps, "cfg": args.cfg, "level_cfg": args.level_cfg,
+                         "negative_prompt": args.negative_prompt,
                          "weights": args.weights}.items():
                 info.add_text(k, str(v))
             im = to_pil(image)

@@ -471,6 +471,7 @@ def train(cfg: TrainConfig):
 
     bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc=f"train {cfg.train}")
     t_last, imgs_since = time.perf_counter(), 0
+    loss = torch.tensor(float("nan"))                         # logged as nan while no batch has been readable
     while step < cfg.max_steps:
         lr = lr_at(cfg, step)
         for group in opt.param_groups:

@@ -384,7 +384,8 @@ def write_shards(dataset, out_dir, samples_per_shard=1000, encode_fn=None, batch
         iterator = (dataset[i] for i in range(len(dataset)))
     if progress:
         from tqdm.auto import tqdm
-        iterator = tqdm(iterator, total=len(dataset) if hasattr(dataset, "__len__") else None, desc="write shards")
+        total = len(dataset) if hasattr(dataset, "__len__") else getattr(dataset, "num_samples", lambda: None)()
+        iterator = tqdm(iterator, total=total, desc="write shards")
     for s in iterator:
         if s is None:
             skipped += 1

@@ -6,7 +6,7 @@ Trained on procedural Earth images (data/synthetic.py), it scores generated imag
 
     images, labels, levels = make_probe_data(4000, size=64, seed=0)
     probe = train_probe((images, labels, levels), steps=1000, batch_size=64, lr=3e-3, seed=0)
-    evaluate_probe(probe, gen_images, asked_labels, asked_levels)   # class_acc, level_acc, level_acc_pm1
+    evaluate_probe(probe, gen_images, asked_labels, asked_levels)   # class_acc, level_acc, level_acc_pm1, level_corr
 
 The level head classifies the integer levels (9 for 10..18) rather than regressing them: on held-out
 renders (400 steps) classification gave 43% exact / 73% within +-1, regression + rounding 31% / 70%.
@@ -234,13 +234,19 @@ def _train(data, steps, batch_size, lr, seed, progress, levels, width, num_class
 @torch.no_grad()
 def evaluate_probe(probe, images, labels, levels):
     """Accuracies of the probe on images (N, 3, H, W) in [-1, 1] against the asked-for labels (N,)
-    and levels (N,) (rounded to integers): dict(class_acc, level_acc, level_acc_pm1) as floats."""
+    and levels (N,) (rounded to integers): dict(class_acc, level_acc, level_acc_pm1, level_corr) as
+    floats. level_corr is the Pearson correlation of the levels read with the levels asked: it shows
+    a level trend even where the reading is biased (0 when either does not vary, ~0 for a floor)."""
     images, labels, levels = torch.as_tensor(images), torch.as_tensor(labels), torch.as_tensor(levels)
     _check(images, labels, levels)
     if len(images) == 0:
         raise ValueError("evaluate_probe needs at least one image")
     cls, lev = probe.predict(images)
-    err = (lev - levels.float().round().long()).abs()
+    asked = levels.float().round()
+    err = (lev - asked.long()).abs()
+    a, b = lev.double() - lev.double().mean(), asked.double() - asked.double().mean()
+    denom = (a.square().sum() * b.square().sum()).sqrt()
     return dict(class_acc=(cls == labels.long()).float().mean().item(),
                 level_acc=(err == 0).float().mean().item(),
-                level_acc_pm1=(err <= 1).float().mean().item())
+                level_acc_pm1=(err <= 1).float().mean().item(),
+                level_corr=(a * b).sum().div(denom).item() if denom > 0 else 0.0)

@@ -20,20 +20,23 @@ def test_fast_demo_writes_everything(fast_demo):
     assert json.loads((out / "results.json").read_text())["fast"] is True
 
 
-def test_fast_demo_follows_the_prompt(fast_demo):
-    """The shortened demo (VAE 200 steps, U-Net 150 steps) must already learn text conditioning: the probe reads
-    the class the prompt asked for far more often than on unconditional samples. Measured on 2 CPU cores:
-    47% against a floor of 6.5% (the full demo: 51% against 7%). The level is not asserted: it is not learnt
-    in this budget (samples at the floor, ~14% exact); docs/demo.md has the figures and the reasons."""
+def test_fast_demo_follows_the_prompt_and_the_level(fast_demo):
+    """The shortened demo (VAE 300 steps, U-Net 450 steps, 32 px) must already learn both conditions: the probe
+    reads the class the prompt asked for far more often than on unconditional samples, and the level it reads
+    follows the level asked (correlation; accuracy within one level is only asserted for the full demo's
+    figures in docs/demo.md: in this short run it is within sampling noise of the floor). Measured on 2 CPU
+    cores: FAST_MEASURED"""
     _, summary = fast_demo
     r = summary["results"]
-    assert r["real procedural images (ceiling)"]["class_acc"] > 0.7            # the probe itself works
-    assert r["real images through the VAE"]["class_acc"] > 0.4                  # and sees through the VAE
+    real, through_vae = r["real procedural images (ceiling)"], r["real images through the VAE"]
+    assert real["class_acc"] > 0.7 and through_vae["class_acc"] > 0.4           # the probe works, also on decodes
+    assert real["level_corr"] > 0.5                                              # and reads levels
     ours, floor = r["generated, prompt + level (ours)"], r["unconditional samples (floor)"]
     assert floor["class_acc"] < 0.2, floor                                       # ~1/12 when nothing is followed
     assert ours["class_acc"] > floor["class_acc"] + 0.2, (ours, floor)          # a clear margin over the floor
+    assert ours["level_corr"] > floor["level_corr"] + 0.1, (ours, floor)        # the level read follows the asked
     for name in r:
-        assert set(r[name]) == {"class_acc", "level_acc", "level_acc_pm1"}
+        assert set(r[name]) == {"class_acc", "level_acc", "level_acc_pm1", "level_corr"}
 
 
 def test_demo_refuses_to_overwrite_a_finished_run(fast_demo):

@@ -1,4 +1,5 @@
 """Conditioning probes: integer-level data, shapes, accuracy arithmetic, determinism, a run that learns."""
+import numpy as np
 import pytest
 import torch
 
@@ -93,7 +94,10 @@ def test_evaluate_probe_arithmetic():
     asked_cls = torch.tensor([0, 1, 5, 5, 4])                  # 3 of 5 right
     asked_lev = torch.tensor([10.0, 13.0, 17.0, 18.0, 11.6])   # errors 0, 1, 2, 0, 2 (11.6 -> 12)
     r = evaluate_probe(_Oracle(), x, asked_cls, asked_lev)
-    assert r == pytest.approx(dict(class_acc=0.6, level_acc=0.4, level_acc_pm1=0.6))
+    corr = np.corrcoef(pred_lev, [10, 13, 17, 18, 12])[0, 1]
+    assert r == pytest.approx(dict(class_acc=0.6, level_acc=0.4, level_acc_pm1=0.6, level_corr=corr))
+    x[:, 1, 0, 0] = 14.0                                       # one level read for all: no trend
+    assert evaluate_probe(_Oracle(), x, asked_cls, asked_lev)["level_corr"] == 0.0
 
 
 # ----------------------------------------------------------------------------------------------

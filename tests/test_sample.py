@@ -72,6 +72,18 @@ def test_cli_writes_pngs_with_metadata_and_is_deterministic(tiny_ckpt, tmp_path)
     assert not torch.equal(a0, a1)                                       # different seeds differ
 
 
+def test_cli_level_cfg(tiny_ckpt, tmp_path):
+    """--level-cfg equal to --cfg is the joint guidance (same image); another value changes the image."""
+    common = ["--weights", tiny_ckpt, "--size", 16, 16, "--steps", 3, "--prompt", "a lake", "--level", 15, "--cfg", 3]
+    pixels = lambda d: torch.tensor(list(Image.open(d / "000_a_lake_L15_seed0.png").getdata())).float()
+    assert run(common + ["--out", tmp_path / "joint"]) == 0
+    assert run(common + ["--level-cfg", 3, "--out", tmp_path / "same"]) == 0
+    assert run(common + ["--level-cfg", 8, "--out", tmp_path / "sep"]) == 0
+    assert torch.equal(pixels(tmp_path / "joint"), pixels(tmp_path / "same"))
+    assert (pixels(tmp_path / "joint") - pixels(tmp_path / "sep")).abs().mean() > 0.5
+    assert Image.open(tmp_path / "sep" / "000_a_lake_L15_seed0.png").text["level_cfg"] == "8.0"
+
+
 def test_cli_refuses_to_overwrite(tiny_ckpt, tmp_path):
     args = ["--weights", tiny_ckpt, "--size", 16, 16, "--steps", 1, "--prompt", "x", "--out", tmp_path]
     assert run(args) == 0
@@ -88,6 +100,7 @@ def test_cli_refuses_to_overwrite(tiny_ckpt, tmp_path):
     (["--prompt", "25_GOOGLE_LEVEL_x"], "outside [0, 20]"),
     (["--size", "100", "64"], "multiples of 8"),
     (["--resolution-m", "-1"], "--resolution-m must be > 0"),
+    (["--level-cfg", "-1"], "--level-cfg must be >= 0"),
     (["--weights", "/nonexistent/weights"], "does not exist"),
 ])
 def test_cli_bad_input_is_one_clear_error(bad, message, capsys, tmp_path):

@@ -271,6 +271,31 @@ def test_cfg_interval_skips_null_branch():
     assert sorted(unet.batches) == [3] * 5 + [6] * 5
 
 
+def test_cfg_level_scale_guides_the_level_on_its_own():
+    """Three branches (text + level, text + level 0, null) in one pass of 3B; s_L = s is the joint formula."""
+    x, ctx, level, null_ctx = cfg_inputs()
+    t, unet = torch.full((3,), 400), FakeUNet()
+    cond = unet(x, t, ctx, level)
+    text = unet(x, t, ctx, torch.zeros(3))
+    null = unet(x, t, null_ctx.expand(3, -1, -1), torch.zeros(3))
+    for scale, level_scale in ((3.0, 6.0), (1.0, 4.0), (4.0, 0.0)):
+        unet.batches.clear()
+        out = cfg_model_fn(unet, ctx, level, null_ctx, 0.0, scale, level_scale=level_scale)(x, t)
+        assert unet.batches == [9]
+        torch.testing.assert_close(out, null + scale * (text - null) + level_scale * (cond - text))
+    assert not torch.allclose(text, cond)                                        # the level branch matters
+    unet.batches.clear()
+    same = cfg_model_fn(unet, ctx, level, null_ctx, 0.0, 4.0, level_scale=4.0)(x, t)
+    assert unet.batches == [6] and torch.equal(same, cfg_model_fn(unet, ctx, level, null_ctx, 0.0, 4.0)(x, t))
+    unet.batches.clear()
+    fn = cfg_model_fn(unet, ctx, level, null_ctx, 0.0, 3.0, level_scale=6.0, interval=(200, 700))
+    torch.testing.assert_close(fn(x, torch.full((3,), 900)), unet(x, torch.full((3,), 900), ctx, level))
+    with pytest.raises(ValueError, match="level_scale"):
+        cfg_model_fn(unet, ctx, None, null_ctx, None, 3.0, level_scale=6.0)
+    with pytest.raises(ValueError, match="scales"):
+        cfg_model_fn(unet, ctx, level, null_ctx, 0.0, 3.0, level_scale=-1.0)
+
+
 def test_cfg_rescale():
     x, ctx, level, null_ctx = cfg_inputs()
     t, unet = torch.full((3,), 300), FakeUNet()
