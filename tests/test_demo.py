@@ -21,11 +21,12 @@ def test_fast_demo_writes_everything(fast_demo):
 
 
 def test_fast_demo_follows_the_prompt_and_the_level(fast_demo):
-    """The shortened demo (VAE 300 steps, U-Net 450 steps, 32 px) must already learn both conditions: the probe
+    """The shortened demo (VAE 300 steps, U-Net 350 steps, 32 px) must already learn both conditions: the probe
     reads the class the prompt asked for far more often than on unconditional samples, and the level it reads
-    follows the level asked (correlation; accuracy within one level is only asserted for the full demo's
-    figures in docs/demo.md: in this short run it is within sampling noise of the floor). Measured on 2 CPU
-    cores: FAST_MEASURED"""
+    follows the level asked (correlation; accuracy within one level is not asserted: in this short run it is
+    within sampling noise of the floor; docs/demo.md has the full demo's figures). Measured on 2 CPU
+    cores, 324 samples: class 45.1% against a floor of 10.2%; level correlation 0.21 against 0.01 (standard
+    error ~0.055); level within one 34.9% against 33.3%."""
     _, summary = fast_demo
     r = summary["results"]
     real, through_vae = r["real procedural images (ceiling)"], r["real images through the VAE"]
