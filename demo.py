@@ -7,13 +7,14 @@
    trains a tiny KL-VAE on them, encodes them into latent shards, and trains a tiny U-Net with a small text
    tower on those; each with train.py's own loop (resumable: rerun the command after an interruption);
 2. trains the conditioning probe (model/probe.py), a small classifier of scene class and map level;
-3. samples prompts x levels (x seeds) and measures, with the probe, how often a generated image shows the class its
-   prompt asked for (text adherence) and the level asked for (resolution control), next to the same figures
+3. samples prompts x levels (x seeds) and measures, with the probe, how often a generated image shows the class
+   its prompt asked for (text adherence) and the level asked for (resolution control), next to the same figures
    for real procedural images (the ceiling) and for unconditional samples (the floor);
 4. writes out/demo/: model.safetensors (works with `sample.py --weights`), grid.png, overview.png,
    results.json.
 """
 import argparse
+import hashlib
 import json
 import shutil
 import sys
@@ -56,32 +57,51 @@ def eval_targets(size, levels=(10, 18), seed=10_000):
     return targets
 
 
-def _complete(out_dir, n):
-    """Whether out_dir holds a finished set of n shard samples (index.json is written last)."""
-    index = Path(out_dir) / "index.json"
-    return index.exists() and json.loads(index.read_text()).get("total") == n
+def _complete(out_dir, spec):
+    """Whether out_dir holds finished shards made from `spec` (a dict saved beside them once they are written)."""
+    made = Path(out_dir) / "made_from.json"
+    return made.exists() and json.loads(made.read_text()) == spec
+
+
+def _mark(out_dir, spec):
+    """spec=None: the shards in out_dir are about to be replaced (an interrupted rewrite must not pass as done)."""
+    made = Path(out_dir) / "made_from.json"
+    if spec is None:
+        made.unlink(missing_ok=True)
+    else:
+        made.write_text(json.dumps(spec))
 
 
 def render_pool(out_dir, n, cfg):
     """The demo's training scenes: the first n procedural samples of the stage's data (TrainConfig cfg), rendered
     once into lossless image shards in out_dir. The VAE trains on them, several epochs (rendering every batch anew
     would cost half as much again as the VAE step itself on two cores), and the U-Net on their latents.
-    An out_dir already holding all n is kept (resume)."""
-    if not _complete(out_dir, n):
+    An out_dir already holding the same scenes is kept (resume); other contents are replaced."""
+    spec = dict(n=n, size=cfg.image_size, levels=list(cfg.synthetic_levels), seed=cfg.seed,
+                integer_levels=cfg.synthetic_integer_levels)
+    if not _complete(out_dir, spec):
+        _mark(out_dir, None)
         pool = ProceduralEarth(n, size=cfg.image_size, levels=cfg.synthetic_levels, seed=cfg.seed,
                                integer_levels=cfg.synthetic_integer_levels)
         write_shards(pool, out_dir, samples_per_shard=max(1, n // 8), image_format="png", overwrite=True,
                      progress=True)
+        _mark(out_dir, spec)
 
 
-def encode_pool(vae_file, images_dir, out_dir, n):
+def encode_pool(vae_file, images_dir, out_dir):
     """The image shards of render_pool, encoded once by the trained VAE (posterior means, scaled) into latent
-    shards in out_dir: the U-Net then reads latents only."""
-    if not _complete(out_dir, n):
+    shards in out_dir: the U-Net then reads latents only. Kept on resume only if made from the same images
+    by the same VAE weights."""
+    spec = dict(images=json.loads((Path(images_dir) / "made_from.json").read_text()),
+                vae_sha256=hashlib.sha256(Path(vae_file).read_bytes()).hexdigest())
+    if not _complete(out_dir, spec):
+        _mark(out_dir, None)
         model = load_model(vae_file).eval()
         images = ShardDataset(images_dir, rank=0, world_size=1, shuffle_buffer=0, shuffle_shards=False)
-        write_shards(images, out_dir, samples_per_shard=max(1, n // 8), batch_size=64, write_images=False,
-                     overwrite=True, encode_fn=lambda x: model.encode_images(x, sample=False), progress=True)
+        write_shards(images, out_dir, samples_per_shard=max(1, spec["images"]["n"] // 8), batch_size=64,
+                     write_images=False, overwrite=True, encode_fn=lambda x: model.encode_images(x, sample=False),
+                     progress=True)
+        _mark(out_dir, spec)
 
 
 @torch.no_grad()
@@ -170,7 +190,7 @@ def main(argv=None):
                             init_from=str(out / "vae" / "model.safetensors"))
     unet_cfg.data, unet_cfg.data_path = "shards", str(out / "latents")
     print("encoding them with the trained VAE ...", flush=True)
-    encode_pool(unet_cfg.init_from, out / "images", out / "latents", n_pool)
+    encode_pool(unet_cfg.init_from, out / "images", out / "latents")
     train.train(unet_cfg)
     shutil.copyfile(out / "unet" / "model.safetensors", out / "model.safetensors")
     model = load_model(out / "model.safetensors").eval()

@@ -2,6 +2,7 @@
 import json
 
 import pytest
+import torch
 
 import demo
 
@@ -45,3 +46,38 @@ def test_demo_refuses_to_overwrite_a_finished_run(fast_demo):
     with pytest.raises(SystemExit) as e:
         demo.main(["--fast", "--out", str(out)])
     assert e.value.code == 2
+
+
+def test_training_pools_are_reused_only_when_made_from_the_same_inputs(tmp_path):
+    """render_pool / encode_pool resume: kept when made from the same scenes (and the same VAE weights), redone
+    otherwise, and a rewrite that was interrupted never passes as finished."""
+    from model.config import load_config
+    from model.text2earth import Text2Earth
+    from model.weights import save_model
+    cfg_file = load_config("configs/demo.py")
+    cfg = demo.stage_config(cfg_file, cfg_file.vae_stage, tmp_path / "vae")
+    images, latents = tmp_path / "images", tmp_path / "latents"
+    demo.render_pool(images, 12, cfg)
+    shard = sorted(images.glob("shard-*.tar"))[0]
+    first = shard.stat().st_mtime_ns
+    demo.render_pool(images, 12, cfg)
+    assert shard.stat().st_mtime_ns == first                                     # same scenes: kept
+    torch.manual_seed(0)
+    save_model(Text2Earth(cfg_file.model), tmp_path / "a.safetensors")
+    demo.encode_pool(tmp_path / "a.safetensors", images, latents)
+    index = json.loads((latents / "index.json").read_text())
+    assert index["total"] == 12 and index["latents"]
+    latent_shard = sorted(latents.glob("shard-*.tar"))[0]
+    kept = latent_shard.read_bytes()
+    demo.encode_pool(tmp_path / "a.safetensors", images, latents)
+    assert latent_shard.read_bytes() == kept                                     # same images, same VAE: kept
+    torch.manual_seed(1)
+    save_model(Text2Earth(cfg_file.model), tmp_path / "b.safetensors")
+    demo.encode_pool(tmp_path / "b.safetensors", images, latents)
+    assert latent_shard.read_bytes() != kept                                     # other VAE weights: re-encoded
+    cfg.image_size = 16
+    demo.render_pool(images, 12, cfg)                                            # other scenes: re-rendered
+    spec = json.loads((images / "made_from.json").read_text())
+    assert spec["size"] == 16 and demo._complete(images, spec)
+    demo._mark(images, None)                                                     # as at the start of a rewrite
+    assert not demo._complete(images, spec)
