@@ -173,6 +173,8 @@ def main(argv=None):
     except WeightsError as e:
         hint = " (train the demo model first: see README)" if args.weights == DEFAULT_WEIGHTS else ""
         p.error(f"--weights: {e}{hint}")
+    if args.level_cfg is not None and not model.cfg.unet.level_embedding:
+        p.error(f"--level-cfg: the U-Net of {args.weights} has no level embedding")
     model.unet.to(args.dtype)
     model.text_encoder.to(args.dtype)
 

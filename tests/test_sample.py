@@ -111,6 +111,18 @@ def test_cli_bad_input_is_one_clear_error(bad, message, capsys, tmp_path):
     assert message in err and "Traceback" not in err
 
 
+def test_cli_level_cfg_needs_a_level_embedding(tmp_path, capsys):
+    from model.config import load_config
+    from model.text2earth import Text2Earth
+    cfg = load_config("configs/tiny.py").model
+    cfg.unet.level_embedding = False
+    save_model(Text2Earth(cfg), tmp_path / "nolevel.safetensors")
+    with pytest.raises(SystemExit) as e:
+        run(["--prompt", "x", "--weights", tmp_path / "nolevel.safetensors", "--level-cfg", 5, "--out", tmp_path / "o"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "has no level embedding" in err and "Traceback" not in err
+
+
 def test_cli_weights_that_hold_something_else(tmp_path, capsys):
     (tmp_path / "notes.safetensors").write_bytes(b"not a model")
     with pytest.raises(SystemExit) as e:
