@@ -77,14 +77,12 @@ def render_pool(out_dir, n, cfg):
     once into lossless image shards in out_dir. The VAE trains on them, several epochs (rendering every batch anew
     would cost half as much again as the VAE step itself on two cores), and the U-Net on their latents.
     An out_dir already holding the same scenes is kept (resume); other contents are replaced."""
-    spec = dict(n=n, size=cfg.image_size, levels=list(cfg.synthetic_levels), seed=cfg.seed,
+    spec = dict(n=n, size=cfg.image_size, levels=list(cfg.synthetic_levels), seed=cfg.seed,  # ProceduralEarth's
                 integer_levels=cfg.synthetic_integer_levels)
     if not _complete(out_dir, spec):
         _mark(out_dir, None)
-        pool = ProceduralEarth(n, size=cfg.image_size, levels=cfg.synthetic_levels, seed=cfg.seed,
-                               integer_levels=cfg.synthetic_integer_levels)
-        write_shards(pool, out_dir, samples_per_shard=max(1, n // 8), image_format="png", overwrite=True,
-                     progress=True)
+        write_shards(ProceduralEarth(**spec), out_dir, samples_per_shard=max(1, n // 8), image_format="png",
+                     overwrite=True, progress=True)
         _mark(out_dir, spec)
 
 
@@ -235,8 +233,8 @@ def main(argv=None):
             grid.paste(im, (size * j, size * i))
     grid.save(out / "grid.png")
     elapsed = time.time() - t0
-    guidance = f"guidance: text {args.cfg:g}" + (f", level {args.level_cfg:g}" if args.level_cfg is not None else "")
-    overview(out / "overview.png", grid_rows, results, t_train, guidance)
+    overview(out / "overview.png", grid_rows, results, t_train,
+             f"guidance: text {args.cfg:g}, level {args.level_cfg:g}")
     summary = {"results": results, "train_minutes": t_train / 60, "total_minutes": elapsed / 60, "fast": args.fast,
                "cfg": args.cfg, "level_cfg": args.level_cfg, "steps": args.steps}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
@@ -246,9 +244,8 @@ def main(argv=None):
               + f"  {r['level_corr']:5.2f}")
     print(f"done in {elapsed / 60:.1f} min: {out / 'overview.png'}, {out / 'grid.png'}, "
           f"weights {out / 'model.safetensors'}")
-    level_cfg = f" --level-cfg {args.level_cfg:g}" if args.level_cfg is not None else ""
     print(f"try: python sample.py --weights {out / 'model.safetensors'} --size {size} {size} --level 16 "
-          f"--cfg {args.cfg:g}{level_cfg} --prompt \"{prompts[3 * per_class + 6]}\"")
+          f"--cfg {args.cfg:g} --level-cfg {args.level_cfg:g} --prompt \"{prompts[3 * per_class + 6]}\"")
     return summary
 
 

@@ -66,8 +66,6 @@ def generate(model, prompts, levels, *, seeds, sampler="dpmpp_2m", steps=20, cfg
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             return net(x_t.to(unet_dtype), t, c, lv).float()
 
-    if level_cfg is not None and not has_level:
-        raise ValueError("level_cfg: this model has no level embedding")
     model_fn = cfg_model_fn(unet_fn, context, level, null_context, null_level, cfg, level_scale=level_cfg,
                             interval=interval, rescale=rescale)
     dcfg = model.cfg.diffusion
