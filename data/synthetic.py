@@ -42,10 +42,10 @@ def resolution_m(level: float) -> float:
 
 
 # ----------------------------------------------------------------------------------------------
-# Materials: one row per material, 8 channels composited together
+# Materials: one row per material, N_CH channels composited together
 # ----------------------------------------------------------------------------------------------
-R, G, B, NIR, SAR, TEX, STRIPE_A, STRIPE_B = range(8)
-N_CH = 8
+R, G, B, NIR, SAR, TEX, STRIPE_A, STRIPE_B, MOSAIC = range(9)
+N_CH = 9
 # name: (colour word, R, G, B, NIR reflectance, SAR backscatter, texture amplitude); all 0..255
 # except texture. Built-up is bright in SAR (double bounce), water and smooth asphalt dark.
 _MATERIALS = {
@@ -85,16 +85,22 @@ _MATERIALS = {
     "aircraft": ("white", 232, 232, 232, 175, 255, .01),
     "yard_dense": ("grey", 110, 106, 98, 90, 80, .08),
 }
+# How strongly a material takes the scene's patch mosaic (_mosaic: stands of trees, soil and sand patches, crop
+# vigour): natural surfaces vary over tens to hundreds of metres, water and built-up surfaces do not.
+_MOSAIC_RESPONSE = {"grass": .8, "dry_grass": .8, "meadow": .8, "crop_green": .5, "crop_light": .5, "crop_yellow": .5,
+                    "soil": .8, "bare": 1.0, "rock": .6, "sand": .8, "dune": .8, "dune_dark": .8, "forest": 1.0,
+                    "canopy_gap": .6, "tree": .8, "tree_light": .8}
 _MAT_NAMES = list(_MATERIALS)
-_MAT_TABLE = np.zeros((len(_MAT_NAMES), N_CH), np.float32)  # (M, 8)
-for _i, (_word, *_vals) in enumerate(_MATERIALS.values()):
+_MAT_TABLE = np.zeros((len(_MAT_NAMES), N_CH), np.float32)  # (M, 9)
+for _i, (_name, (_word, *_vals)) in enumerate(_MATERIALS.items()):
     _MAT_TABLE[_i, :6] = _vals
+    _MAT_TABLE[_i, MOSAIC] = _MOSAIC_RESPONSE.get(_name, 0.0)
 _MAT_WORD = np.array([w for w, *_ in _MATERIALS.values()])
 _ROOFS = ["roof_red", "roof_brown", "roof_grey", "roof_dark", "roof_white"]
 
 
 def _mats(rng, names, p=None, n=None, jitter=0.06):
-    """Material rows (N, 8) and colour words (N,) for N objects drawn from `names` (probs p)."""
+    """Material rows (N, N_CH) and colour words (N,) for N objects drawn from `names` (probs p)."""
     idx = np.array([_MAT_NAMES.index(m) for m in names])
     if n is None:
         pick = idx
@@ -116,12 +122,13 @@ def _mats(rng, names, p=None, n=None, jitter=0.06):
 #   box (cx, cy, hx, hy, ang) | disk (cx, cy, r) | seg (x0, y0, x1, y1, hw) capsule of half-width hw
 #   blob (cx, cy, rx, ry, ang, wobble, grow) noisy ellipse grown by `grow` metres
 #   coast (nx, ny, d, wobble) noisy half-plane, inside where x nx + y ny > d (the sea side)
-SHAPES = {"box": 5, "disk": 3, "seg": 5, "blob": 7, "coast": 4}
+#   ring (cx, cy, r, hw) circle of radius r drawn hw either side (wheel tracks)
+SHAPES = {"box": 5, "disk": 3, "seg": 5, "blob": 7, "coast": 4, "ring": 4}
 KINDS = [
     "urban", "block", "house", "yard_tree", "road", "track", "river", "bank", "lake",
     "shore", "pond", "sea", "shallow", "foam", "beach", "farm", "field", "farmhouse", "pivot", "forest",
     "tree", "clearing", "rock", "scrub", "shrub", "zone", "factory", "tank", "runway", "taxiway", "apron",
-    "airfield", "terminal", "aircraft", "wing", "marking",
+    "airfield", "terminal", "aircraft", "wing", "marking", "wheel_track",
 ]
 
 
@@ -131,12 +138,12 @@ class Layer:
     kind: str
     shape: str
     geom: np.ndarray                 # (N, G) float64, G = SHAPES[shape]
-    mat: np.ndarray                  # (N, 8) float32 material rows
+    mat: np.ndarray                  # (N, N_CH) float32 material rows
     color: np.ndarray                # (N,) colour words, for captions
     ids: np.ndarray | None = None    # (N,) int64 stable ids (keys of procedural children)
     expand: Callable | None = None   # (scene, layer, frame) -> [Layer]: detail when zoomed in
     lod_m: float = 0.0               # expand when resolution_m <= lod_m
-    mat_open: np.ndarray | None = None  # (N, 8) material under the detail when expanded
+    mat_open: np.ndarray | None = None  # (N, N_CH) material under the detail when expanded
     draw: bool = True                # False: a region that only holds procedural detail
 
     def __post_init__(self):
@@ -155,7 +162,7 @@ class Scene:
     """A world-coordinate description of one place: ground, layers of objects, a focus point."""
     seed: int
     label: int
-    ground: np.ndarray               # (2, 8) two ground materials mixed by a coarse noise
+    ground: np.ndarray               # (2, N_CH) two ground materials mixed by a coarse noise
     layers: list[Layer]
     focus: tuple[float, float] = (0.0, 0.0)
     params: dict = field(default_factory=dict)
@@ -171,7 +178,7 @@ class Scene:
 
 
 def material(name: str) -> np.ndarray:
-    """The (8,) channel row of a named material (R, G, B, NIR, SAR, texture, stripes)."""
+    """The (N_CH,) channel row of a named material (R, G, B, NIR, SAR, texture, stripes, mosaic)."""
     if name not in _MATERIALS:
         raise ValueError(f"unknown material {name!r}; expected one of {_MAT_NAMES}")
     return _MAT_TABLE[_MAT_NAMES.index(name)].copy()
@@ -268,25 +275,31 @@ def _band(wavelength, res):
     return min(max((wavelength / res - 2.0) / 2.0, 0.0), 1.0)
 
 
-def _fractal(xs, ys, res, wavelengths, key):
-    """Band-limited sum of noise octaves on a pixel grid, xs (1, W), ys (H, 1) -> (H, W),
-    scaled to unit-octave variance: octaves below the pixel size average out, so the variance
-    left falls with the pixel size, as area-averaging does. All octaves in one batched matmul."""
-    w = np.array([_band(lam, res) for lam in wavelengths])
-    on = np.nonzero(w > 0)[0]
-    if not len(on):
-        return np.zeros((ys.size, xs.size), np.float32)
-    lam, k = np.asarray(wavelengths, np.float64)[on, None], [key * 31 + int(o) for o in on]
-    u = xs.reshape(1, -1) / lam + np.array([[97.31 * (j % 997) + 13.7] for j in k])  # (O, W), as _noise
-    v = ys.reshape(1, -1) / lam + np.array([[61.13 * (j % 991) + 5.3] for j in k])   # (O, H)
+def _noise_fields(xs, ys, wavelengths, keys):
+    """Several _noise fields on one pixel grid, xs (1, W), ys (H, 1) -> (O, H, W), one batched matmul;
+    field o has lattice spacing wavelengths[o] and key keys[o]."""
+    lam = np.asarray(wavelengths, np.float64)[:, None]
+    u = xs.reshape(1, -1) / lam + np.array([[97.31 * (j % 997) + 13.7] for j in keys])  # (O, W), as _noise
+    v = ys.reshape(1, -1) / lam + np.array([[61.13 * (j % 991) + 5.3] for j in keys])   # (O, H)
     ub, vb = np.floor(u.min(1, keepdims=True)) - 1, np.floor(v.min(1, keepdims=True)) - 1
     n = int(max(np.max(u - ub), np.max(v - vb))) + 3
     Wu, Wv = _interp_matrix(u - ub, n), _interp_matrix(v - vb, n)       # (O, W, n), (O, H, n)
     rows = (vb.astype(np.int64) + np.arange(n)) & 255
     cols = (ub.astype(np.int64) + np.arange(n)) & 255
     block = _LATTICE[rows[:, :, None], cols[:, None, :]]                 # (O, n, n)
-    octaves = (Wv @ block) @ np.ascontiguousarray(Wu.transpose(0, 2, 1))  # (O, H, W)
-    return np.tensordot(w[on].astype(np.float32) * _SPLINE_GAIN, octaves, 1) / math.sqrt(len(w))
+    return _SPLINE_GAIN * ((Wv @ block) @ np.ascontiguousarray(Wu.transpose(0, 2, 1)))
+
+
+def _fractal(xs, ys, res, wavelengths, key):
+    """Band-limited sum of noise octaves on a pixel grid, xs (1, W), ys (H, 1) -> (H, W),
+    scaled to unit-octave variance: octaves below the pixel size average out, so the variance
+    left falls with the pixel size, as area-averaging does."""
+    w = np.array([_band(lam, res) for lam in wavelengths])
+    on = np.nonzero(w > 0)[0]
+    if not len(on):
+        return np.zeros((ys.size, xs.size), np.float32)
+    octaves = _noise_fields(xs, ys, np.asarray(wavelengths)[on], [key * 31 + int(o) for o in on])
+    return np.tensordot(w[on].astype(np.float32), octaves, 1) / math.sqrt(len(w))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -331,6 +344,9 @@ def _sdf(shape, g, X, Y, res=0.0):
     if shape == "disk":
         dx, dy = X - c[0], Y - c[1]
         return np.sqrt(dx * dx + dy * dy) - c[2]
+    if shape == "ring":
+        dx, dy = X - c[0], Y - c[1]
+        return np.abs(np.sqrt(dx * dx + dy * dy) - c[2]) - c[3]
     if shape == "box":
         dx, dy, ca, sa = X - c[0], Y - c[1], np.cos(c[4]), np.sin(c[4])
         u = np.abs(dx * ca + dy * sa) - c[2]
@@ -372,8 +388,9 @@ def _sdf_bound(shape, g, x, y):
 
 def _bbox(shape, g):
     """World bounding boxes (xmin, xmax, ymin, ymax), each (N,)."""
-    if shape == "disk":
-        return g[:, 0] - g[:, 2], g[:, 0] + g[:, 2], g[:, 1] - g[:, 2], g[:, 1] + g[:, 2]
+    if shape in ("disk", "ring"):
+        r = g[:, 2] + (g[:, 3] if shape == "ring" else 0.0)
+        return g[:, 0] - r, g[:, 0] + r, g[:, 1] - r, g[:, 1] + r
     if shape == "box":
         ca, sa = np.abs(np.cos(g[:, 4])), np.abs(np.sin(g[:, 4]))
         ex, ey = g[:, 2] * ca + g[:, 3] * sa, g[:, 2] * sa + g[:, 3] * ca
@@ -391,6 +408,8 @@ def _bbox(shape, g):
 def _area(shape, g):
     if shape == "disk":
         return np.pi * g[:, 2] ** 2
+    if shape == "ring":
+        return 4 * np.pi * g[:, 2] * g[:, 3]
     if shape == "box":
         return 4 * g[:, 2] * g[:, 3]
     if shape == "seg":
@@ -499,13 +518,13 @@ def _visible_layers(scene, fr):
 
 
 def _compose(scene, level, size, center=None):
-    """Composite all layers: (channels (8, H, W) float32, top kind id (H, W) int16, layers, frame)."""
+    """Composite all layers: (channels (N_CH, H, W) float32, top kind id (H, W) int16, layers, frame)."""
     fr = _frame(scene, level, size, center)
     S, xs, ys = fr.size, fr.xs, fr.ys
     mix = _fractal(xs, ys, fr.res, (4096.0, 1024.0, 256.0), scene.seed) * 1.1 + scene.params.get("mix_bias", 0.0)
     mix = np.clip(0.5 + mix, 0, 1).astype(np.float32).reshape(-1, 1)
     ga, gb = scene.ground[0][None], scene.ground[1][None]
-    out = ga + mix * (gb - ga)                                    # (S*S, 8) pixel-major
+    out = ga + mix * (gb - ga)                                    # (S*S, N_CH) pixel-major
     top = np.full(S * S, -1, np.int16)
     layers = _visible_layers(scene, fr)
     runs = [[layers[0]]] if layers else []
@@ -531,7 +550,7 @@ def _compose(scene, level, size, center=None):
 
 
 def _over(out, top, L, pix, a, obj, S):
-    """Composite one layer's coverage over out (S*S, 8) in place ("over", Porter & Duff 1984)."""
+    """Composite one layer's coverage over out (S*S, N_CH) in place ("over", Porter & Duff 1984)."""
     if len(pix):
         A = np.minimum(np.bincount(pix, a, S * S), 1.0).astype(np.float32)
         owner = np.zeros(S * S, np.int64)
@@ -544,6 +563,32 @@ def _over(out, top, L, pix, a, obj, S):
             Am = A[m, None]
             out[m] += Am * (L.mat[owner[m]] - out[m])
             top[m[Am[:, 0] > 0.5]] = KINDS.index(L.kind)
+
+
+def _tint(scene, ch, fr):
+    """Multiplicative RGB factor (3, H, W) of the scene's patch mosaics, or 1.
+
+    params["mosaic"] = ((cell metres, amplitude, (r, g, b) direction), ...): per scale, patches about
+    `cell` metres across (stands of trees, soil or sand patches), each with its own tone in [-1, 1]: a
+    staggered grid of cells whose edges are warped by noise, so they read as patches, not squares. Their
+    size is physical, so how many patches a frame holds tells its level (a fractal would not); under 2 px
+    they average out. Each scale has its own colour direction (brightness for the small patches, a
+    colour shift for the large ones), so that two scales cannot pass for each other at two levels."""
+    spec = [(k, c, a, rgb, _band(c, fr.res)) for k, (c, a, rgb) in enumerate(scene.params.get("mosaic", ()))]
+    spec = [z for z in spec if z[4] > 0]
+    if not spec or not ch[MOSAIC].any():
+        return 1.0
+    xs, ys, seed = fr.xs, fr.ys, scene.seed
+    base = seed % 100_003 * 16
+    warp = _noise_fields(xs, ys, [c for _, c, *_ in spec for _ in (0, 1)],
+                         [base + 2 * k + d for k, *_ in spec for d in (0, 1)])      # (2 per scale, H, W)
+    f = 0.0
+    for i, (k, cell, amp, rgb, w) in enumerate(spec):
+        j = np.floor((ys + 0.4 * cell * warp[2 * i]) / cell).astype(np.int64)
+        u = (xs + 0.4 * cell * warp[2 * i + 1]) / cell + (j * 0.6180339887) % 1.0       # rows staggered
+        tone = 2.0 * _hash01(seed, 40 + k, (np.floor(u).astype(np.int64) << 24) + j) - 1.0
+        f = f + (amp * w) * np.asarray(rgb, np.float32)[:, None, None] * tone.astype(np.float32)[None]
+    return 1.0 + ch[MOSAIC] * f
 
 
 def _texture(scene, ch, fr):
@@ -565,8 +610,8 @@ def _texture(scene, ch, fr):
 
 
 def _finish(scene, ch, fr, tex=None):
-    """RGB float (H, W, 3) in 0..255: material colour x texture + sensor noise."""
-    rgb = ch[:3] * (_texture(scene, ch, fr) if tex is None else tex)
+    """RGB float (H, W, 3) in 0..255: material colour x texture x mosaic tint + sensor noise."""
+    rgb = ch[:3] * (_texture(scene, ch, fr) if tex is None else tex) * _tint(scene, ch, fr)
     rng = np.random.default_rng([scene.seed, int(round(fr.level * 1000)), fr.size])
     rgb += rng.standard_normal(rgb.shape, dtype=np.float32) * 2.0
     return np.clip(rgb.transpose(1, 2, 0), 0, 255)
@@ -727,6 +772,18 @@ def _expand_houses(scene, blocks, fr):
     return out
 
 
+def _expand_wheel_tracks(scene, pivots, fr):
+    """The concentric wheel tracks of each centre-pivot field: rings of bare soil every track_m metres
+    (one per tower of the irrigation arm), 3 m wide."""
+    g, step = pivots.geom, scene.params["track_m"]
+    n = np.floor(g[:, 2] / step - 0.3).astype(np.int64)
+    pi, k = np.nonzero(np.arange(1, max(int(n.max(initial=0)), 0) + 1)[None] <= n[:, None])
+    rings = np.stack([g[pi, 0], g[pi, 1], (k + 1) * step, np.full(len(pi), 1.5)], 1)
+    ids = pivots.ids[pi] * 64 + k
+    mat, col = _hash_pick(scene.seed, ids, 31, ["soil"], [1.0])
+    return [Layer("wheel_track", "ring", rings, mat, col, ids=ids)]
+
+
 def _scatter(scene, fr, spacing, key):
     """Jittered-grid points covering the frame (+ margin): (x, y, cell id), view-independent."""
     span = fr.size * fr.res
@@ -739,14 +796,15 @@ def _scatter(scene, fr, spacing, key):
     return x, y, cid
 
 
-def _expand_trees(scene, regions, fr):
-    """Tree crowns (or shrubs) on a jittered grid inside the regions."""
+def _expand_trees(scene, regions, fr, spacing=None, key=5):
+    """Tree crowns (or shrubs) on a jittered grid inside the regions; spacing (m) defaults to the scene's
+    tree_spacing, materials to its tree_mats (names, probabilities)."""
     P = scene.params
-    x, y, cid = _scatter(scene, fr, P["tree_spacing"], 5)
+    x, y, cid = _scatter(scene, fr, spacing or P["tree_spacing"], key)
     inside = _sdf(regions.shape, regions.geom, x[None, None, :], y[None, None, :]).min(0)[0] < 0
     x, y, cid = x[inside], y[inside], cid[inside]
     r = P["tree_r"][0] + (P["tree_r"][1] - P["tree_r"][0]) * _hash01(scene.seed, cid, 3)
-    mat, col = _hash_pick(scene.seed, cid, 4, ["tree", "tree_light"], [.65, .35])
+    mat, col = _hash_pick(scene.seed, cid, 4, *P.get("tree_mats", (["tree", "tree_light"], [.65, .35])))
     return [Layer(P.get("tree_kind", "tree"), "disk", np.stack([x, y, r], 1), mat, col, ids=cid)]
 
 
@@ -776,6 +834,13 @@ def _blobs(rng, n, r_range, wobble, half=_H):
     """n noisy ellipses scattered over the extent: (n, 7)."""
     return np.concatenate([rng.uniform(-half, half, (n, 2)), rng.uniform(*r_range, (n, 2)),
                            rng.uniform(0, np.pi, (n, 1)), np.full((n, 1), wobble), np.zeros((n, 1))], 1)
+
+
+def _mosaic_spec(rng, small, large=None, warm=(.7, .2, -.9)):
+    """Scene patch mosaics (see _tint): the small scale (cell metres, amplitude) shifts brightness, the
+    optional large one colour (towards `warm` (r, g, b)); each cell size drawn within +-15%."""
+    scales = [(small, (1, 1, 1))] + ([(large, warm)] if large else [])
+    return tuple((cell * rng.uniform(.85, 1.15), amp, rgb) for (cell, amp), rgb in scales)
 
 
 def _farm_region(rng, **kw):
@@ -901,7 +966,7 @@ def _gen_farmland(rng, seed):
     f = _near_origin(seed, grid)
     fx, fy = _rot(f[2] * rng.uniform(-1, 1), f[3], grid.ang)
     return (_ground(rng, "soil", "dry_grass"), layers, (f[0] + fx, f[1] + fy),
-            dict(stripe_m=rng.uniform(3, 7), stripe_ang=grid.ang))
+            dict(stripe_m=rng.uniform(4, 6), stripe_ang=grid.ang, mosaic=_mosaic_spec(rng, (25, .12))))
 
 
 def _gen_circular_farmland(rng, seed):
@@ -913,14 +978,16 @@ def _gen_circular_farmland(rng, seed):
     keep = rng.random(cx.shape) > 0.12
     piv = np.stack([cx, cy, D / 2 * rng.uniform(.9, 1.0, cx.shape)], 1)[keep]
     L = _layer(rng, "pivot", "disk", piv, ["crop_green", "crop_light", "crop_yellow", "soil"],
-               p=[.45, .25, .15, .15], jitter=.06)
+               p=[.45, .25, .15, .15], jitter=.06, lod_m=8.0, expand=_expand_wheel_tracks)
     L.mat[:, STRIPE_A] = .05
+    L.mat_open = L.mat
     i0 = np.argmin(np.hypot(piv[:, 0], piv[:, 1]))
     a = rng.uniform(0, 2 * np.pi)
     rr = piv[i0, 2] * (rng.uniform(.97, 1.02) if rng.random() < .5 else rng.uniform(0, .8))
     focus = (piv[i0, 0] + rr * math.cos(a), piv[i0, 1] + rr * math.sin(a))
     return (_ground(rng, "dry_grass", "bare"), [L], focus,
-            dict(stripe_m=rng.uniform(4, 8), stripe_ang=rng.uniform(0, np.pi)))
+            dict(stripe_m=rng.uniform(5, 7), stripe_ang=rng.uniform(0, np.pi), mosaic=_mosaic_spec(rng, (25, .12)),
+                 track_m=rng.uniform(45, 55)))
 
 
 def _gen_forest(rng, seed):
@@ -932,7 +999,7 @@ def _gen_forest(rng, seed):
     track[:, :4] += rng.uniform(100, 600)
     layers = [big, _layer(rng, "clearing", "blob", clear, ["meadow", "grass"]),
               _layer(rng, "track", "seg", track, ["dirt_road"])]
-    params = dict(tree_spacing=rng.uniform(6, 9), tree_r=(2.5, 5.0), mix_bias=-0.3)
+    params = dict(tree_spacing=rng.uniform(6, 9), tree_r=(2.5, 5.0), mix_bias=-0.3, mosaic=_mosaic_spec(rng, (35, .22), (260, .18)))
     return _ground(rng, "forest", "tree_light"), layers, (0.0, 0.0), params
 
 
@@ -962,9 +1029,17 @@ def _gen_lake(rng, seed):
     woods = _layer(rng, "forest", "blob", _blobs(rng, 20, (200, 900), .35), ["forest"], jitter=.03,
                    lod_m=2.1, expand=_expand_trees)
     woods.mat_open = _mats(rng, ["canopy_gap"], n=20, jitter=.03)[0]
-    layers = [woods, shore, lake, _layer(rng, "pond", "blob", ponds, ["water"])]
+    belt = _layer(rng, "forest", "blob", lake.geom, ["forest"], lod_m=2.1, draw=False,   # trees along the shore
+                  expand=partial(_expand_trees, spacing=rng.uniform(11, 16), key=6))
+    belt.geom[:, 6] = rng.uniform(50, 90)
+    lake.mat[:, STRIPE_A] = .05                                                           # wind ripples
+    ponds = _layer(rng, "pond", "blob", ponds, ["water"])
+    ponds.mat[:, STRIPE_A] = .05
+    layers = [woods, belt, shore, lake, ponds]
     focus = _edge_point(lake, 0.0, 0.0, rng.uniform(0, 2 * np.pi), 2.5 * r)
-    return _ground(rng, "grass", "crop_light"), layers, focus, dict(tree_spacing=rng.uniform(6, 9), tree_r=(2.5, 5.0))
+    return _ground(rng, "grass", "crop_light"), layers, focus, dict(
+        tree_spacing=rng.uniform(6, 9), tree_r=(2.5, 5.0), mosaic=_mosaic_spec(rng, (25, .2), (220, .15)),
+        stripe_m=rng.uniform(3, 4.5), stripe_ang=rng.uniform(0, np.pi), stripe_warp=.3)
 
 
 def _gen_beach(rng, seed):
@@ -984,9 +1059,13 @@ def _gen_beach(rng, seed):
 
 def _gen_desert(rng, seed):
     track = _polyline(rng, rng.uniform(0, np.pi), 4.0, step=80.0)
+    scrub = _layer(rng, "scrub", "blob", [0, 0, 3 * _H, 3 * _H, 0, 0, 0], ["dune"], jitter=0,
+                   lod_m=1.2, expand=_expand_trees, draw=False)
     layers = [_layer(rng, "rock", "blob", _blobs(rng, 30, (40, 600), .4), ["rock", "dune_dark"]),
-              _layer(rng, "track", "seg", track, ["sand"])]
-    params = dict(stripe_m=rng.uniform(40, 160), stripe_ang=rng.uniform(0, np.pi), stripe_warp=.6)
+              _layer(rng, "track", "seg", track, ["sand"]), scrub]
+    params = dict(stripe_m=rng.uniform(60, 110), stripe_ang=rng.uniform(0, np.pi), stripe_warp=.6,
+                  mosaic=_mosaic_spec(rng, (30, .12), (350, .1)), tree_spacing=rng.uniform(18, 28),
+                  tree_r=(0.6, 1.5), tree_kind="shrub", tree_mats=(["rock", "tree_light"], [.5, .5]))
     return _ground(rng, "dune", "dune_dark", stripe=.16), layers, (0.0, 0.0), params
 
 
@@ -1001,7 +1080,7 @@ def _gen_bare_land(rng, seed):
     layers = [_layer(rng, "rock", "blob", _blobs(rng, 25, (20, 300), .35), ["soil", "rock"]),
               _layer(rng, "track", "seg", np.concatenate(tracks), ["dirt_road"]), scrub]
     params = dict(tree_spacing=rng.uniform(9, 16), tree_r=(0.8, 2.0), tree_kind="shrub",
-                  mix_bias=rng.uniform(-.2, .2))
+                  mix_bias=rng.uniform(-.2, .2), mosaic=_mosaic_spec(rng, (20, .2), (180, .15)))
     return _ground(rng, "bare", "soil"), layers, (0.0, 0.0), params
 
 
@@ -1274,6 +1353,8 @@ def _caption_parts(scene, inv, res, rng):
             s += " with rows of sand dunes"
         if get("rock").frac > 0.05:
             s += " and dark rocky outcrops"
+        if get("shrub").n > 0:
+            s += f", {_count(get('shrub').n, 'small shrub')} dot the sand"
         return s
     if name == "bare_land":
         tr = get("track")

@@ -185,6 +185,46 @@ def test_building_extent_doubles_per_level_and_subpixel_area_is_kept():
     assert m.sum() * resolution_m(11.0) ** 2 == pytest.approx(4 * hx * hy, rel=0.01)
 
 
+def test_patch_mosaic_keeps_its_physical_size_and_averages_out():
+    """Patches of 40 m (forest stands, soil patches): their edges in pixels double in density per level
+    zoomed out, and under two pixels (level 12: 32 m pixels) they are averaged away."""
+    g = material("bare")
+    plain = Scene(seed=5, label=CLASSES.index("bare_land"), ground=np.stack([g, g]), layers=[])
+    patched = Scene(seed=5, label=plain.label, ground=plain.ground, layers=[],
+                    params=dict(mosaic=((40.0, 0.3, (1.0, 1.0, 1.0)),)))
+    tone = lambda L: render(patched, L, 96).astype(float).mean(-1) - render(plain, L, 96).astype(float).mean(-1)
+    edges = {}
+    for level in (16.0, 15.0, 14.0):
+        d = tone(level)
+        assert np.abs(d).max() > 10                                   # the patches show
+        edges[level] = (np.abs(np.diff(d, axis=1)) > 1.5).mean()      # patch edges per pixel
+    assert edges[15.0] / edges[16.0] == pytest.approx(2.0, rel=0.25)
+    assert edges[14.0] / edges[15.0] == pytest.approx(2.0, rel=0.25)
+    assert np.abs(tone(12.0)).max() <= 1.0                            # only rounding left
+
+
+def test_wheel_tracks_ring_the_pivots_every_track_m_metres():
+    """Centre-pivot wheel tracks (bare soil on the green crop) are concentric rings a fixed number of metres
+    apart: from the pivot's centre outwards, their spacing in pixels halves per level zoomed out; unresolved
+    at level 13 (16 m pixels), they are not drawn."""
+    scene = make_scene(11, "circular_farmland")
+    piv = [L for L in scene.layers if L.kind == "pivot"][0].geom
+    cx, cy, r = piv[np.argmax(piv[:, 2])]
+    step = scene.params["track_m"]
+    for level in (16.0, 15.0, 14.0):
+        res = resolution_m(level)
+        img = render(scene, level, 128, center=(cx, cy)).astype(float)
+        soil = img[64, 64:, 0] - img[64, 64:, 1] > -22            # the crop is green-dominant, soil red
+        soil[int((r - step / 2) / res):] = False                  # inside the pivot only
+        edges = np.diff(np.concatenate([[0], soil.astype(int), [0]]))
+        starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
+        radii = ((starts + ends) / 2) * res                       # ring centres east of the pivot centre
+        assert len(radii) >= 2
+        assert np.diff(radii) == pytest.approx(step, abs=1.0 * res)
+        assert radii[0] == pytest.approx(step, abs=1.0 * res)
+    assert not (kind_map(scene, 13.0, 64, center=(cx, cy)) == KINDS.index("wheel_track")).any()
+
+
 def test_ground_texture_averages_out_in_large_pixels():
     """Ground grain is metres-scale: resolved at 2 m pixels, averaged away at 64 m pixels, where
     only the (level-independent) sensor noise is left."""
