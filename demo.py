@@ -163,7 +163,7 @@ def main(argv=None):
     p.add_argument("--config", default="configs/demo.py")
     p.add_argument("--out", default="out/demo")
     p.add_argument("--fast", action="store_true", help="the shortened run CI uses (a fraction of the steps)")
-    p.add_argument("--cfg", type=float, default=2.0, help="guidance scale of the text (with the level, see below)")
+    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale of the text (with the level, see below)")
     p.add_argument("--level-cfg", type=float, default=6.0,
                    help="guidance scale of the level on its own (model/guidance.py); equal to --cfg: joint guidance")
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++(2M) steps per sample")
@@ -205,7 +205,7 @@ def main(argv=None):
     images[half] = through_vae(model, images[half])
     probe = train_probe((images, labels, levels), steps=fast.get("probe_steps", cfg_file.probe_steps),
                         batch_size=64, seed=0, progress=True)
-    held = make_probe_data(n=216, size=size, seed=2)
+    held = make_probe_data(n=540, size=size, seed=2)
     results = {"real procedural images (ceiling)": evaluate_probe(probe, *held),
                "real images through the VAE": evaluate_probe(probe, through_vae(model, held[0]), *held[1:])}
 

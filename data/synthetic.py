@@ -1032,10 +1032,10 @@ def _gen_lake(rng, seed):
     belt = _layer(rng, "forest", "blob", lake.geom, ["forest"], lod_m=2.1, draw=False,   # trees along the shore
                   expand=partial(_expand_trees, spacing=rng.uniform(11, 16), key=6))
     belt.geom[:, 6] = rng.uniform(50, 90)
-    lake.mat[:, STRIPE_A] = .05                                                           # wind ripples
+    lake.mat[:, STRIPE_A] = .08                                                           # wind ripples
     ponds = _layer(rng, "pond", "blob", ponds, ["water"])
-    ponds.mat[:, STRIPE_A] = .05
-    layers = [woods, belt, shore, lake, ponds]
+    ponds.mat[:, STRIPE_A] = .08
+    layers = [woods, shore, belt, lake, ponds]                    # the trees overhang the shore, not the water
     focus = _edge_point(lake, 0.0, 0.0, rng.uniform(0, 2 * np.pi), 2.5 * r)
     return _ground(rng, "grass", "crop_light"), layers, focus, dict(
         tree_spacing=rng.uniform(6, 9), tree_r=(2.5, 5.0), mosaic=_mosaic_spec(rng, (25, .2), (220, .15)),
