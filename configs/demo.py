@@ -17,7 +17,7 @@ What the 10-minute budget forced (measured on 2 CPU cores; docs/demo.md has the 
   300 steps a density rising in t (timestep_power=2) learnt the class a little faster; at 1000 steps it no
   longer pays (324 samples: within one level 46% against 44%, class 67% against 69%: within noise).
 - Min-SNR-5 loss weighting (Hang et al. 2023): on 324 samples, within one level 52-54% against 50%, class
-  the same or better (docs/demo.md, section 6).
+  the same or better (docs/demo.md, section 2).
 - The probe trains 1600 steps: at 800 it read the level within one on 79% of held-out real renders, at 1400 on
   85%, at 2000 on 91% (3240 training renders either way; 8000 renders at 800 steps: 82%). Its extra steps cost
   the U-Net 100 of its steps (900): one run on a busy host took 10.1 min with 2000 and 1000.
