@@ -85,13 +85,13 @@ _MATERIALS = {
     "aircraft": ("white", 232, 232, 232, 175, 255, .01),
     "yard_dense": ("grey", 110, 106, 98, 90, 80, .08),
 }
-# How strongly a material takes the scene's patch mosaic (_mosaic: stands of trees, soil and sand patches, crop
+# How strongly a material takes the scene's patch mosaics (_tint: stands of trees, soil and sand patches, crop
 # vigour): natural surfaces vary over tens to hundreds of metres, water and built-up surfaces do not.
 _MOSAIC_RESPONSE = {"grass": .8, "dry_grass": .8, "meadow": .8, "crop_green": .5, "crop_light": .5, "crop_yellow": .5,
                     "soil": .8, "bare": 1.0, "rock": .6, "sand": .8, "dune": .8, "dune_dark": .8, "forest": 1.0,
                     "canopy_gap": .6, "tree": .8, "tree_light": .8}
 _MAT_NAMES = list(_MATERIALS)
-_MAT_TABLE = np.zeros((len(_MAT_NAMES), N_CH), np.float32)  # (M, 9)
+_MAT_TABLE = np.zeros((len(_MAT_NAMES), N_CH), np.float32)  # (M, N_CH)
 for _i, (_name, (_word, *_vals)) in enumerate(_MATERIALS.items()):
     _MAT_TABLE[_i, :6] = _vals
     _MAT_TABLE[_i, MOSAIC] = _MOSAIC_RESPONSE.get(_name, 0.0)
@@ -609,9 +609,9 @@ def _texture(scene, ch, fr):
     return t
 
 
-def _finish(scene, ch, fr, tex=None):
+def _finish(scene, ch, fr, tex=None, tint=None):
     """RGB float (H, W, 3) in 0..255: material colour x texture x mosaic tint + sensor noise."""
-    rgb = ch[:3] * (_texture(scene, ch, fr) if tex is None else tex) * _tint(scene, ch, fr)
+    rgb = ch[:3] * (_texture(scene, ch, fr) if tex is None else tex) * (_tint(scene, ch, fr) if tint is None else tint)
     rng = np.random.default_rng([scene.seed, int(round(fr.level * 1000)), fr.size])
     rgb += rng.standard_normal(rgb.shape, dtype=np.float32) * 2.0
     return np.clip(rgb.transpose(1, 2, 0), 0, 255)
@@ -999,7 +999,8 @@ def _gen_forest(rng, seed):
     track[:, :4] += rng.uniform(100, 600)
     layers = [big, _layer(rng, "clearing", "blob", clear, ["meadow", "grass"]),
               _layer(rng, "track", "seg", track, ["dirt_road"])]
-    params = dict(tree_spacing=rng.uniform(6, 9), tree_r=(2.5, 5.0), mix_bias=-0.3, mosaic=_mosaic_spec(rng, (35, .22), (260, .18)))
+    params = dict(tree_spacing=rng.uniform(6, 9), tree_r=(2.5, 5.0), mix_bias=-0.3,
+                  mosaic=_mosaic_spec(rng, (35, .22), (260, .18)))
     return _ground(rng, "forest", "tree_light"), layers, (0.0, 0.0), params
 
 
@@ -1414,10 +1415,11 @@ def modalities(scene: Scene, level: float, size: int = 64, seed: int = 0) -> dic
     ch, _, _, fr = _compose(scene, level, size)
     S = fr.size
     rng = np.random.default_rng([int(seed), scene.seed, 3])
-    tex = _texture(scene, ch, fr)
-    rgb = _finish(scene, ch, fr, tex)                                # (H, W, 3) float 0..255
+    tex, tint = _texture(scene, ch, fr), _tint(scene, ch, fr)
+    rgb = _finish(scene, ch, fr, tex, tint)                          # (H, W, 3) float 0..255
     pan = rgb @ np.array([0.299, 0.587, 0.114], np.float32)         # ITU-R BT.601 luma
-    nir = ch[NIR] * tex + rng.standard_normal((S, S)).astype(np.float32) * 2.0
+    patches = np.mean(tint, 0) if isinstance(tint, np.ndarray) else 1.0  # stands and soil patches, in brightness
+    nir = ch[NIR] * tex * patches + rng.standard_normal((S, S)).astype(np.float32) * 2.0
     # SAR: multiplicative speckle of an L-look intensity image, Gamma(L, 1/L) (Goodman 1976).
     looks = 4
     inten = (ch[SAR] / 255.0) ** 2 * (0.6 + 0.4 * tex) * rng.gamma(looks, 1.0 / looks, (S, S))
