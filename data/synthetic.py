@@ -1355,7 +1355,7 @@ def _caption_parts(scene, inv, res, rng):
         if get("rock").frac > 0.05:
             s += " and dark rocky outcrops"
         if get("shrub").n > 0:
-            s += f", {_count(get('shrub').n, 'small shrub')} dot the sand"
+            s += f", {_count(get('shrub').n, 'small shrub')} {'dots' if get('shrub').n == 1 else 'dot'} the sand"
         return s
     if name == "bare_land":
         tr = get("track")

@@ -102,6 +102,43 @@ def test_pivot_count_in_caption_matches_the_frame():
     assert checked >= 10
 
 
+def test_desert_shrubs_are_captioned_only_where_drawn():
+    """Desert shrubs (1-3 m) show from 1 m pixels on; a caption counts them only when the frame shows them, with
+    a count no larger than the shrub blobs drawn, and never at 16 m pixels where they are not drawn."""
+    shrub, mentioned = KINDS.index("shrub"), 0
+    for seed in range(12):
+        scene = make_scene(seed, "desert")
+        for level in (17.0, 18.0):
+            km = kind_map(scene, level, 64)
+            text = caption(scene, level, 64, np.random.default_rng(seed))
+            n = _number_before(text, "small shrub")
+            if "shrub" in text:
+                blobs = _components(km == shrub)
+                assert n is not None and 1 <= n <= blobs, (seed, level, n, blobs, text)
+                mentioned += 1
+        km = kind_map(scene, 13.0, 64)
+        assert not (km == shrub).any() and "shrub" not in caption(scene, 13.0, 64, np.random.default_rng(seed))
+    assert mentioned >= 6
+
+
+def _components(mask):
+    """Number of 4-connected True regions of a (H, W) bool mask."""
+    seen, count = np.zeros_like(mask), 0
+    for r, c in zip(*np.nonzero(mask)):
+        if seen[r, c]:
+            continue
+        count += 1
+        stack = [(r, c)]
+        seen[r, c] = True
+        while stack:
+            y, x = stack.pop()
+            for yy, xx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                if 0 <= yy < mask.shape[0] and 0 <= xx < mask.shape[1] and mask[yy, xx] and not seen[yy, xx]:
+                    seen[yy, xx] = True
+                    stack.append((yy, xx))
+    return count
+
+
 def test_aircraft_count_and_no_houses_when_unresolved():
     checked = 0
     for seed in range(10):
