@@ -777,7 +777,7 @@ def _expand_wheel_tracks(scene, pivots, fr):
     (one per tower of the irrigation arm), 3 m wide."""
     g, step = pivots.geom, scene.params["track_m"]
     n = np.floor(g[:, 2] / step - 0.3).astype(np.int64)
-    pi, k = np.nonzero(np.arange(1, max(int(n.max(initial=0)), 0) + 1)[None] <= n[:, None])
+    pi, k = np.nonzero(np.arange(1, int(n.max(initial=0)) + 1)[None] <= n[:, None])
     rings = np.stack([g[pi, 0], g[pi, 1], (k + 1) * step, np.full(len(pi), 1.5)], 1)
     ids = pivots.ids[pi] * 64 + k
     mat, col = _hash_pick(scene.seed, ids, 31, ["soil"], [1.0])
@@ -841,6 +841,12 @@ def _mosaic_spec(rng, small, large=None, warm=(.7, .2, -.9)):
     optional large one colour (towards `warm` (r, g, b)); each cell size drawn within +-15%."""
     scales = [(small, (1, 1, 1))] + ([(large, warm)] if large else [])
     return tuple((cell * rng.uniform(.85, 1.15), amp, rgb) for (cell, amp), rgb in scales)
+
+
+def _scrub_region(rng):
+    """An undrawn blob over the whole extent that holds shrubs (the scene's tree_* params), from 1.2 m pixels."""
+    return _layer(rng, "scrub", "blob", [0, 0, 3 * _H, 3 * _H, 0, 0, 0], ["bare"], jitter=0, lod_m=1.2,
+                  expand=_expand_trees, draw=False)
 
 
 def _farm_region(rng, **kw):
@@ -1060,8 +1066,7 @@ def _gen_beach(rng, seed):
 
 def _gen_desert(rng, seed):
     track = _polyline(rng, rng.uniform(0, np.pi), 4.0, step=80.0)
-    scrub = _layer(rng, "scrub", "blob", [0, 0, 3 * _H, 3 * _H, 0, 0, 0], ["dune"], jitter=0,
-                   lod_m=1.2, expand=_expand_trees, draw=False)
+    scrub = _scrub_region(rng)
     layers = [_layer(rng, "rock", "blob", _blobs(rng, 30, (40, 600), .4), ["rock", "dune_dark"]),
               _layer(rng, "track", "seg", track, ["sand"]), scrub]
     params = dict(stripe_m=rng.uniform(60, 110), stripe_ang=rng.uniform(0, np.pi), stripe_warp=.6,
@@ -1076,8 +1081,7 @@ def _gen_bare_land(rng, seed):
         t = _polyline(rng, rng.uniform(0, np.pi), rng.uniform(3, 6), step=50.0)
         t[:, :4] += rng.uniform(-800, 800)
         tracks.append(t)
-    scrub = _layer(rng, "scrub", "blob", [0, 0, 3 * _H, 3 * _H, 0, 0, 0], ["bare"], jitter=0,
-                   lod_m=1.2, expand=_expand_trees, draw=False)
+    scrub = _scrub_region(rng)
     layers = [_layer(rng, "rock", "blob", _blobs(rng, 25, (20, 300), .35), ["soil", "rock"]),
               _layer(rng, "track", "seg", np.concatenate(tracks), ["dirt_road"]), scrub]
     params = dict(tree_spacing=rng.uniform(9, 16), tree_r=(0.8, 2.0), tree_kind="shrub",
