@@ -87,6 +87,8 @@ class TrainConfig:
     device: str = ""                # "" = cuda when available, else cpu
     dtype: str = ""                 # "" = bf16 on cuda, fp32 on cpu; "fp32" | "bf16" | "fp16"
     tf32: bool = True
+    channels_last: bool = False     # the trained network and its images in NHWC layout: the demo's 32 px VAE
+                                    # step on 2 CPU cores takes 0.20 s instead of 0.25 s (its 8x8 U-Net: no gain)
     attention: str = "sdpa"         # "sdpa" | "triton" | "math"
     seed: int = 0
     # logging and checkpoints
@@ -305,6 +307,8 @@ def vae_loss(cfg, vae, batch, g, idx, GB, device, autocast):
     normalised by the pixel count so the learning rate does not depend on image size (LDM's recipe without
     the perceptual and adversarial terms, whose weights cannot be downloaded here)."""
     x = batch["image"].to(device)                                                # B, 3, H, W
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     idx = idx[:x.shape[0]]
     vcfg = (vae.module if isinstance(vae, DDP) else vae).cfg
     f = 2 ** (len(vcfg.channels) - 1)
@@ -406,6 +410,8 @@ def train(cfg: TrainConfig):
     model.unet.cfg.gradient_checkpointing = cfg.model.unet.gradient_checkpointing   # a run-time choice, not stored
     model.to(device)
     trainable = model.unet if cfg.train == "unet" else model.vae
+    if cfg.channels_last:
+        trainable.to(memory_format=torch.channels_last)            # before the EMA copy and the optimizer
     model.requires_grad_(False).eval()                                # frozen parts stay in eval mode
     trainable.requires_grad_(True).train()
     if cfg.train_text_encoder:
@@ -418,7 +424,8 @@ def train(cfg: TrainConfig):
     decay, no_decay = [p for p in params if p.ndim >= 2], [p for p in params if p.ndim < 2]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
-                            fused=device.type == "cuda")
+                            fused=device.type in ("cuda", "cpu"))   # one kernel, not a loop over tensors:
+    # on 2 CPU cores the demo's U-Net + text tower step takes 0.24-0.28 s instead of 0.34 s
     step, data_state = 0, {"epoch": 0, "batch_in_epoch": 0}
     if resume is not None:
         ema.load_state_dict(resume["ema"])

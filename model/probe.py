@@ -210,7 +210,7 @@ def _train(data, steps, batch_size, lr, seed, progress, levels, width, num_class
         raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
     probe = Probe(num_classes, (lo, hi), width)
     probe.train()
-    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=5e-4)
+    opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=5e-4, fused=True)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     n, t0 = len(images), time.perf_counter()
     perm, pos = torch.randperm(n, generator=g), 0

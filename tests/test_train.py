@@ -85,6 +85,26 @@ def test_resume_continues_the_same_curve(tmp_path):
     assert max(((ema_a[k] - ema_b[k]).abs().max().item() for k in ema_a)) <= 1e-5
 
 
+def test_channels_last_trains_the_same_vae(tmp_path):
+    """channels_last changes only the memory layout: the same VAE steps give the same weights (to float rounding
+    of other convolution kernels), its checkpoints resume and its export loads as usual."""
+    common = ["--train=vae", "--batch_size=4", "--ckpt_every=2", "--lr=1e-3"]
+    run_inprocess(tmp_path / "nchw", *common, "--max_steps=4")
+    run_inprocess(tmp_path / "nhwc", *common, "--max_steps=2", "--channels_last=true")
+    run_inprocess(tmp_path / "nhwc", *common, "--max_steps=4", "--channels_last=true")      # resumes from step 2
+    a, b = (train.load_checkpoint(train.checkpoint_paths(tmp_path / d)[-1]) for d in ("nchw", "nhwc"))
+    assert a["step"] == b["step"] == 4
+    vae = [k for k in a["model"] if k.startswith("vae.")]
+    assert any(b["model"][k].ndim == 4 and not b["model"][k].is_contiguous() for k in vae)   # really NHWC
+    step2 = train.load_checkpoint(train.checkpoint_paths(tmp_path / "nhwc")[0])["model"]
+    assert max((step2[k] - b["model"][k]).abs().max().item() for k in vae) > 1e-3     # the steps did move them
+    assert max((a["model"][k] - b["model"][k]).abs().max().item() for k in vae) <= 1e-4
+    assert max((a["ema"][k] - b["ema"][k]).abs().max().item() for k in a["ema"]) <= 1e-4
+    exported = load_model(tmp_path / "nhwc" / "model.safetensors").state_dict()
+    reference = load_model(tmp_path / "nchw" / "model.safetensors").state_dict()
+    assert max((exported[k] - reference[k]).abs().max().item() for k in reference) <= 1e-4
+
+
 def _torchrun(args, nproc):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "train.py", *args]
