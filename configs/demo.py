@@ -23,7 +23,7 @@ What the 10-minute budget forced (measured on 2 CPU cores; docs/demo.md has the 
 - What paid for 1000 U-Net steps and the 2000-step probe: AdamW's fused kernel on the CPU too (train.py; the
   U-Net + text tower step 0.24-0.28 s instead of 0.34 s in isolation), the VAE in channels-last layout (0.20 s
   a step instead of 0.25 s) and U-Net checkpoints every 200 steps instead of 100 (119 MB each). 900 -> 1000
-  U-Net steps with the 2000-step probe: within one level 45% -> 54% (docs/demo.md).
+  U-Net steps with the 2000-step probe: within one level 45% -> 51-54% (two runs; docs/demo.md).
 """
 from model.config import DiffusionConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig
 
