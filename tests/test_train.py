@@ -1,4 +1,5 @@
 """train.py: single process, torchrun DDP equivalence, exact resume, crash safety, learning on real data."""
+import contextlib
 import json
 import os
 import signal
@@ -103,6 +104,39 @@ def test_channels_last_trains_the_same_vae(tmp_path):
     exported = load_model(tmp_path / "nhwc" / "model.safetensors").state_dict()
     reference = load_model(tmp_path / "nchw" / "model.safetensors").state_dict()
     assert max((exported[k] - reference[k]).abs().max().item() for k in reference) <= 1e-4
+
+
+def test_vae_spectral_loss_asks_for_texture_energy_not_its_place():
+    """spectral_weight: the amplitude term is blind to where a texture sits (a circular shift of the image costs
+    nothing, though its pixel L1 is large) and charges a blur, which removes the texture's energy."""
+    from model.config import VAEConfig
+    from model.probe import blur
+
+    class Reconstructs(torch.nn.Module):              # a VAE stand-in returning a fixed edit of its input
+        cfg = VAEConfig(channels=(8, 8), layers_per_level=1, norm_groups=4)
+
+        def __init__(self, edit):
+            super().__init__()
+            self.edit = edit
+
+        def forward(self, x, noise):
+            post = type("Posterior", (), {"kl": lambda self: torch.zeros(x.shape[0])})()
+            return self.edit(x), post
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    cfg = train.TrainConfig(train="vae", spectral_weight=1.0, kl_weight=0.0)
+    args = ({"image": x}, torch.Generator().manual_seed(0), torch.arange(4), 4, torch.device("cpu"),
+            contextlib.nullcontext())
+    _, shifted = train.vae_loss(cfg, Reconstructs(lambda y: torch.roll(y, (5, 3), (-2, -1))), *args)
+    assert shifted["l1"] > 0.3 and shifted["spectral"] < 1e-5
+    loss, blurred = train.vae_loss(cfg, Reconstructs(lambda y: blur(y, 1.0)), *args)
+    assert blurred["spectral"] > 0.1 and abs(loss.item() - blurred["l1"] - blurred["spectral"]) < 1e-5
+    cfg.spectral_weight = 0.0
+    loss, plain = train.vae_loss(cfg, Reconstructs(lambda y: blur(y, 1.0)), *args)
+    assert "spectral" not in plain and abs(loss.item() - plain["l1"]) < 1e-6
+    with pytest.raises(ValueError, match="spectral_weight must be >= 0"):
+        train.check_config(train.TrainConfig(spectral_weight=-1.0))
 
 
 def _torchrun(args, nproc):
