@@ -365,12 +365,11 @@ def lr_at(cfg, step):
 
 def average_grads(params, world):
     """Average the gradients of `params` over the processes with one all-reduce of their concatenation: one
-    collective per tensor costs ~1 ms over gloo (2 CPU cores: 53 ms for 50 small tensors)."""
-    params = list(params)
-    for p in params:                # a parameter without a gradient adds zeros: the collective keeps the
-        if p.grad is None:          # same size on every rank
-            p.grad = torch.zeros_like(p)
-    grads = [p.grad for p in params]
+    collective per tensor costs ~1 ms over gloo (2 CPU cores: 53 ms for 50 small tensors). Parameters without
+    a gradient (unused) keep none, as in one process; every rank runs the same model, so has the same set."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
     flat = torch.cat([g.flatten() for g in grads])
     dist.all_reduce(flat)
     flat /= world
