@@ -17,7 +17,7 @@ What the 10-minute budget forced (measured on 2 CPU cores; docs/demo.md has the 
   300 steps a density rising in t (timestep_power=2) learnt the class a little faster; at 1000 steps it no
   longer pays (324 samples: within one level 46% against 44%, class 67% against 69%: within noise).
 - Min-SNR-5 loss weighting (Hang et al. 2023): on 324 samples, within one level 52-54% against 50%, class
-  the same or better (docs/demo.md, section 3).
+  the same or better (docs/demo.md, section 5).
 - The probe trains 2000 steps: at 800 it read the level within one on 79% of held-out real renders, at 1400 on
   85%, at 2000 on 91% (3240 training renders either way; 8000 renders at 800 steps: 82%).
 - What paid for 1000 U-Net steps and the 2000-step probe: AdamW's fused kernel on the CPU too (train.py; the
