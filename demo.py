@@ -16,6 +16,8 @@
 import argparse
 import hashlib
 import json
+import multiprocessing
+import os
 import shutil
 import sys
 import time
@@ -26,9 +28,9 @@ from PIL import Image, ImageDraw, ImageFont
 
 import train
 from data.shards import ShardDataset, write_shards
-from data.synthetic import CLASSES, ProceduralEarth, sample as procedural_sample
+from data.synthetic import CLASSES, InOrder, ProceduralEarth, sample as procedural_sample
 from model.config import load_config
-from model.probe import evaluate_probe, make_probe_data, train_probe
+from model.probe import Probe, evaluate_probe, make_probe_data, train_probe
 from model.weights import load_model
 from sample import generate, to_pil
 
@@ -57,6 +59,12 @@ def eval_targets(size, levels=(10, 18), seed=10_000):
     return targets
 
 
+def stopped(cfg):
+    """Leave (resumably) when a training stage was stopped by a signal rather than finished."""
+    if not train.finished(cfg):
+        raise SystemExit(f"demo.py: training stopped in {cfg.out_dir}; run the same command again to resume")
+
+
 def _complete(out_dir, spec):
     """Whether out_dir holds finished shards made from `spec` (a dict saved beside them once they are written)."""
     made = Path(out_dir) / "made_from.json"
@@ -72,17 +80,18 @@ def _mark(out_dir, spec):
         made.write_text(json.dumps(spec))
 
 
-def render_pool(out_dir, n, cfg):
+def render_pool(out_dir, n, cfg, processes=1):
     """The demo's training scenes: the first n procedural samples of the stage's data (TrainConfig cfg), rendered
     once into lossless image shards in out_dir. The VAE trains on them, several epochs (rendering every batch anew
     would cost half as much again as the VAE step itself on two cores), and the U-Net on their latents.
-    An out_dir already holding the same scenes is kept (resume); other contents are replaced."""
+    An out_dir already holding the same scenes is kept (resume); other contents are replaced. `processes`
+    render at once (the same scenes)."""
     spec = dict(n=n, size=cfg.image_size, levels=list(cfg.synthetic_levels), seed=cfg.seed,  # ProceduralEarth's
                 integer_levels=cfg.synthetic_integer_levels)
     if not _complete(out_dir, spec):
         _mark(out_dir, None)
-        write_shards(ProceduralEarth(**spec), out_dir, samples_per_shard=max(1, n // 8), image_format="png",
-                     overwrite=True, progress=True)
+        write_shards(InOrder(ProceduralEarth(**spec), processes), out_dir, samples_per_shard=max(1, n // 8),
+                     image_format="png", overwrite=True, progress=True)
         _mark(out_dir, spec)
 
 
@@ -107,6 +116,32 @@ def through_vae(model, images, batch=256):
     """Encode and decode images (N, 3, H, W) in [-1, 1] with the model's VAE (posterior means)."""
     out = [model.vae.decode(model.vae.encode(images[i:i + batch]).mean) for i in range(0, len(images), batch)]
     return torch.cat(out).clamp(-1, 1)
+
+
+def probe_job(size, n_train, steps, vae_file, vae_ready, out_file, n_held=540):
+    """The conditioning probe, trained in a process of its own on one core while the U-Net trains on the others
+    (on two cores the U-Net step gains only ~1.2x from its second thread; the probe ~1.2x too). Renders its
+    scenes at once (beside the training pool), waits for the finished VAE (vae_ready, a multiprocessing Event),
+    passes half of its training images and all held-out ones through it, trains, and writes out_file: the
+    probe's state dict and its accuracy on held-out real images and on the same images through the VAE (the
+    ceilings). Trained on real procedural images, half of them through the demo's VAE: generated images come
+    out of its decoder, so the probe must judge their content, not the decoder's softness."""
+    t0 = time.time()
+    torch.set_num_threads(1)
+    images, labels, levels = make_probe_data(n=n_train, size=size, seed=1)
+    held = make_probe_data(n=n_held, size=size, seed=2)
+    t_render = time.time() - t0
+    vae_ready.wait()
+    t0 = time.time()
+    model = load_model(vae_file).eval()
+    half = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:len(images) // 2]
+    images[half] = through_vae(model, images[half])
+    probe = train_probe((images, labels, levels), steps=steps, batch_size=64, seed=0)
+    results = {"real procedural images (ceiling)": evaluate_probe(probe, *held),
+               "real images through the VAE": evaluate_probe(probe, through_vae(model, held[0]), *held[1:])}
+    tmp = Path(out_file).with_suffix(".tmp")
+    torch.save({"probe": probe.state_dict(), "results": results, "minutes": (t_render + time.time() - t0) / 60}, tmp)
+    os.replace(tmp, out_file)
 
 
 def generate_all(model, prompts, levels, cfg_scale, steps, size, level_cfg=None, batch=54):
@@ -177,37 +212,57 @@ def main(argv=None):
     t0 = time.time()
     fast = cfg_file.fast if args.fast else {}
 
-    # 1. The model: training scenes, VAE, their latents, then U-Net + text tower; each step resumable.
+    # 1. The model: training scenes, VAE, their latents, then U-Net + text tower; each step resumable. The probe
+    #    (step 2) renders its scenes beside the training scenes, then trains beside the U-Net, in its own process.
     n_pool = fast.get("pool", cfg_file.pool)
     vae_cfg = stage_config(cfg_file, cfg_file.vae_stage, out / "vae", fast.get("vae_steps"))
     vae_cfg.data, vae_cfg.data_path = "shards", str(out / "images")
-    print(f"rendering {n_pool} training scenes ...", flush=True)
-    render_pool(out / "images", n_pool, vae_cfg)
-    train.train(vae_cfg)
     unet_cfg = stage_config(cfg_file, cfg_file.unet_stage, out / "unet", fast.get("unet_steps"),
                             init_from=str(out / "vae" / "model.safetensors"))
     unet_cfg.data, unet_cfg.data_path = "shards", str(out / "latents")
-    print("encoding them with the trained VAE ...", flush=True)
+    size = unet_cfg.image_size
+    out.mkdir(parents=True, exist_ok=True)
+    fork = multiprocessing.get_context("fork")          # before any parallel region: nothing to inherit
+    vae_ready = fork.Event()
+    probe_file = out / "probe.pt"
+    job = fork.Process(target=probe_job, daemon=True, args=(
+        size, fast.get("probe_train_images", cfg_file.probe_train_images),
+        fast.get("probe_steps", cfg_file.probe_steps), unet_cfg.init_from, vae_ready, probe_file))
+    job.start()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    print(f"rendering {n_pool} training scenes ...", flush=True)
+    render_pool(out / "images", n_pool, vae_cfg, processes=max(1, cores))
+    train.train(vae_cfg)
+    stopped(vae_cfg)
+    vae_ready.set()
+    print("encoding them with the trained VAE; the conditioning probe trains beside the U-Net ...", flush=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads - 1))          # one core for the probe while it trains
+
+    handed_back = {"unet_step": None}                      # when the probe finished (results.json)
+
+    def give_back_the_core(step):
+        if torch.get_num_threads() != threads and not job.is_alive():
+            torch.set_num_threads(threads)
+            handed_back["unet_step"] = step
+
     encode_pool(unet_cfg.init_from, out / "images", out / "latents")
-    train.train(unet_cfg)
+    train.train(unet_cfg, on_step=give_back_the_core)
+    torch.set_num_threads(threads)
+    stopped(unet_cfg)
     shutil.copyfile(out / "unet" / "model.safetensors", out / "model.safetensors")
     model = load_model(out / "model.safetensors").eval()
     t_train = time.time() - t0
 
-    # 2. The probe, trained on real procedural images, half of them passed through the demo's VAE: generated
-    #    images come out of its decoder, so the probe must judge their content, not the decoder's softness.
-    #    Its accuracy on held-out real images, and on the same images through the VAE, are the ceilings.
-    print("training the conditioning probe ...", flush=True)
-    size = unet_cfg.image_size
-    images, labels, levels = make_probe_data(n=fast.get("probe_train_images", cfg_file.probe_train_images),
-                                             size=size, seed=1)
-    half = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:len(images) // 2]
-    images[half] = through_vae(model, images[half])
-    probe = train_probe((images, labels, levels), steps=fast.get("probe_steps", cfg_file.probe_steps),
-                        batch_size=64, seed=0, progress=True)
-    held = make_probe_data(n=540, size=size, seed=2)
-    results = {"real procedural images (ceiling)": evaluate_probe(probe, *held),
-               "real images through the VAE": evaluate_probe(probe, through_vae(model, held[0]), *held[1:])}
+    # 2. The probe: its ceilings, on held-out real images and on the same images through the VAE.
+    job.join()
+    if job.exitcode != 0:
+        raise SystemExit(f"demo.py: the probe's process failed (exit code {job.exitcode}; traceback above)")
+    saved = torch.load(probe_file, weights_only=True)
+    probe = Probe()
+    probe.load_state_dict(saved["probe"])
+    probe.eval()
+    results = dict(saved["results"])
 
     # 3. Generated images: `eval_seeds` per (class, level) (each its own seed), the prompt a held-out caption of
     #    that class. The first 108 make the grid.
@@ -235,7 +290,8 @@ def main(argv=None):
     elapsed = time.time() - t0
     overview(out / "overview.png", grid_rows, results, t_train,
              f"guidance: text {args.cfg:g}, level {args.level_cfg:g}")
-    summary = {"results": results, "train_minutes": t_train / 60, "total_minutes": elapsed / 60, "fast": args.fast,
+    summary = {"results": results, "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
+               "probe_minutes": saved["minutes"], "probe_done_at_unet_step": handed_back["unet_step"], "fast": args.fast,
                "cfg": args.cfg, "level_cfg": args.level_cfg, "steps": args.steps}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     print(f"\n{'':36s} class   level  level+-1  level corr.")

@@ -351,6 +351,12 @@ def save_checkpoint(out_dir, state, keep_last):
     return path
 
 
+def finished(cfg):
+    """Whether cfg's run has reached max_steps (its last checkpoint is at that step), i.e. was not stopped."""
+    ckpts = checkpoint_paths(cfg.out_dir)
+    return bool(ckpts) and int(ckpts[-1].stem.removeprefix("ckpt_")) >= cfg.max_steps   # save_checkpoint's names
+
+
 def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
@@ -399,7 +405,22 @@ PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L40": 362.0, "4090"
 # ------------------------------------------------------------------------------------------------------
 # The run
 # ------------------------------------------------------------------------------------------------------
-def train(cfg: TrainConfig):
+def train(cfg: TrainConfig, on_step=None):
+    """Train (or resume) the stage cfg.train; returns (model, ema). on_step(step), if given, is called after
+    every optimiser step (demo.py hands the U-Net a second CPU core back through it). SIGINT or SIGTERM stop
+    the run at the end of a step, with a checkpoint (finished(cfg) tells); the caller's handlers come back after."""
+    stop = {"now": False}
+    def on_signal(signum, frame):
+        stop["now"] = True
+    handlers = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return _train(cfg, on_step, stop)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _train(cfg, on_step, stop):
     check_config(cfg)
     ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     if ddp:
@@ -469,12 +490,6 @@ def train(cfg: TrainConfig):
     diffusion = Diffusion.from_config(model.cfg.diffusion)
     batches = Batches(cfg, rank, world, **data_state)
 
-    stop = {"now": False}
-    def on_signal(signum, frame):
-        stop["now"] = True
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-
     writer = None
     if main:
         from torch.utils.tensorboard import SummaryWriter
@@ -538,6 +553,8 @@ def train(cfg: TrainConfig):
             torch._foreach_lerp_(list(ema.parameters()), list(averaged.parameters()), 1 - d)
         step += 1
         bar.update(1)
+        if on_step is not None:
+            on_step(step)
 
         if main and step % cfg.log_every == 0:
             dt = time.perf_counter() - t_last

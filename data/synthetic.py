@@ -1478,3 +1478,25 @@ class ProceduralEarth(torch.utils.data.Dataset):
         img = torch.from_numpy(s["image"]).permute(2, 0, 1).float() / 127.5 - 1.0
         return dict(image=img, caption=s["caption"], level=s["level"], label=s["label"],
                     quality=float("nan"), key=f"procedural-{self.seed}-{i}")  # the readers' common sample dict
+
+
+class InOrder(torch.utils.data.IterableDataset):
+    """The items of a map-style dataset (e.g. ProceduralEarth), in index order, rendered by `processes` worker
+    processes (DataLoader workers, `chunk` items each at a time): the renderer is numpy on one core, so two
+    cores render 8000 demo scenes in half the time. Same items as dataset[0], dataset[1], ...; a Dataset with
+    a length, so write_shards and progress bars see the count."""
+
+    def __init__(self, dataset, processes: int = 1, chunk: int = 64):
+        if processes < 1 or chunk < 1:
+            raise ValueError(f"processes and chunk must be >= 1, got processes={processes}, chunk={chunk}")
+        self.dataset, self.processes, self.chunk = dataset, processes, chunk
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __iter__(self):
+        if self.processes == 1:
+            return (self.dataset[i] for i in range(len(self.dataset)))
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.chunk, num_workers=self.processes,
+                                             collate_fn=list)     # lists of items, delivered in index order
+        return (item for items in loader for item in items)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from data.synthetic import (CLASSES, KINDS, NUMBER_WORDS, ProceduralEarth, Scene, caption, kind_map,
+from data.synthetic import (CLASSES, KINDS, NUMBER_WORDS, InOrder, ProceduralEarth, Scene, caption, kind_map,
                             layer, make_scene, material, modalities, object_mask, render,
                             resolution_m, sample)
 
@@ -337,6 +337,13 @@ def test_dataset_items_and_loader():
     assert batch["label"].tolist() == [0, 1, 2, 3]
     with pytest.raises(IndexError):
         ds[24]
+    rendered = list(InOrder(ds, processes=2, chunk=5))               # two worker processes, chunks of 5
+    assert len(InOrder(ds, processes=2)) == 24 and len(rendered) == 24
+    for i, it in enumerate(rendered):                                 # the same items, in index order
+        assert torch.equal(it["image"], ds[i]["image"])
+        assert it["caption"] == ds[i]["caption"] and it["key"] == ds[i]["key"]
+    with pytest.raises(ValueError, match="processes and chunk must be >= 1"):
+        InOrder(ds, processes=0)
 
 
 def test_bad_input_raises_clear_errors():

@@ -71,6 +71,26 @@ def test_single_process_trains_and_exports(tmp_path):
     assert (tmp_path / "tb").is_dir() and json.loads((tmp_path / "config.json").read_text())["max_steps"] == 3
 
 
+def test_on_step_hook_finished_and_signal_handlers_restored(tmp_path):
+    """on_step sees every step once; finished() tells a stopped run from a complete one; train() leaves the
+    caller's SIGINT handler as it found it (demo.py's Ctrl-C must work after training)."""
+    before = signal.getsignal(signal.SIGINT)
+    seen = []
+    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", "--batch_size=2", "--max_steps=3", "--ckpt_every=5"])
+    assert not train.finished(cfg)                                     # nothing yet
+    train.train(cfg, on_step=seen.append)
+    assert seen == [1, 2, 3] and train.finished(cfg)
+    assert signal.getsignal(signal.SIGINT) is before
+
+    def interrupt(step):                                               # a Ctrl-C arriving at step 2
+        if step == 2:
+            signal.raise_signal(signal.SIGINT)
+    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path / 'stopped'}", "--batch_size=2", "--max_steps=5"])
+    train.train(cfg, on_step=interrupt)
+    assert [p.name for p in train.checkpoint_paths(cfg.out_dir)] == ["ckpt_000000002.pt"] and not train.finished(cfg)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def test_resume_continues_the_same_curve(tmp_path):
     """N steps + stop + resume N steps == 2N steps straight, with grad accumulation and data reshuffles."""
     common = ["--batch_size=4", "--grad_accum=2", "--synthetic_samples=24", "--ckpt_every=100"]
