@@ -1482,11 +1482,11 @@ class ProceduralEarth(torch.utils.data.Dataset):
 
 class InOrder(torch.utils.data.IterableDataset):
     """The items of a map-style dataset (e.g. ProceduralEarth), in index order, rendered by `processes` worker
-    processes (DataLoader workers, `chunk` items each at a time): the renderer is numpy on one core, so two
-    cores render 8000 demo scenes in half the time. Same items as dataset[0], dataset[1], ...; a Dataset with
-    a length, so write_shards and progress bars see the count."""
+    processes (DataLoader workers, `chunk` items each at a time): the renderer is numpy on one core. On the
+    project's two cores, 2.5 ms a 32 px scene with two processes instead of 4.3 ms (2.9-3.0 ms in chunks of
+    64). Same items as dataset[0], dataset[1], ...; a Dataset with a length, so write_shards sees the count."""
 
-    def __init__(self, dataset, processes: int = 1, chunk: int = 64):
+    def __init__(self, dataset, processes: int = 1, chunk: int = 256):
         if processes < 1 or chunk < 1:
             raise ValueError(f"processes and chunk must be >= 1, got processes={processes}, chunk={chunk}")
         self.dataset, self.processes, self.chunk = dataset, processes, chunk
