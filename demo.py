@@ -6,12 +6,13 @@
 1. renders training scenes of the procedural Earth (data/synthetic.py) once, into shards (data/shards.py);
    trains a tiny KL-VAE on them, encodes them into latent shards, and trains a tiny U-Net with a small text
    tower on those; each with train.py's own loop (resumable: rerun the command after an interruption);
-2. trains the conditioning probe (model/probe.py), a small classifier of scene class and map level;
+2. trains the conditioning probe (model/probe.py), a small classifier of scene class and map level, in a process
+   of its own on one core beside the U-Net (on two cores the U-Net gains little from its second thread);
 3. samples prompts x levels (x seeds) and measures, with the probe, how often a generated image shows the class
    its prompt asked for (text adherence) and the level asked for (resolution control), next to the same figures
    for real procedural images (the ceiling) and for unconditional samples (the floor);
 4. writes out/demo/: model.safetensors (works with `sample.py --weights`), grid.png, overview.png,
-   results.json.
+   results.json, probe.pt (the probe's state dict and its ceilings).
 """
 import argparse
 import hashlib

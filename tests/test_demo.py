@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import demo
+from model.probe import Probe
 
 
 @pytest.fixture(scope="module")
@@ -16,9 +17,12 @@ def fast_demo(tmp_path_factory):
 
 def test_fast_demo_writes_everything(fast_demo):
     out, summary = fast_demo
-    for name in ("model.safetensors", "grid.png", "overview.png", "results.json"):
+    for name in ("model.safetensors", "grid.png", "overview.png", "results.json", "probe.pt"):
         assert (out / name).is_file(), name
-    assert json.loads((out / "results.json").read_text())["fast"] is True
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["fast"] is True and saved["probe_done_at_unet_step"] is not None   # the U-Net got its core back
+    probe = Probe()
+    probe.load_state_dict(torch.load(out / "probe.pt", weights_only=True)["probe"])   # the probe, reusable
 
 
 def test_fast_demo_follows_the_prompt_and_the_level(fast_demo):
