@@ -223,7 +223,7 @@ def main(argv=None):
     unet_cfg.data, unet_cfg.data_path = "shards", str(out / "latents")
     size = unet_cfg.image_size
     out.mkdir(parents=True, exist_ok=True)
-    fork = multiprocessing.get_context("fork")          # before any parallel region: nothing to inherit
+    fork = multiprocessing.get_context("fork")          # starts at once; the child runs torch on one thread only
     vae_ready = fork.Event()
     probe_file = out / "probe.pt"
     job = fork.Process(target=probe_job, daemon=True, args=(
@@ -292,8 +292,8 @@ def main(argv=None):
     overview(out / "overview.png", grid_rows, results, t_train,
              f"guidance: text {args.cfg:g}, level {args.level_cfg:g}")
     summary = {"results": results, "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
-               "probe_minutes": saved["minutes"], "probe_done_at_unet_step": handed_back["unet_step"], "fast": args.fast,
-               "cfg": args.cfg, "level_cfg": args.level_cfg, "steps": args.steps}
+               "probe_minutes": saved["minutes"], "probe_done_at_unet_step": handed_back["unet_step"],
+               "fast": args.fast, "cfg": args.cfg, "level_cfg": args.level_cfg, "steps": args.steps}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     print(f"\n{'':36s} class   level  level+-1  level corr.")
     for name, r in results.items():
