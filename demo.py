@@ -121,19 +121,17 @@ def through_vae(model, images, batch=256):
 
 def probe_job(size, n_train, steps, vae_file, vae_ready, out_file, n_held=540):
     """The conditioning probe, trained in a process of its own on one core while the U-Net trains on the others
-    (on two cores the U-Net step gains only ~1.2x from its second thread; the probe ~1.2x too). Renders its
-    scenes at once (beside the training pool), waits for the finished VAE (vae_ready, a multiprocessing Event),
-    passes half of its training images and all held-out ones through it, trains, and writes out_file: the
-    probe's state dict and its accuracy on held-out real images and on the same images through the VAE (the
-    ceilings). Trained on real procedural images, half of them through the demo's VAE: generated images come
-    out of its decoder, so the probe must judge their content, not the decoder's softness."""
-    t0 = time.time()
+    (on two cores the U-Net step gains only ~1.2x from its second thread; the probe ~1.2x too). Waits for the
+    finished VAE (vae_ready, a multiprocessing Event), renders its scenes, passes half of its training images and
+    all held-out ones through the VAE, trains, and writes out_file: the probe's state dict and its accuracy on
+    held-out real images and on the same images through the VAE (the ceilings). Trained on real procedural
+    images, half of them through the demo's VAE: generated images come out of its decoder, so the probe must
+    judge their content, not the decoder's softness."""
     torch.set_num_threads(1)
-    images, labels, levels = make_probe_data(n=n_train, size=size, seed=1)
-    held = make_probe_data(n=n_held, size=size, seed=2)
-    t_render = time.time() - t0
     vae_ready.wait()
     t0 = time.time()
+    images, labels, levels = make_probe_data(n=n_train, size=size, seed=1)
+    held = make_probe_data(n=n_held, size=size, seed=2)
     model = load_model(vae_file).eval()
     half = torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:len(images) // 2]
     images[half] = through_vae(model, images[half])
@@ -141,7 +139,7 @@ def probe_job(size, n_train, steps, vae_file, vae_ready, out_file, n_held=540):
     results = {"real procedural images (ceiling)": evaluate_probe(probe, *held),
                "real images through the VAE": evaluate_probe(probe, through_vae(model, held[0]), *held[1:])}
     tmp = Path(out_file).with_suffix(".tmp")
-    torch.save({"probe": probe.state_dict(), "results": results, "minutes": (t_render + time.time() - t0) / 60}, tmp)
+    torch.save({"probe": probe.state_dict(), "results": results, "minutes": (time.time() - t0) / 60}, tmp)
     os.replace(tmp, out_file)
 
 
@@ -214,7 +212,7 @@ def main(argv=None):
     fast = cfg_file.fast if args.fast else {}
 
     # 1. The model: training scenes, VAE, their latents, then U-Net + text tower; each step resumable. The probe
-    #    (step 2) renders its scenes beside the training scenes, then trains beside the U-Net, in its own process.
+    #    (step 2) is made beside the U-Net, in its own process.
     n_pool = fast.get("pool", cfg_file.pool)
     vae_cfg = stage_config(cfg_file, cfg_file.vae_stage, out / "vae", fast.get("vae_steps"))
     vae_cfg.data, vae_cfg.data_path = "shards", str(out / "images")
