@@ -12,8 +12,8 @@ What the 10-minute budget forced (measured on 2 CPU cores; docs/demo.md has the 
   much again as the training step itself on two cores. 8000 scenes: the VAE sees each ~4.8 times, the U-Net ~2.6.
 - The VAE limits what any sample can show: the probe reads the class on 63% of real images passed through it
   after 320 steps, 71% after 600, 91% after 1200 (held-out L1 0.082 -> 0.070 -> 0.056). It is narrow (16/32/64
-  channels). With 1200 VAE steps and 650 U-Net steps the samples show the asked class 78% of the time, where 600
-  and 1000 gave 61%; the level within one 46% against 51%. But the VAE's seed moves the samples' class by 20-30
+  channels). With 1200 VAE steps and 600 U-Net steps the samples show the asked class 72-73% of the time, where
+  600 and 1000 gave 58-61%; the level within one 46-47% against 51-54%. But the VAE's seed moves the samples' class by 20-30
   points (another seed: 52-60%), more than anything else tried (docs/demo.md, session 8).
 - v-prediction: with the release's eps-prediction, 300 U-Net steps learnt no conditioning at all (class
   accuracy at the floor); with v, the same 300 steps reached 35%. Timesteps are uniform (the release's): at
@@ -25,7 +25,7 @@ What the 10-minute budget forced (measured on 2 CPU cores; docs/demo.md has the 
   85%, at 2000 on 91% (3240 training renders either way; 8000 renders at 800 steps: 82%).
 - What pays for the 1200-step VAE: the training scenes render in one process per core, the probe trains in a
   process of its own beside the U-Net (whose second thread gains it only ~1.2x), fewer checkpoints; and the U-Net
-  has 650 steps (700 took 9.6-10.0 min).
+  has 600 steps (650 took 9.0-9.8 min, 700 9.6-10.0 min).
 - What paid for 1000 U-Net steps and the 2000-step probe (session 5): AdamW's fused kernel on the CPU too (train.py; the
   U-Net + text tower step 0.24-0.28 s instead of 0.34 s in isolation), the VAE in channels-last layout (0.20 s
   a step instead of 0.25 s) and U-Net checkpoints every 200 steps instead of 100 (119 MB each). 900 -> 1000
