@@ -230,7 +230,7 @@ def main(argv=None):
     job.start()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     print(f"rendering {n_pool} training scenes ...", flush=True)
-    render_pool(out / "images", n_pool, vae_cfg, processes=max(1, cores))
+    render_pool(out / "images", n_pool, vae_cfg, processes=min(cores, 8))
     train.train(vae_cfg)
     stopped(vae_cfg)
     vae_ready.set()
@@ -241,7 +241,7 @@ def main(argv=None):
     handed_back = {"unet_step": None}                      # when the probe finished (results.json)
 
     def give_back_the_core(step):
-        if torch.get_num_threads() != threads and not job.is_alive():
+        if handed_back["unet_step"] is None and not job.is_alive():
             torch.set_num_threads(threads)
             handed_back["unet_step"] = step
 
