@@ -275,7 +275,6 @@ def main(argv=None):
     results["unconditional samples (floor)"] = evaluate_probe(probe, uncond, labels, lv)
 
     # 4. Outputs.
-    out.mkdir(parents=True, exist_ok=True)
     per_class = len(range(10, 19))
     grid_rows = []
     for c in range(0, len(CLASSES), 2):

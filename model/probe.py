@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.synthetic import CLASSES, InOrder, sample
+from data.synthetic import CLASSES, sample
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,44 +96,31 @@ class Probe(nn.Module):
 # ----------------------------------------------------------------------------------------------
 # Data: procedural renders at integer levels
 # ----------------------------------------------------------------------------------------------
-class ProbeScenes(torch.utils.data.Dataset):
-    """The scenes of make_probe_data: item i is (image (H, W, 3) uint8, label, level), class i % 12 and, with
-    integer_levels, level lo + (i // 12) % (hi - lo + 1); seeded from (seed, i)."""
-
-    def __init__(self, n, size=64, seed=0, levels=(10, 18), integer_levels=True):
-        if n <= 0 or size < 16:
-            raise ValueError(f"n must be positive and size >= 16, got n={n}, size={size}")
-        if integer_levels and (int(levels[0]) != levels[0] or int(levels[1]) != levels[1]):
-            raise ValueError(f"integer_levels needs integer level bounds, got {levels}")
-        self.n, self.size, self.seed, self.levels, self.integer_levels = n, size, seed, levels, integer_levels
-
-    def __len__(self):
-        return self.n
-
-    def __getitem__(self, i):
-        lo, hi = self.levels
-        rng = np.random.default_rng([int(self.seed), i, 7])
-        scene_seed = int(rng.integers(1 << 62))
-        if self.integer_levels:
-            level = float(int(lo) + (i // len(CLASSES)) % (int(hi) - int(lo) + 1))
-        else:
-            level = float(rng.uniform(lo, hi))
-        s = sample(scene_seed, level, self.size, cls=i % len(CLASSES))
-        return s["image"], s["label"], s["level"]
-
-
-def make_probe_data(n, size=64, seed=0, levels=(10, 18), integer_levels=True, processes=1):
+def make_probe_data(n, size=64, seed=0, levels=(10, 18), integer_levels=True):
     """n procedural renders: images (N, 3, H, W) float32 in [-1, 1], labels (N,) int64, levels (N,).
 
     Class i % 12 and, with integer_levels, level lo + (i // 12) % (hi - lo + 1), so every 108
     samples hold each (class, level) pair once; levels are float32 (integer-valued, or uniform in
     [lo, hi] when integer_levels=False). Scenes are seeded from (seed, i): disjoint seeds give
-    disjoint scenes. `processes` > 1 renders in that many worker processes (the same images)."""
-    items = list(InOrder(ProbeScenes(n, size, seed, levels, integer_levels), processes))
-    x = torch.from_numpy(np.stack([it[0] for it in items])).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    labels = torch.tensor([it[1] for it in items], dtype=torch.int64)
-    levs = torch.tensor([it[2] for it in items], dtype=torch.float32)
-    return x.contiguous(), labels, levs  # (N, 3, H, W), (N,), (N,)
+    disjoint scenes."""
+    if n <= 0 or size < 16:
+        raise ValueError(f"n must be positive and size >= 16, got n={n}, size={size}")
+    lo, hi = levels
+    if integer_levels and (int(lo) != lo or int(hi) != hi):
+        raise ValueError(f"integer_levels needs integer level bounds, got {levels}")
+    images = np.empty((n, size, size, 3), np.uint8)
+    labels, levs = np.empty(n, np.int64), np.empty(n, np.float32)
+    for i in range(n):
+        rng = np.random.default_rng([int(seed), i, 7])
+        scene_seed = int(rng.integers(1 << 62))
+        if integer_levels:
+            level = float(int(lo) + (i // len(CLASSES)) % (int(hi) - int(lo) + 1))
+        else:
+            level = float(rng.uniform(lo, hi))
+        s = sample(scene_seed, level, size, cls=i % len(CLASSES))
+        images[i], labels[i], levs[i] = s["image"], s["label"], s["level"]
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (N, 3, H, W)
+    return x.contiguous(), torch.from_numpy(labels), torch.from_numpy(levs)
 
 
 def _as_tensors(data):
