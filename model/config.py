@@ -20,6 +20,7 @@ class UNetConfig:
     norm_eps: float = 1e-5
     time_dim: int = 0                                    # width of the time embedding; 0 = 4 * channels[0]
     level_embedding: bool = True                         # diffusers' class_embed_type="timestep"
+    scale_shift_norm: bool = False                       # ADM's AdaGN in the res-blocks (the release: False)
     gradient_checkpointing: bool = False
 
 

@@ -43,21 +43,31 @@ class EmbeddingMLP(nn.Module):
 
 
 class ResBlock(nn.Module):
-    """GroupNorm-SiLU-conv twice, the time embedding added in between (DDPM / SD residual block)."""
+    """GroupNorm-SiLU-conv twice, the time embedding added in between (DDPM / SD residual block).
 
-    def __init__(self, in_ch, out_ch, emb_dim, groups, eps):
+    scale_shift: the embedding sets a per-channel scale and shift of the normalised features instead
+    (ADM's AdaGN, Dhariwal & Nichol 2021): h = norm2(h) * (1 + scale) + shift. SD's additive bias comes
+    before norm2, which removes its mean over each channel group."""
+
+    def __init__(self, in_ch, out_ch, emb_dim, groups, eps, scale_shift=False):
         super().__init__()
+        self.scale_shift = scale_shift
         self.norm1 = nn.GroupNorm(groups, in_ch, eps=eps)
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
-        self.emb_proj = nn.Linear(emb_dim, out_ch)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if scale_shift else out_ch)
         self.norm2 = nn.GroupNorm(groups, out_ch, eps=eps)
         self.conv2 = nn.Conv2d(out_ch, out_ch, 3, padding=1)
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb):
         h = self.conv1(F.silu(self.norm1(x)))                             # B, out, H, W
-        h = h + self.emb_proj(F.silu(emb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]                  # B, out (or 2 out), 1, 1
+        if self.scale_shift:
+            scale, shift = e.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + e)
+        h = self.conv2(F.silu(h))
         return self.skip(x) + h
 
 
@@ -85,7 +95,7 @@ class Level(nn.Module):
     def __init__(self, in_chs, out_ch, emb_dim, heads, cfg, attention, resample):
         super().__init__()
         g, eps = cfg.norm_groups, cfg.norm_eps
-        self.res = nn.ModuleList([ResBlock(c, out_ch, emb_dim, g, eps) for c in in_chs])
+        self.res = nn.ModuleList([ResBlock(c, out_ch, emb_dim, g, eps, cfg.scale_shift_norm) for c in in_chs])
         self.attn = nn.ModuleList([SpatialTransformer(out_ch, heads, cfg.context_dim, g) for _ in in_chs]
                                   if attention else [])
         self.resample = resample
@@ -94,9 +104,9 @@ class Level(nn.Module):
 class MidBlock(nn.Module):
     def __init__(self, ch, emb_dim, heads, cfg):
         super().__init__()
-        self.res1 = ResBlock(ch, ch, emb_dim, cfg.norm_groups, cfg.norm_eps)
+        self.res1 = ResBlock(ch, ch, emb_dim, cfg.norm_groups, cfg.norm_eps, cfg.scale_shift_norm)
         self.attn = SpatialTransformer(ch, heads, cfg.context_dim, cfg.norm_groups)
-        self.res2 = ResBlock(ch, ch, emb_dim, cfg.norm_groups, cfg.norm_eps)
+        self.res2 = ResBlock(ch, ch, emb_dim, cfg.norm_groups, cfg.norm_eps, cfg.scale_shift_norm)
 
 
 class UNet(nn.Module):

@@ -42,6 +42,41 @@ def test_tiny_shapes_and_level_changes_output(tiny):
         tiny.unet(torch.randn(1, 9, 16, 16), 1, ctx[:1], 0.0)
 
 
+def test_scale_shift_norm_lets_the_embedding_past_the_group_norm():
+    """SD's res-block adds the embedding before its second GroupNorm, which removes the part of it shared by a
+    channel group; ADM's scale-shift (scale_shift_norm) sets scale and shift after the norm. An embedding that
+    moves every channel alike is lost in the first and reaches the output in the second; scale -1 leaves the
+    shift alone in the block's inner path."""
+    from model.unet import ResBlock
+    torch.manual_seed(0)
+    x, emb = torch.randn(2, 8, 6, 6), torch.randn(2, 16)
+
+    def block(scale_shift, bias):
+        torch.manual_seed(1)                                               # the same convolutions each time
+        b = ResBlock(8, 8, 16, groups=2, eps=1e-5, scale_shift=scale_shift)
+        b.emb_proj.weight.data.zero_()
+        b.emb_proj.bias.data = torch.tensor(bias, dtype=torch.float32)
+        return b
+
+    with torch.no_grad():
+        add0, add3 = block(False, [0.0] * 8)(x, emb), block(False, [3.0] * 8)(x, emb)
+        assert (add0 - add3).abs().max() < 1e-4                            # a group-wide offset: normalised away
+        ss0, ss3 = block(True, [0.0] * 16)(x, emb), block(True, [0.0] * 8 + [3.0] * 8)(x, emb)
+        assert (ss0 - ss3).abs().max() > 0.1                               # the same offset as a shift: kept
+        b = block(True, [-1.0] * 8 + [0.5] * 8)
+        shift_only = b.conv2(torch.nn.functional.silu(torch.full((2, 8, 6, 6), 0.5)))
+        assert (b(x, emb) - x - shift_only).abs().max() < 1e-5
+    cfg = load_config("configs/tiny.py").model
+    cfg.unet.scale_shift_norm = True
+    torch.manual_seed(0)
+    model = Text2Earth(cfg).eval()
+    assert model.unet.mid.res1.emb_proj.weight.shape[0] == 2 * model.unet.mid.res1.conv1.out_channels
+    x, ctx = torch.randn(2, 4, 16, 16), model.encode_text(["a river", ""])
+    with torch.no_grad():
+        a, b = (model.unet(x, torch.tensor([10, 10]), ctx, torch.tensor([lv, lv])) for lv in (18.0, 11.0))
+    assert a.shape == x.shape and (a - b).abs().max() > 1e-3
+
+
 def test_checkpoint_roundtrip_rebuilds_model(tiny, tmp_path):
     path = tmp_path / "ckpt.safetensors"
     save_model(tiny, path, metadata={"step": 7})

@@ -127,6 +127,60 @@ def test_channels_last_trains_the_same_vae(tmp_path):
     assert max((exported[k] - reference[k]).abs().max().item() for k in reference) <= 1e-4
 
 
+def test_from_scratch_every_residual_branch_starts_at_zero(tmp_path):
+    """zero_init: a model trained from scratch starts with the last layer of every residual branch at zero
+    (LDM's initialisation), so its U-Net starts as identity blocks and reads neither text nor level; nothing
+    else about the draw changes, and loaded weights are never zeroed."""
+    from model import attention, unet, vae
+
+    def last_layers(model):
+        return {f"{name}.{'proj_out' if isinstance(m, attention.SpatialTransformer) else 'conv2'}.weight"
+                for name, m in model.named_modules()
+                if isinstance(m, (unet.ResBlock, vae.ResBlock, attention.SpatialTransformer))}
+
+    frozen = ["--max_steps=1", "--lr=0", "--batch_size=2", "--ckpt_every=1"]      # lr 0: the export is the draw
+    run_inprocess(tmp_path / "zero", *frozen, "--zero_init=true")
+    run_inprocess(tmp_path / "plain", *frozen)
+    zero, plain = (load_model(tmp_path / d / "model.safetensors") for d in ("zero", "plain"))
+    a, b = zero.state_dict(), plain.state_dict()
+    last = last_layers(zero)
+    assert any(k.startswith("vae.") for k in last) and any("proj_out" in k for k in last)
+    assert all(a[k].abs().max() == 0 and a[k.replace("weight", "bias")].abs().max() == 0 for k in last)
+    assert all(b[k].abs().max() > 0 for k in last)
+    assert all(torch.equal(a[k], b[k]) for k in a if k.replace("bias", "weight") not in last)
+    x = torch.randn(1, 4, 8, 8)
+    with torch.no_grad():
+        outs = [zero.unet(x, 500, zero.encode_text([p]), lv) for p, lv in (("a river", 12.0), ("desert", 17.0))]
+        assert torch.equal(*outs)
+        assert not torch.equal(*[plain.unet(x, 500, plain.encode_text([p]), lv)
+                                 for p, lv in (("a river", 12.0), ("desert", 17.0))])
+    run_inprocess(tmp_path / "tuned", *frozen, "--zero_init=true",
+                  f"--init_from={tmp_path / 'plain' / 'model.safetensors'}")
+    tuned = load_model(tmp_path / "tuned" / "model.safetensors").state_dict()
+    assert all(torch.equal(tuned[k], b[k]) for k in b)                             # loaded: left as it is
+    assert train.zero_residual_branches(plain) == len(last)
+
+
+def test_freeze_encoder_fine_tunes_the_decoder_only(tmp_path):
+    """freeze_encoder: a VAE fine-tuned from an exported model keeps its encoder, and with it the latents and
+    their scaling factor, so a U-Net trained on them still fits; only the decoder moves."""
+    common = ["--train=vae", "--batch_size=4", "--ckpt_every=2", "--lr=1e-2"]
+    run_inprocess(tmp_path / "vae", *common, "--max_steps=2")
+    start = load_model(tmp_path / "vae" / "model.safetensors")
+    run_inprocess(tmp_path / "ft", *common, "--max_steps=3", "--freeze_encoder=true",
+                  f"--init_from={tmp_path / 'vae' / 'model.safetensors'}")
+    tuned = load_model(tmp_path / "ft" / "model.safetensors")
+    a, b = start.state_dict(), tuned.state_dict()
+    kept = [k for k in a if k.startswith(("vae.encoder.", "vae.quant_conv."))]
+    moved = [k for k in a if k.startswith(("vae.decoder.", "vae.post_quant_conv."))]
+    assert kept and all(torch.equal(a[k], b[k]) for k in kept)
+    assert max((a[k] - b[k]).abs().max().item() for k in moved) > 1e-3
+    assert tuned.cfg.vae.scaling_factor == start.cfg.vae.scaling_factor
+    for bad in (["--freeze_encoder=true", "--train=vae"], ["--freeze_encoder=true", "--train=unet", "--init_from=x"]):
+        with pytest.raises(ValueError, match="freeze_encoder fine-tunes a trained VAE's decoder"):
+            run_inprocess(tmp_path / "bad", *bad)
+
+
 def test_vae_spectral_loss_asks_for_texture_energy_not_its_place():
     """spectral_weight: the amplitude term is blind to where a texture sits (a circular shift of the image costs
     nothing, though its pixel L1 is large) and charges a blur, which removes the texture's energy."""
@@ -158,6 +212,40 @@ def test_vae_spectral_loss_asks_for_texture_energy_not_its_place():
     assert "spectral" not in plain and abs(loss.item() - plain["l1"]) < 1e-6
     with pytest.raises(ValueError, match="spectral_weight must be >= 0"):
         train.check_config(train.TrainConfig(spectral_weight=-1.0))
+
+
+def test_vae_scale_equivariance_term_charges_a_decoder_exact_only_at_its_own_scale():
+    """scale_eq_weight: the 2x2-averaged latent must decode to the 2x2-averaged image. A stand-in VAE (latent =
+    2x2 means, decoder = nearest upsampling) reconstructs an image made of 2x2 blocks exactly, so plain L1 is
+    blind to it; at half resolution it blurs 4x4 blocks the image does not have, and the term sees that. An
+    image of 4x4 blocks passes both."""
+    import torch.nn.functional as F
+    from model.config import VAEConfig
+
+    class BlockVAE(torch.nn.Module):
+        cfg = VAEConfig(latent_channels=3, channels=(8, 8), layers_per_level=1, norm_groups=4)   # downsampling 2
+
+        def decode(self, z):
+            return F.interpolate(z, scale_factor=2.0, mode="nearest")
+
+        def forward(self, x, noise):
+            mean = F.avg_pool2d(x, 2)
+            post = type("Posterior", (), {"mean": mean, "std": torch.zeros_like(mean),
+                                          "kl": lambda self: torch.zeros(x.shape[0])})()
+            return self.decode(post.mean + post.std * noise), post
+
+    g = torch.Generator().manual_seed(0)
+    blocks = lambda n: F.interpolate(torch.rand(4, 3, 16 // n, 16 // n, generator=g) * 2 - 1, scale_factor=n)
+    cfg = train.TrainConfig(train="vae", scale_eq_weight=0.5, kl_weight=0.0)
+    args = (torch.Generator().manual_seed(0), torch.arange(4), 4, torch.device("cpu"), contextlib.nullcontext())
+    loss, fine = train.vae_loss(cfg, BlockVAE(), {"image": blocks(2)}, *args)
+    assert fine["l1"] < 1e-6 and fine["scale_eq"] > 0.1 and abs(loss.item() - 0.5 * fine["scale_eq"]) < 1e-6
+    _, coarse = train.vae_loss(cfg, BlockVAE(), {"image": blocks(4)}, *args)
+    assert coarse["l1"] < 1e-6 and coarse["scale_eq"] < 1e-6
+    cfg.scale_eq_weight = 0.0
+    assert "scale_eq" not in train.vae_loss(cfg, BlockVAE(), {"image": blocks(2)}, *args)[1]
+    with pytest.raises(ValueError, match="scale_eq_weight must be >= 0"):
+        train.check_config(train.TrainConfig(scale_eq_weight=-1.0))
 
 
 def _torchrun(args, nproc):
