@@ -44,9 +44,9 @@ model = ModelConfig(
 # the scenes: procedural, 32 px, integer levels 10..18 (demo.py renders them into shards: data="shards" there)
 common = dict(image_size=32, synthetic_levels=(10.0, 18.0), synthetic_integer_levels=True, num_workers=1, log_every=10,
               keep_last=1, warmup_steps=50, lr_decay="cosine", grad_clip=1.0)
-vae_stage = dict(train="vae", max_steps=1200, batch_size=32, lr=2e-3, betas=(0.9, 0.99), ema_decay=0.99,
-                 zero_init=True, ckpt_every=600, channels_last=True)      # zero_init: the U-Net's too (same file)
-unet_stage = dict(train="unet", max_steps=570, batch_size=32, lr=1e-3, ema_decay=0.995, ckpt_every=300,
+vae_stage = dict(train="vae", max_steps=1200, batch_size=32, lr=2e-3, ema_decay=0.99, ckpt_every=600,
+                 channels_last=True)
+unet_stage = dict(train="unet", max_steps=600, batch_size=32, lr=1e-3, ema_decay=0.995, ckpt_every=300,
                   train_text_encoder=True, p_text=0.1, p_res=0.1, timestep_power=1.0, min_snr_gamma=5.0)
 
 # The training scenes: rendered once into image shards for the VAE, then encoded once into latent shards for the
