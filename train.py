@@ -322,7 +322,11 @@ def vae_loss(cfg, vae, batch, g, idx, GB, device, autocast):
     spectral_weight > 0 adds a stand-in for those terms: the L1 distance between the amplitude spectra
     (orthonormal 2-D FFT per channel) of reconstruction and image. Pixel L1 alone rewards a blur where the
     decoder is unsure of a texture's phase; the amplitude term asks for the texture's energy at each spatial
-    frequency, wherever it sits, and the scale of a texture is what tells the map level apart."""
+    frequency, wherever it sits, and the scale of a texture is what tells the map level apart.
+
+    scale_eq_weight > 0 adds the L1 distance between the decoding of the 2x2-averaged latent and the 2x2-averaged
+    image (scale equivariance: Kouzelis et al. 2025, Skorokhodov et al. 2025), so that the latents hold no
+    detail finer than the image's own, which is said to make them easier to diffuse."""
     x = batch["image"].to(device)                                                # B, 3, H, W
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -348,17 +352,15 @@ def vae_loss(cfg, vae, batch, g, idx, GB, device, autocast):
     return loss.mean(), stats
 
 
-# ------------------------------------------------------------------------------------------------------
-# Checkpoints: atomic, last K kept, resumable
-# ------------------------------------------------------------------------------------------------------
 def zero_residual_branches(model):
     """The last layer of each residual branch (the second conv of every U-Net and VAE res-block, the output
     projection of every U-Net transformer) set to zero, so every block starts as the identity and the network
     as a shallow one: LDM's initialisation of its U-Net, here for the VAE too. Returns how many layers it zeroed.
 
     Off by default (TrainConfig.zero_init): on the demo's 1200-step VAE it moved the held-out L1 from 0.0584 /
-    0.0623 / 0.0671 to 0.0623 / 0.0575 / 0.0634 (seeds 0 / 1 / 2), another draw rather than a better one
-    (docs/demo.md, session 9)."""
+    0.0623 / 0.0671 to 0.0623 / 0.0575 / 0.0634 (seeds 0 / 1 / 2), another draw; with AdamW's beta2 at 0.99 it
+    gave the best VAEs measured (0.0506 / 0.0557 on seeds 0 / 2), whose latents a 600-step U-Net nevertheless
+    learnt no better (docs/demo.md, session 9)."""
     from model import unet, vae
     n = 0
     for m in model.modules():
@@ -374,6 +376,9 @@ def zero_residual_branches(model):
     return n
 
 
+# ------------------------------------------------------------------------------------------------------
+# Checkpoints: atomic, last K kept, resumable
+# ------------------------------------------------------------------------------------------------------
 def checkpoint_paths(out_dir):
     return sorted(Path(out_dir).glob("ckpt_*.pt"))
 

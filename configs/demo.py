@@ -14,7 +14,8 @@ What the 10-minute budget forced (measured on 2 CPU cores; docs/demo.md has the 
   after 320 steps, 71% after 600, 91% after 1200 (held-out L1 0.082 -> 0.070 -> 0.056). It is narrow (16/32/64
   channels). With 1200 VAE steps and 600 U-Net steps the samples show the asked class 72-73% of the time, where
   600 and 1000 gave 58-61%; the level within one 46-47% against 51-54%. But the VAE's seed moves the samples'
-  class by 20-30 points (another seed: 52-60%), more than anything else tried (docs/demo.md, session 8).
+  class by 20-30 points (seeds 1 and 2: 60% and 47%), more than anything else tried; a VAE made to reconstruct
+  far better (zero_init with beta2 0.99) gave samples no better (docs/demo.md, sessions 8 and 9).
 - v-prediction: with the release's eps-prediction, 300 U-Net steps learnt no conditioning at all (class
   accuracy at the floor); with v, the same 300 steps reached 35%. Timesteps are uniform (the release's): at
   300 steps a density rising in t (timestep_power=2) learnt the class a little faster; at 1000 steps it no
