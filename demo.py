@@ -143,6 +143,23 @@ def probe_job(size, n_train, steps, vae_file, vae_ready, out_file, n_held=540):
     os.replace(tmp, out_file)
 
 
+SAMPLING_SECONDS = 30      # what the demo reserves of its budget after the U-Net: loading, sampling and scoring 216
+                           # images, the outputs (12 s on 2 cores); the U-Net's final checkpoint and export
+MIN_UNET_MINUTES = 1.0     # the U-Net trains at least this long, budget or not
+
+
+def unet_budget(unet_dir, seconds_left):
+    """Minutes of U-Net training: what is left of the demo's budget after the reserve for sampling, at least
+    MIN_UNET_MINUTES; a resumed stage keeps the budget it started with (its config.json)."""
+    started = Path(unet_dir) / "config.json"
+    if started.exists():
+        return json.loads(started.read_text())["max_minutes"]
+    minutes = (seconds_left - SAMPLING_SECONDS) / 60
+    if minutes < MIN_UNET_MINUTES:
+        print(f"demo.py: the time budget is spent before the U-Net; it trains {MIN_UNET_MINUTES:g} min anyway")
+    return max(minutes, MIN_UNET_MINUTES)
+
+
 def generate_all(model, prompts, levels, cfg_scale, steps, size, level_cfg=None, batch=54):
     images = []
     for i in range(0, len(prompts), batch):
@@ -201,6 +218,11 @@ def main(argv=None):
     p.add_argument("--level-cfg", type=float, default=6.0,
                    help="guidance scale of the level on its own (model/guidance.py); equal to --cfg: joint guidance")
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++(2M) steps per sample")
+    p.add_argument("--minutes", type=float, default=None,
+                   help="time budget of the whole run (default: the config's `minutes`): the U-Net trains for what the "
+                        "render, the VAE and the encoding leave of it, as many steps as fit on this machine")
+    p.add_argument("--unet-steps", type=int, default=None,
+                   help="train the U-Net exactly this many steps instead (a run that repeats on any machine)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing finished demo in --out")
     args = p.parse_args(argv)
     out = Path(args.out)
@@ -216,7 +238,8 @@ def main(argv=None):
     n_pool = fast.get("pool", cfg_file.pool)
     vae_cfg = stage_config(cfg_file, cfg_file.vae_stage, out / "vae", fast.get("vae_steps"))
     vae_cfg.data, vae_cfg.data_path = "shards", str(out / "images")
-    unet_cfg = stage_config(cfg_file, cfg_file.unet_stage, out / "unet", fast.get("unet_steps"),
+    unet_steps = args.unet_steps or fast.get("unet_steps")          # fixed steps: the time budget is off
+    unet_cfg = stage_config(cfg_file, cfg_file.unet_stage, out / "unet", unet_steps,
                             init_from=str(out / "vae" / "model.safetensors"))
     unet_cfg.data, unet_cfg.data_path = "shards", str(out / "latents")
     size = unet_cfg.image_size
@@ -246,10 +269,14 @@ def main(argv=None):
             handed_back["unet_step"] = step
 
     encode_pool(unet_cfg.init_from, out / "images", out / "latents")
+    if unet_steps is None:
+        budget = cfg_file.minutes if args.minutes is None else args.minutes
+        unet_cfg.max_minutes = unet_budget(out / "unet", budget * 60 - (time.time() - t0))
     train.train(unet_cfg, on_step=give_back_the_core)
     torch.set_num_threads(threads)
     stopped(unet_cfg)
     shutil.copyfile(out / "unet" / "model.safetensors", out / "model.safetensors")
+    unet_trained = train.checkpoint_step(train.checkpoint_paths(out / "unet")[-1])
     model = load_model(out / "model.safetensors").eval()
     t_train = time.time() - t0
 
@@ -287,8 +314,9 @@ def main(argv=None):
     grid.save(out / "grid.png")
     elapsed = time.time() - t0
     overview(out / "overview.png", grid_rows, results, t_train,
-             f"guidance: text {args.cfg:g}, level {args.level_cfg:g}")
+             f"U-Net {unet_trained} steps; guidance: text {args.cfg:g}, level {args.level_cfg:g}")
     summary = {"results": results, "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
+               "unet_steps": unet_trained, "unet_minutes_budget": unet_cfg.max_minutes or None,
                "probe_minutes": saved["minutes"], "probe_done_at_unet_step": handed_back["unet_step"],
                "fast": args.fast, "cfg": args.cfg, "level_cfg": args.level_cfg, "steps": args.steps}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
@@ -296,7 +324,7 @@ def main(argv=None):
     for name, r in results.items():
         print(f"{name:36s} " + "  ".join(f"{100 * r[k]:5.1f}%" for k in ("class_acc", "level_acc", "level_acc_pm1"))
               + f"  {r['level_corr']:5.2f}")
-    print(f"done in {elapsed / 60:.1f} min: {out / 'overview.png'}, {out / 'grid.png'}, "
+    print(f"done in {elapsed / 60:.1f} min (U-Net {unet_trained} steps): {out / 'overview.png'}, {out / 'grid.png'}, "
           f"weights {out / 'model.safetensors'}")
     print(f"try: python sample.py --weights {out / 'model.safetensors'} --size {size} {size} --level 16 "
           f"--cfg {args.cfg:g} --level-cfg {args.level_cfg:g} --prompt \"{prompts[3 * per_class + 6]}\"")

@@ -15,6 +15,7 @@ A run resumed from step N continues the same curve as one that never stopped. Ch
 atomically (temp file + rename), every `ckpt_every` steps and on SIGTERM / SIGINT.
 """
 import ast
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -69,6 +70,9 @@ class TrainConfig:
     batch_size: int = 32            # per device and micro-step; global = batch_size * grad_accum * world_size
     grad_accum: int = 1
     max_steps: int = 100_000
+    max_minutes: float = 0.0        # > 0: a time budget as well (training time, summed over resumes): the run ends
+                                    # when the pace it measures leaves no time for another step, and the cosine
+                                    # decay is planned for the steps that fit (plan_steps); max_steps caps them
     lr: float = 1e-4
     warmup_steps: int = 1000
     lr_decay: str = "constant"      # "constant" | "cosine" (to 10% at max_steps)
@@ -183,6 +187,8 @@ def check_config(cfg):
             raise ValueError(f"{key} must be >= 0, got {getattr(cfg, key)}")
     if cfg.freeze_encoder and (cfg.train != "vae" or not cfg.init_from):
         raise ValueError("freeze_encoder fine-tunes a trained VAE's decoder: it needs --train=vae and --init_from")
+    if not cfg.max_minutes >= 0:
+        raise ValueError(f"max_minutes must be >= 0 (0 = no time budget), got {cfg.max_minutes}")
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -383,6 +389,11 @@ def checkpoint_paths(out_dir):
     return sorted(Path(out_dir).glob("ckpt_*.pt"))
 
 
+def checkpoint_step(path):
+    """The step a checkpoint was written at, from its name (save_checkpoint's)."""
+    return int(Path(path).stem.removeprefix("ckpt_"))
+
+
 def save_checkpoint(out_dir, state, keep_last):
     path = Path(out_dir) / f"ckpt_{state['step']:09d}.pt"
     tmp = path.with_name(path.name + ".tmp")
@@ -394,21 +405,37 @@ def save_checkpoint(out_dir, state, keep_last):
 
 
 def finished(cfg):
-    """Whether cfg's run has reached max_steps (its last checkpoint is at that step), i.e. was not stopped."""
+    """Whether cfg's run has reached its end (max_steps, or its max_minutes), i.e. was not stopped."""
     ckpts = checkpoint_paths(cfg.out_dir)
-    return bool(ckpts) and int(ckpts[-1].stem.removeprefix("ckpt_")) >= cfg.max_steps   # save_checkpoint's names
+    if not ckpts:
+        return False
+    if checkpoint_step(ckpts[-1]) >= cfg.max_steps:
+        return True
+    return bool(torch.load(ckpts[-1], map_location="cpu", weights_only=True, mmap=True).get("finished", False))
 
 
 def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def lr_at(cfg, step):
+def lr_at(cfg, step, total=None):
+    """Learning rate of `step` in a run of `total` steps (default cfg.max_steps; plan_steps' under max_minutes)."""
     warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
     if cfg.lr_decay == "cosine":
-        progress = min(1.0, step / max(1, cfg.max_steps))
+        progress = min(1.0, step / max(1, cfg.max_steps if total is None else total))
         return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
     return cfg.lr * warm
+
+
+PACE_WINDOW = 50          # max_minutes: the pace is that of the last PACE_WINDOW steps (steps and checkpoints)
+PACE_MIN_STEPS = 10       # and is not trusted before this many steps of the run (or of its resume) have passed
+
+
+def plan_steps(cfg, step, spent, pace):
+    """The run's length under a time budget: at `step`, with `spent` seconds of training behind it and `pace`
+    seconds a step measured lately, the steps that fit in cfg.max_minutes (at least `step`, at most max_steps)."""
+    left = cfg.max_minutes * 60 - spent
+    return max(step, min(cfg.max_steps, step + int(left // max(pace, 1e-9))))
 
 
 def average_grads(params, world):
@@ -522,14 +549,14 @@ def _train(cfg, on_step, stop):
                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=cfg.betas, eps=cfg.adam_eps,
                             fused=device.type in ("cuda", "cpu"))   # one kernel, not a loop over tensors:
     # on 2 CPU cores the demo's U-Net + text tower step takes 0.24-0.28 s instead of 0.34 s
-    step, data_state = 0, {"epoch": 0, "batch_in_epoch": 0}
+    step, data_state, spent = 0, {"epoch": 0, "batch_in_epoch": 0}, 0.0     # spent: earlier runs' training seconds
     if resume is not None:
         ema.load_state_dict(resume["ema"])
         opt.load_state_dict(resume["optimizer"])
         if len(resume["data"]) != world:
             raise ValueError(f"{ckpts[-1]} was written by {len(resume['data'])} processes; resume with the same "
                              f"world size (now {world}) for an exact data position")
-        step, data_state = resume["step"], resume["data"][rank]
+        step, data_state, spent = resume["step"], resume["data"][rank], resume.get("train_seconds", 0.0)
         log.info("resumed from %s at step %d", ckpts[-1], step)
     net = DDP(trainable, device_ids=[device] if device.type == "cuda" else None) if ddp else trainable
     scaler = torch.amp.GradScaler(enabled=dtype == torch.float16)
@@ -557,7 +584,8 @@ def _train(cfg, on_step, stop):
             datas = [batches.state()]
         return {"step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                 "model_config": model.cfg.to_dict(), "train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-                "data": datas, "torch_rng": torch.get_rng_state()}
+                "data": datas, "torch_rng": torch.get_rng_state(),
+                "train_seconds": seconds(), "planned_steps": total, "finished": step >= total}
 
     def save():
         state = checkpoint_state()                          # collective: every rank takes part
@@ -566,11 +594,24 @@ def _train(cfg, on_step, stop):
             export(model, ema, averaged, out_dir / "model.safetensors", step)
             log.info("saved %s", path)
 
-    bar = tqdm(total=cfg.max_steps, initial=step, disable=not main, desc=f"train {cfg.train}")
+    # The run's length: max_steps, or under a time budget the steps that the pace of the last PACE_WINDOW steps
+    # leaves time for, re-planned every log_every steps (the cosine decay follows the plan).
+    total = cfg.max_steps
+    if cfg.max_minutes and spent >= cfg.max_minutes * 60:
+        total = step                                          # the budget is spent
+    elif cfg.max_minutes and resume is not None and resume.get("planned_steps", 0) > step:
+        total = min(cfg.max_steps, resume["planned_steps"])  # the plan it stopped with, until re-planned
+    t_run = time.perf_counter()
+
+    def seconds():                                            # training time of this run, resumes included
+        return spent + time.perf_counter() - t_run
+
+    step_ends = collections.deque([t_run], maxlen=PACE_WINDOW + 1)
+    bar = tqdm(total=total, initial=step, disable=not main, desc=f"train {cfg.train}")
     t_last, imgs_since = time.perf_counter(), 0
     loss = torch.tensor(float("nan"))                         # logged as nan while no batch has been readable
-    while step < cfg.max_steps:
-        lr = lr_at(cfg, step)
+    while step < total:
+        lr = lr_at(cfg, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
         stats = {}
@@ -602,6 +643,15 @@ def _train(cfg, on_step, stop):
         bar.update(1)
         if on_step is not None:
             on_step(step)
+        step_ends.append(time.perf_counter())
+        if cfg.max_minutes and step % cfg.log_every == 0 and len(step_ends) > PACE_MIN_STEPS:
+            pace = (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1)
+            total = plan_steps(cfg, step, seconds(), pace)
+            if ddp:                                           # every rank runs rank 0's plan
+                planned = torch.tensor([total], device=device)
+                dist.broadcast(planned, 0)
+                total = int(planned.item())
+            bar.total = total
 
         if main and step % cfg.log_every == 0:
             dt = time.perf_counter() - t_last
@@ -623,13 +673,13 @@ def _train(cfg, on_step, stop):
             flag = torch.tensor([float(stop_now)], device=device)
             dist.all_reduce(flag)
             stop_now = flag.item() > 0
-        if step % cfg.ckpt_every == 0 or step == cfg.max_steps or stop_now:
+        if step % cfg.ckpt_every == 0 or step >= total or stop_now:
             save()
         if stop_now:
             log.info("stopped by signal at step %d; resume with the same command", step)
             break
     bar.close()
-    if cfg.train == "vae" and main and step == cfg.max_steps:
+    if cfg.train == "vae" and main and step >= total:
         if not cfg.freeze_encoder:                              # a frozen encoder keeps its latents' scale
             set_latent_scale(model, ema["trained"], batches, device)
         export(model, ema, averaged, out_dir / "model.safetensors", step)

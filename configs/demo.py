@@ -47,8 +47,13 @@ common = dict(image_size=32, synthetic_levels=(10.0, 18.0), synthetic_integer_le
               keep_last=1, warmup_steps=50, lr_decay="cosine", grad_clip=1.0)
 vae_stage = dict(train="vae", max_steps=1200, batch_size=32, lr=2e-3, ema_decay=0.99, ckpt_every=600,
                  channels_last=True)
-unet_stage = dict(train="unet", max_steps=600, batch_size=32, lr=1e-3, ema_decay=0.995, ckpt_every=300,
+unet_stage = dict(train="unet", max_steps=3000, batch_size=32, lr=1e-3, ema_decay=0.995, ckpt_every=300,
                   train_text_encoder=True, p_text=0.1, p_res=0.1, timestep_power=1.0, min_snr_gamma=5.0)
+
+# The time budget of the whole run (demo.py --minutes): the U-Net trains for what rendering, the VAE and encoding
+# leave of it (minus demo.SAMPLING_SECONDS), as many steps as its measured pace allows, at most unet_stage's
+# max_steps. --fast and --unet-steps N train a fixed number of steps instead.
+minutes = 9.5
 
 # The training scenes: rendered once into image shards for the VAE, then encoded once into latent shards for the
 # U-Net (demo.render_pool, demo.encode_pool).

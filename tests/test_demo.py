@@ -21,6 +21,7 @@ def test_fast_demo_writes_everything(fast_demo):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
     assert saved["fast"] is True and saved["probe_done_at_unet_step"] is not None   # the U-Net got its core back
+    assert saved["unet_steps"] == 350 and saved["unet_minutes_budget"] is None      # --fast: fixed steps, no budget
     probe = Probe()
     probe.load_state_dict(torch.load(out / "probe.pt", weights_only=True)["probe"])   # the probe, reusable
 
@@ -50,6 +51,15 @@ def test_demo_refuses_to_overwrite_a_finished_run(fast_demo):
     with pytest.raises(SystemExit) as e:
         demo.main(["--fast", "--out", str(out)])
     assert e.value.code == 2
+
+
+def test_unet_budget_is_what_is_left_and_kept_on_resume(tmp_path):
+    unet = tmp_path / "unet"
+    assert demo.unet_budget(unet, 300 + demo.SAMPLING_SECONDS) == 5.0           # what the sampling leaves
+    assert demo.unet_budget(unet, 10.0) == demo.MIN_UNET_MINUTES                # spent: the minimum anyway
+    unet.mkdir()
+    (unet / "config.json").write_text(json.dumps({"max_minutes": 4.25}))        # as train.py wrote it at the start
+    assert demo.unet_budget(unet, 999.0) == 4.25                                 # a resumed stage keeps its budget
 
 
 def test_training_pools_are_reused_only_when_made_from_the_same_inputs(tmp_path):

@@ -92,6 +92,54 @@ def test_on_step_hook_finished_and_signal_handlers_restored(tmp_path):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_time_budget_ends_the_run_and_plans_its_decay(tmp_path, monkeypatch):
+    """max_minutes: on a clock that moves 1 s a step, a 30 s budget ends a run capped at 1000 steps at step 30,
+    with the cosine decay of a 30-step run and finished() true; a run stopped at step 20 and resumed ends at the
+    same step with the same weights (the plan and the seconds spent travel in the checkpoint); once the budget is
+    spent, resuming trains nothing."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(train.time, "perf_counter", lambda: clock["t"])
+
+    def tick(step, stop_at=None):
+        clock["t"] += 1.0
+        if step == stop_at:
+            signal.raise_signal(signal.SIGINT)
+    args = ["--batch_size=2", "--max_steps=1000", "--max_minutes=0.5", "--log_every=5", "--ckpt_every=1000",
+            "--lr_decay=cosine"]
+    cfg = train.parse_config(TINY + [f"--out_dir={tmp_path / 'straight'}", *args])
+    train.train(cfg, on_step=tick)
+    ckpt = train.checkpoint_paths(cfg.out_dir)
+    assert [train.checkpoint_step(p) for p in ckpt] == [30] and train.finished(cfg)
+    state = train.load_checkpoint(ckpt[-1])
+    assert state["finished"] and state["planned_steps"] == 30 and state["train_seconds"] == 30.0
+    last_lr = state["optimizer"]["param_groups"][0]["lr"]
+    assert last_lr == pytest.approx(train.lr_at(cfg, 29, 30)) and last_lr < 0.11 * cfg.lr    # decayed by step 30
+
+    clock["t"] = 0.0
+    split = train.parse_config(TINY + [f"--out_dir={tmp_path / 'split'}", *args])
+    train.train(split, on_step=lambda step: tick(step, stop_at=20))
+    stopped = train.load_checkpoint(train.checkpoint_paths(split.out_dir)[-1])
+    assert stopped["step"] == 20 and stopped["planned_steps"] == 30 and not train.finished(split)
+    clock["t"] = 1000.0                                                  # resumed later: only training time counts
+    train.train(split, on_step=tick)
+    a, ca = unet_state(tmp_path / "straight")
+    b, cb = unet_state(tmp_path / "split")
+    assert cb["step"] == 30 and cb["train_seconds"] == 30.0 and train.finished(split)
+    assert max_diff(a, b) <= 1e-5
+    seen = []
+    train.train(split, on_step=seen.append)                              # the budget is spent
+    assert seen == [] and [train.checkpoint_step(p) for p in train.checkpoint_paths(split.out_dir)][-1] == 30
+
+
+def test_plan_steps_fits_the_budget_within_max_steps():
+    cfg = train.TrainConfig(max_steps=500, max_minutes=2.0)
+    assert train.plan_steps(cfg, 100, 60.0, 0.5) == 220                  # 60 s left at 0.5 s a step
+    assert train.plan_steps(cfg, 100, 30.0, 0.1) == 500                  # more would fit: capped at max_steps
+    assert train.plan_steps(cfg, 100, 130.0, 0.5) == 100                 # over budget: stop now
+    with pytest.raises(ValueError, match="max_minutes must be >= 0"):
+        train.check_config(train.TrainConfig(train="unet", max_minutes=-1.0))
+
+
 def test_resume_continues_the_same_curve(tmp_path):
     """N steps + stop + resume N steps == 2N steps straight, with grad accumulation and data reshuffles."""
     common = ["--batch_size=4", "--grad_accum=2", "--synthetic_samples=24", "--ckpt_every=100"]
