@@ -5,7 +5,8 @@
 
 1. renders training scenes of the procedural Earth (data/synthetic.py) once, into shards (data/shards.py);
    trains a tiny KL-VAE on them, encodes them into latent shards, and trains a tiny U-Net with a small text
-   tower on those; each with train.py's own loop (resumable: rerun the command after an interruption);
+   tower on those, for as many steps as the run's time budget leaves (configs/demo.py `minutes`; --unet-steps N
+   for a fixed number); each with train.py's own loop (resumable: rerun the command after an interruption);
 2. trains the conditioning probe (model/probe.py), a small classifier of scene class and map level, in a process
    of its own on one core beside the U-Net (on two cores the U-Net gains little from its second thread);
 3. samples prompts x levels (x seeds) and measures, with the probe, how often a generated image shows the class
