@@ -144,8 +144,8 @@ def probe_job(size, n_train, steps, vae_file, vae_ready, out_file, n_held=540):
     os.replace(tmp, out_file)
 
 
-SAMPLING_SECONDS = 30      # what the demo reserves of its budget after the U-Net: loading, sampling and scoring 216
-                           # images, the outputs (12 s on 2 cores); the U-Net's final checkpoint and export
+SAMPLING_SECONDS = 45      # what the demo reserves of its budget after the U-Net: loading, sampling and scoring 648
+                           # images (324 prompted, 324 unconditional), the outputs; the U-Net's final checkpoint
 MIN_UNET_MINUTES = 1.0     # the U-Net trains at least this long, budget or not
 
 
