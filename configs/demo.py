@@ -17,11 +17,11 @@ What the 10-minute budget forced (measured on 2 CPU cores; docs/demo.md has the 
   class by 20-30 points (seeds 1 and 2: 60% and 47%), more than anything else tried; a VAE made to reconstruct
   far better (zero_init with beta2 0.99) gave samples no better (docs/demo.md, sessions 8 and 9).
 - The U-Net trains for what the time budget (`minutes`) leaves: ~600 steps on the AVX2 host of sessions 1-9,
-  1000-1250 on session 10's Zen 4, 2000-2500 on session 11's Zen 5, where three seeds read 89.5% / 73.8% / 76.5%
-  class and 76% / 67% / 67% of the levels within one (324 samples; on the Zen 4 81/67/72% and 56-59%; with 600
-  steps 73/60/47% and 46-49%). There the samples come within a few points of what the probe reads through the
-  VAE: the VAE's seed sets the ceiling. zero_init + beta2 0.99 for the VAE (session 9's best reconstruction) did
-  not raise it over three seeds (docs/demo.md, session 11).
+  1000-1250 on session 10's Zen 4, 2000-2500 on session 11's Zen 5, where three seeds read 89% / 76% / 75%
+  class and 77% / 67% / 71% of the levels within one (324 samples, session 11's probe; on the Zen 4 81/67/72%
+  and 56-59%; with 600 steps 73/60/47% and 46-49%). The samples then sit 3-10 points below what the probe reads
+  through their VAE for the class, 10-12 for the level. zero_init + beta2 0.99 for the VAE (session 9's best
+  reconstruction) did not raise them over three seeds (docs/demo.md, session 11).
 - v-prediction: with the release's eps-prediction, 300 U-Net steps learnt no conditioning at all (class
   accuracy at the floor); with v, the same 300 steps reached 35%. Timesteps are uniform (the release's): at
   300 steps a density rising in t (timestep_power=2) learnt the class a little faster; at 1000 steps it no
