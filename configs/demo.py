@@ -28,7 +28,7 @@ What the 10-minute budget forced (measured on 2 CPU cores; docs/demo.md has the 
   longer pays (324 samples: within one level 46% against 44%, class 67% against 69%: within noise).
 - Min-SNR-5 loss weighting (Hang et al. 2023): on 324 samples, within one level 52-54% against 50%, class
   the same or better (docs/demo.md, section 5).
-- The probe trains 4000 steps on 6480 renders (session 11; 80 s on one core beside the U-Net): on held-out real
+- The probe trains 4000 steps on 6480 renders (session 11; 1.4 min on one core beside the U-Net): on held-out real
   renders it reads the level within one 95.4% (89.6% with the 2000 steps on 3240 renders of sessions 4-10; 94.8%
   with 4000 steps on 3240), exactly 71.9% (60.6%), through the VAE 89.3% (84.1%); on the same samples it reads
   about what the smaller probe read (within one 77.2% against 76.2%): the samples' level errors are theirs.
