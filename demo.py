@@ -3,50 +3,85 @@
     python demo.py                     # about 10 minutes on 2 CPU cores
     python demo.py --fast              # the shortened version CI runs
 
-1. renders training scenes of the procedural Earth (data/synthetic.py) once, into shards (data/shards.py);
-   trains a tiny KL-VAE on them, encodes them into latent shards, and trains a tiny U-Net with a small text
-   tower on those, for as many steps as the run's time budget leaves (configs/demo.py `minutes`; --unet-steps N
-   for a fixed number); each with train.py's own loop (resumable: rerun the command after an interruption);
-2. trains the conditioning probe (model/probe.py), a small classifier of scene class and map level, in a process
-   of its own on one core beside the U-Net (on two cores the U-Net gains little from its second thread);
+1. renders training scenes of the procedural Earth (data/synthetic/) once, into shards (data/shards.py); trains
+   a tiny KL-VAE on them (`train.py --config configs/demo_vae.py`), encodes them into latent shards, and trains a
+   tiny U-Net with a small text tower on those (`configs/demo_unet.py`) for as many steps as the run's time budget
+   leaves (`--minutes`; `--unet_steps=N` for a fixed number). Each stage is resumable: rerun the command after an
+   interruption;
+2. trains the conditioning probe (evaluation/probe.py), a small classifier of scene class and map level, in a
+   process of its own on one core beside the U-Net;
 3. samples prompts x levels (x seeds) and measures, with the probe, how often a generated image shows the class
    its prompt asked for (text adherence) and the level asked for (resolution control), next to the same figures
    for real procedural images (the ceiling) and for unconditional samples (the floor);
-4. writes out/demo/: model.safetensors (works with `sample.py --weights`), grid.png, overview.png,
-   results.json, probe.pt (the probe's state dict and its ceilings).
+4. writes OUT/: model.safetensors (works with `sample.py --weights`), grid.png, overview.png, results.json,
+   probe.pt (the probe's state dict and its ceilings).
+
+Options are `--key=value` for the fields of DemoConfig below (a bare `--flag` sets a boolean), type-checked.
 """
-import argparse
 import hashlib
 import json
 import multiprocessing
 import os
 import shutil
+import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-import train
+from data.levels import resolution_from_level
 from data.shards import ShardDataset, write_shards
 from data.synthetic import CLASSES, InOrder, ProceduralEarth, sample as procedural_sample
-from model.config import load_config
-from model.probe import Probe, evaluate_probe, make_probe_data, train_probe
+from data.transforms import image_grid, tensor_to_pil
+from evaluation.probe import Probe, evaluate_probe, make_probe_data, train_probe
+from model.checkpoint import checkpoint_paths, checkpoint_step, finished
+from model.config import configure, load_config, usage
+from model.pipeline import generate
 from model.weights import load_model
-from sample import generate, to_pil
 
 GRID_LEVELS = (11, 13, 15, 17)
+FAST = dict(vae_steps=600, unet_steps=600, pool=4000, probe_train_images=2160, probe_steps=1000)
 
 
-def stage_config(cfg_file, stage, out_dir, steps=None, init_from=""):
-    cfg = train.TrainConfig(model=cfg_file.model, out_dir=str(out_dir), init_from=init_from)
-    for k, v in {**cfg_file.common, **stage}.items():
-        if not hasattr(cfg, k):
-            raise ValueError(f"configs/demo.py: unknown TrainConfig key {k!r}")
-        setattr(cfg, k, v)
-    if steps is not None:
-        cfg.max_steps = steps
+@dataclass
+class DemoConfig:
+    out: str = "out/demo"
+    vae_config: str = "configs/demo_vae.py"
+    unet_config: str = "configs/demo_unet.py"
+    fast: bool = False                # the shortened run CI uses: the FAST steps and sizes, no time budget
+    minutes: float = 9.5              # time budget of the whole run: the U-Net trains for what the rest leaves
+    unet_steps: int = 0               # > 0: train the U-Net exactly this many steps (a run that repeats anywhere)
+    vae_steps: int = 0                # > 0: instead of the VAE stage's max_steps
+    pool: int = 8000                  # training scenes, rendered once (image shards), VAE-encoded once (latents)
+    eval_seeds: int = 3               # samples per (class, level) prompt: 324 in all, standard error ~2.2 points
+    probe_train_images: int = 6480    # the conditioning probe: renders it trains on (half through the VAE) ...
+    probe_steps: int = 4000           # ... and its optimisation steps (about 1.4 min on one core)
+    cfg: float = 3.0                  # guidance scale of the text (and of the level, unless level_cfg differs)
+    level_cfg: float = 6.0            # guidance scale of the level on its own (model/guidance.py)
+    steps: int = 20                   # DPM-Solver++(2M) steps per sample
+    overwrite: bool = False           # replace a finished demo in `out`
+
+
+def parse_args(argv):
+    """DemoConfig from --key=value overrides (and an optional --config FILE of plain values), FAST under --fast."""
+    argv = list(argv)
+    cfg = configure(DemoConfig(), argv)
+    if cfg.fast:
+        given = {a[2:].split("=")[0] for a in argv if a.startswith("--")}
+        for k, v in FAST.items():
+            if k not in given:
+                setattr(cfg, k, v)
+    for key in ("pool", "eval_seeds", "probe_train_images", "probe_steps", "steps"):
+        if getattr(cfg, key) < 1:
+            raise ValueError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.minutes <= 0 or cfg.unet_steps < 0 or cfg.vae_steps < 0 or cfg.cfg < 0 or cfg.level_cfg < 0:
+        raise ValueError("--minutes must be > 0, --unet_steps and --vae_steps >= 0, the guidance scales >= 0")
+    for path in (cfg.vae_config, cfg.unet_config):
+        if not Path(path).is_file():
+            raise ValueError(f"stage config {path} does not exist")
     return cfg
 
 
@@ -61,10 +96,33 @@ def eval_targets(size, levels=(10, 18), seed=10_000):
     return targets
 
 
-def stopped(cfg):
-    """Leave (resumably) when a training stage was stopped by a signal rather than finished."""
-    if not train.finished(cfg):
-        raise SystemExit(f"demo.py: training stopped in {cfg.out_dir}; run the same command again to resume")
+def scenes(stage_file, n):
+    """The procedural scenes a stage config trains on: ProceduralEarth's arguments (its image size and levels)."""
+    values = vars(load_config(stage_file))
+    missing = [key for key in ("image_size", "synthetic_levels", "synthetic_integer_levels") if key not in values]
+    if missing:
+        raise ValueError(f"{stage_file}: the demo needs {missing} there (the scenes it trains on)")
+    return dict(n=n, size=values["image_size"], levels=list(values["synthetic_levels"]), seed=values.get("seed", 0),
+                integer_levels=values["synthetic_integer_levels"])
+
+
+def run_stage(stage_file, out_dir, max_steps, *overrides):
+    """One training stage: train.py in a process of its own, as a user would run it (max_steps: 0 = the stage
+    config's). An interruption (Ctrl-C, SIGTERM) reaches it too: it saves a checkpoint and stops, and rerunning
+    the demo resumes it."""
+    max_steps = max_steps or load_config(stage_file).max_steps
+    cmd = [sys.executable, str(Path(__file__).with_name("train.py")), "--config", str(stage_file),
+           f"--out_dir={out_dir}", f"--max_steps={max_steps}", *overrides]
+    proc = subprocess.Popen(cmd)
+    while True:
+        try:
+            code = proc.wait()
+            break
+        except KeyboardInterrupt:                            # the stage got the signal too: let it save
+            continue
+    if code != 0 or not finished(out_dir, max_steps):
+        raise SystemExit(f"demo.py: the stage {stage_file} stopped (exit code {code}) in {out_dir}; run the same "
+                         "command again to resume")
 
 
 def _complete(out_dir, spec):
@@ -82,17 +140,14 @@ def _mark(out_dir, spec):
         made.write_text(json.dumps(spec))
 
 
-def render_pool(out_dir, n, cfg, processes=1):
-    """The demo's training scenes: the first n procedural samples of the stage's data (TrainConfig cfg), rendered
-    once into lossless image shards in out_dir. The VAE trains on them, several epochs (rendering every batch anew
-    would cost half as much again as the VAE step itself on two cores), and the U-Net on their latents.
-    An out_dir already holding the same scenes is kept (resume); other contents are replaced. `processes`
-    render at once (the same scenes)."""
-    spec = dict(n=n, size=cfg.image_size, levels=list(cfg.synthetic_levels), seed=cfg.seed,  # ProceduralEarth's
-                integer_levels=cfg.synthetic_integer_levels)
+def render_pool(out_dir, spec, processes=1):
+    """The demo's training scenes: the first n procedural samples (ProceduralEarth(**spec)), rendered once into
+    lossless image shards in out_dir. The VAE trains on them, several epochs (rendering every batch anew would
+    cost half as much again as the VAE step itself on two cores), and the U-Net on their latents. An out_dir
+    already holding the same scenes is kept (resume); other contents are replaced. `processes` render at once."""
     if not _complete(out_dir, spec):
         _mark(out_dir, None)
-        write_shards(InOrder(ProceduralEarth(**spec), processes), out_dir, samples_per_shard=max(1, n // 8),
+        write_shards(InOrder(ProceduralEarth(**spec), processes), out_dir, samples_per_shard=max(1, spec["n"] // 8),
                      image_format="png", overwrite=True, progress=True)
         _mark(out_dir, spec)
 
@@ -161,12 +216,12 @@ def unet_budget(unet_dir, seconds_left):
     return max(minutes, MIN_UNET_MINUTES)
 
 
-def generate_all(model, prompts, levels, cfg_scale, steps, size, level_cfg=None, batch=54):
+def generate_all(model, prompts, levels, guidance, steps, size, batch=54):
     images = []
     for i in range(0, len(prompts), batch):
         j = min(i + batch, len(prompts))
-        images.append(generate(model, prompts[i:j], levels[i:j], seeds=list(range(i, j)), steps=steps, cfg=cfg_scale,
-                               size=(size, size), level_cfg=level_cfg))
+        images.append(generate(model, {"text": prompts[i:j], "level": levels[i:j]}, seeds=list(range(i, j)),
+                               steps=steps, guidance=guidance, size=(size, size)))
     return torch.cat(images)
 
 
@@ -182,7 +237,7 @@ def overview(path, grid_rows, results, elapsed, guidance=""):
     d.text((10, 26), f"columns: Google map level (resolution_m = 2^(17-L)); trained in {elapsed / 60:.1f} min; "
            f"{guidance}", fill="black", font=font)
     for j, level in enumerate(GRID_LEVELS):
-        d.text((label_w + j * cell + 20, top - 14), f"L{level} ({2 ** (17 - level):g} m)", fill="black", font=font)
+        d.text((label_w + j * cell + 20, top - 14), f"L{level} ({resolution_from_level(level):g} m)", fill="black", font=font)
     for i, (prompt, images) in enumerate(grid_rows):
         y = top + i * cell
         words, line, lines = prompt.split(), "", []
@@ -211,73 +266,50 @@ def overview(path, grid_rows, results, elapsed, guidance=""):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default="configs/demo.py")
-    p.add_argument("--out", default="out/demo")
-    p.add_argument("--fast", action="store_true", help="the shortened run CI uses (a fraction of the steps)")
-    p.add_argument("--cfg", type=float, default=3.0, help="guidance scale of the text (with the level, see below)")
-    p.add_argument("--level-cfg", type=float, default=6.0,
-                   help="guidance scale of the level on its own (model/guidance.py); equal to --cfg: joint guidance")
-    p.add_argument("--steps", type=int, default=20, help="DPM-Solver++(2M) steps per sample")
-    p.add_argument("--minutes", type=float, default=None,
-                   help="time budget of the whole run (default: the config's `minutes`): the U-Net trains for what the "
-                        "render, the VAE and the encoding leave of it, as many steps as fit on this machine")
-    p.add_argument("--unet-steps", type=int, default=None,
-                   help="train the U-Net exactly this many steps instead (a run that repeats on any machine)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing finished demo in --out")
-    args = p.parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if {"-h", "--help"} & set(argv):
+        print(usage(__doc__, DemoConfig()))
+        raise SystemExit(0)
+    try:
+        args = parse_args(argv)
+    except ValueError as e:
+        print(f"demo.py: error: {e}", file=sys.stderr)
+        raise SystemExit(2)
     out = Path(args.out)
     if (out / "overview.png").exists() and not args.overwrite:
-        p.error(f"{out} holds a finished demo; pass --overwrite to redo it or --out for another folder")
-    cfg_file = load_config(args.config)
+        print(f"demo.py: error: {out} holds a finished demo; pass --overwrite to redo it or --out=DIR for another "
+              "folder", file=sys.stderr)
+        raise SystemExit(2)
     torch.manual_seed(0)
     t0 = time.time()
-    fast = cfg_file.fast if args.fast else {}
 
     # 1. The model: training scenes, VAE, their latents, then U-Net + text tower; each step resumable. The probe
     #    (step 2) is made beside the U-Net, in its own process.
-    n_pool = fast.get("pool", cfg_file.pool)
-    vae_cfg = stage_config(cfg_file, cfg_file.vae_stage, out / "vae", fast.get("vae_steps"))
-    vae_cfg.data, vae_cfg.data_path = "shards", str(out / "images")
-    unet_steps = args.unet_steps or fast.get("unet_steps")          # fixed steps: the time budget is off
-    unet_cfg = stage_config(cfg_file, cfg_file.unet_stage, out / "unet", unet_steps,
-                            init_from=str(out / "vae" / "model.safetensors"))
-    unet_cfg.data, unet_cfg.data_path = "shards", str(out / "latents")
-    size = unet_cfg.image_size
+    spec = scenes(args.vae_config, args.pool)
+    size = scenes(args.unet_config, args.pool)["size"]
+    vae_file = out / "vae" / "model.safetensors"
     out.mkdir(parents=True, exist_ok=True)
     fork = multiprocessing.get_context("fork")          # starts at once; the child runs torch on one thread only
     vae_ready = fork.Event()
     probe_file = out / "probe.pt"
     job = fork.Process(target=probe_job, daemon=True, args=(
-        size, fast.get("probe_train_images", cfg_file.probe_train_images),
-        fast.get("probe_steps", cfg_file.probe_steps), unet_cfg.init_from, vae_ready, probe_file))
+        size, args.probe_train_images, args.probe_steps, vae_file, vae_ready, probe_file))
     job.start()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    print(f"rendering {n_pool} training scenes ...", flush=True)
-    render_pool(out / "images", n_pool, vae_cfg, processes=min(cores, 8))
-    train.train(vae_cfg)
-    stopped(vae_cfg)
+    print(f"rendering {args.pool} training scenes ...", flush=True)
+    render_pool(out / "images", spec, processes=min(cores, 8))
+    run_stage(args.vae_config, out / "vae", args.vae_steps, "--data=shards", f"--data_path={out / 'images'}")
     vae_ready.set()
     print("encoding them with the trained VAE; the conditioning probe trains beside the U-Net ...", flush=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads - 1))          # one core for the probe while it trains
-
-    handed_back = {"unet_step": None}                      # when the probe finished (results.json)
-
-    def give_back_the_core(step):
-        if handed_back["unet_step"] is None and not job.is_alive():
-            torch.set_num_threads(threads)
-            handed_back["unet_step"] = step
-
-    encode_pool(unet_cfg.init_from, out / "images", out / "latents")
-    if unet_steps is None:
-        budget = cfg_file.minutes if args.minutes is None else args.minutes
-        unet_cfg.max_minutes = unet_budget(out / "unet", budget * 60 - (time.time() - t0))
-    train.train(unet_cfg, on_step=give_back_the_core)
-    torch.set_num_threads(threads)
-    stopped(unet_cfg)
+    encode_pool(vae_file, out / "images", out / "latents")
+    unet_args = ["--data=shards", f"--data_path={out / 'latents'}", f"--init_from={vae_file}"]
+    budget = None
+    if not args.unet_steps:                             # fixed steps: the time budget is off
+        budget = unet_budget(out / "unet", args.minutes * 60 - (time.time() - t0))
+        unet_args.append(f"--max_minutes={budget}")
+    run_stage(args.unet_config, out / "unet", args.unet_steps, *unet_args)
     shutil.copyfile(out / "unet" / "model.safetensors", out / "model.safetensors")
-    unet_trained = train.checkpoint_step(train.checkpoint_paths(out / "unet")[-1])
+    unet_trained = checkpoint_step(checkpoint_paths(out / "unet")[-1])
     model = load_model(out / "model.safetensors").eval()
     t_train = time.time() - t0
 
@@ -294,31 +326,27 @@ def main(argv=None):
     # 3. Generated images: `eval_seeds` per (class, level) (each its own seed), the prompt a held-out caption of
     #    that class. The first 108 make the grid.
     print("sampling and measuring ...", flush=True)
-    targets = eval_targets(size) * fast.get("eval_seeds", cfg_file.eval_seeds)
+    targets = eval_targets(size) * args.eval_seeds
     prompts, levels, labels = [t[0] for t in targets], [t[1] for t in targets], torch.tensor([t[2] for t in targets])
     lv = torch.tensor(levels)
-    images = generate_all(model, prompts, levels, args.cfg, args.steps, size, args.level_cfg)
+    images = generate_all(model, prompts, levels, {"text": args.cfg, "level": args.level_cfg}, args.steps, size)
     results["generated, prompt + level (ours)"] = evaluate_probe(probe, images, labels, lv)
-    uncond = generate_all(model, [""] * len(prompts), [0.0] * len(prompts), 1.0, args.steps, size)
+    uncond = generate_all(model, [""] * len(prompts), [0.0] * len(prompts), {"text": 1.0, "level": 1.0}, args.steps,
+                          size)
     results["unconditional samples (floor)"] = evaluate_probe(probe, uncond, labels, lv)
 
     # 4. Outputs.
     per_class = len(range(10, 19))
     grid_rows = []
     for c in range(0, len(CLASSES), 2):
-        row = [to_pil(images[c * per_class + (level - 10)]) for level in GRID_LEVELS]
+        row = [tensor_to_pil(images[c * per_class + (level - 10)]) for level in GRID_LEVELS]
         grid_rows.append((f"[{CLASSES[c]}] " + prompts[c * per_class + (GRID_LEVELS[0] - 10)], row))
-    grid = Image.new("RGB", (size * len(GRID_LEVELS), size * len(grid_rows)))
-    for i, (_, row) in enumerate(grid_rows):
-        for j, im in enumerate(row):
-            grid.paste(im, (size * j, size * i))
-    grid.save(out / "grid.png")
+    image_grid([im for _, row in grid_rows for im in row], cols=len(GRID_LEVELS)).save(out / "grid.png")
     elapsed = time.time() - t0
     overview(out / "overview.png", grid_rows, results, t_train,
              f"U-Net {unet_trained} steps; guidance: text {args.cfg:g}, level {args.level_cfg:g}")
     summary = {"results": results, "train_minutes": t_train / 60, "total_minutes": elapsed / 60,
-               "unet_steps": unet_trained, "unet_minutes_budget": unet_cfg.max_minutes or None,
-               "probe_minutes": saved["minutes"], "probe_done_at_unet_step": handed_back["unet_step"],
+               "unet_steps": unet_trained, "unet_minutes_budget": budget, "probe_minutes": saved["minutes"],
                "fast": args.fast, "cfg": args.cfg, "level_cfg": args.level_cfg, "steps": args.steps}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     print(f"\n{'':36s} class   level  level+-1  level corr.")

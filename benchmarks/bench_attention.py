@@ -24,10 +24,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-
-# dense bf16/fp16 tensor-core peak, TFLOP/s; the first name fragment found in torch.cuda.get_device_name() wins
-PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("H800", 989.0), ("A100", 312.0),
-               ("A800", 312.0)]
+from model.config import UNetConfig  # noqa: E402
+from model.flops import peak_tflops, unet_forward_flops  # noqa: E402
 
 TEXT_TOKENS = 77
 HEAD_DIM = 64
@@ -134,13 +132,6 @@ def bench_one(f, q, k, v, do):
 # -----------------------------------------------------------------------------
 # Report
 
-def peak_tflops(device_name):
-    for fragment, peak in PEAK_TFLOPS:
-        if fragment in device_name:
-            return peak
-    return None
-
-
 def _fmt_ms(ms):
     return "n/a" if ms is None else f"{ms:.3f}"
 
@@ -214,9 +205,10 @@ def main():
         for size in args.sizes:
             per_sample = sum(s.flops_fwd() * s.count for s in unet_shapes(size, 1))
             calls = sum(s.count for s in unet_shapes(size, 1))
+            unet = unet_forward_flops(UNetConfig(), size // 8, TEXT_TOKENS)  # the released U-Net, counted
             print(f"\n{size}px: {calls} attention calls per U-Net forward, attention core "
-                  f"{per_sample / 1e9:.2f} GFLOP per sample forward")
-        print("(SPEC: U-Net forward 181 GFLOP per sample at 256px, attention core ~5%)")
+                  f"{per_sample / 1e9:.2f} GFLOP per sample forward, {per_sample / unet:.1%} of the U-Net's "
+                  f"{unet / 1e9:.0f} GFLOP")
         return
 
     if not torch.cuda.is_available():

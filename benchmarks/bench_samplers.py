@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.diffusion import Diffusion  # noqa: E402
-from model.guidance import cfg_model_fn  # noqa: E402
+from model.guidance import guided_model_fn  # noqa: E402
 from model.samplers import sample_ddim, sample_dpmpp_2m, sample_euler  # noqa: E402
 
 ODE_SAMPLERS = {"ddim": sample_ddim, "euler": sample_euler, "dpmpp_2m": sample_dpmpp_2m}
@@ -254,10 +254,11 @@ def main():
     for label, interval in [("always on", None), (f"interval t in [{lo}, {hi}]", (lo, hi))]:
         seen = []
 
-        def unet(x, t, c, lv, seen=seen):
+        def unet(x, t, cond, seen=seen):
             seen.append(x.shape[0])
-            return convnet(x, t, c, lv)
-        fn = cfg_model_fn(unet, ctx, level, null_ctx, 0.0, 4.0, interval=interval)
+            return convnet(x, t, cond["text"], cond["level"])
+        fn = guided_model_fn(unet, {"text": ctx, "level": level}, {"text": null_ctx, "level": 0.0},
+                             {"text": 4.0, "level": 4.0}, interval=interval)
         run("ddim", fn, x, d, 50)
         rows.append([label, len(seen), sum(seen) / args.batch])
         fns.append(lambda fn=fn: run("ddim", fn, x, d, 50))

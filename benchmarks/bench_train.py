@@ -13,10 +13,11 @@ CPU; grad-checkpointing settings alternate step by step and medians are reported
 Text encoding (tokenizer + text tower, autocast) and VAE encoding (fp32, outside autocast, as train.py runs
 it) are timed separately as the cost of not pre-encoding.
 
-FLOPs are counted once with FlopCounterMode on the meta device (forward, and backward without
-checkpointing), as model FLOPs: MFU never credits the recomputation of gradient checkpointing.
-SPEC section 7: 181 GFLOP forward, ~0.54 TFLOP training per 256x256 image for the text2earth U-Net.
-MFU = achieved model FLOP/s / dense bf16 peak of the GPU; n/a on the CPU.
+FLOPs are counted once with FlopCounterMode on the meta device. MFU uses model FLOPs, 3 x forward
+(model/flops.py's unet_train_flops, as train.py does), so it never credits the recomputation of gradient
+checkpointing; the forward and backward as executed are reported next to it. Reference for the text2earth
+U-Net (SD2-base's U-Net plus the level embedding) at 256x256: 181 GFLOP forward, 0.54 TFLOP training per image.
+MFU = achieved model FLOP/s / dense bf16 peak of the GPU (model/flops.py's table); n/a on the CPU.
 
 --opt-fraction F < 1 runs AdamW and EMA over the first F of the parameters only and scales their times by
 the parameter count (both are elementwise, memory-bound passes): the full text2earth state in fp32
@@ -25,6 +26,7 @@ the parameter count (both are elementwise, memory-bound passes): the full text2e
 import argparse
 import copy
 import platform
+import re
 import resource
 import statistics
 import sys
@@ -37,11 +39,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model import attention  # noqa: E402
 from model.config import load_config  # noqa: E402
 from model.diffusion import Diffusion  # noqa: E402
+from model.flops import peak_tflops, unet_train_flops  # noqa: E402
 from model.unet import UNet  # noqa: E402
 
-PEAK_TFLOPS = [("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H100", 989.0), ("H200", 989.0), ("GH200", 989.0),
-               ("A100", 312.0)]                              # dense bf16; the first name found in the device name wins
-SPEC_FWD_GFLOP, SPEC_TRAIN_TFLOP = 181.0, 0.54               # SPEC section 7, text2earth U-Net at 256x256
+REF_FWD_GFLOP, REF_TRAIN_TFLOP = 181.0, 0.54                 # text2earth U-Net at 256x256, per image
 
 
 def parse_args(argv=None):
@@ -81,13 +82,11 @@ def device_name(device):
     return torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())
 
 
-def peak_tflops(device, override):
+def device_peak_tflops(device, override):
+    """--peak-tflops if given, else model/flops.py's dense bf16 peak of the GPU (None on the CPU or if unknown)."""
     if override:
         return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    return next((v for k, v in PEAK_TFLOPS if k in name), None)
+    return peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
 
 
 class Clock:
@@ -145,7 +144,8 @@ def peak_gb(device):
 # FLOPs
 # ------------------------------------------------------------------------------------------------------
 def count_flops(ucfg, latent, ctx_len, grad_ckpt=False):
-    """(forward, backward) FLOPs per image of the U-Net, counted on the meta device at batch 1."""
+    """(forward, backward) FLOPs per image of the U-Net as executed (with grad_ckpt: + the recomputed forward),
+    counted on the meta device at batch 1."""
     from torch.utils.flop_counter import FlopCounterMode
     cfg = copy.deepcopy(ucfg)
     cfg.gradient_checkpointing = grad_ckpt
@@ -156,7 +156,7 @@ def count_flops(ucfg, latent, ctx_len, grad_ckpt=False):
         t, level = torch.zeros(1), torch.zeros(1)
     fwd, bwd = FlopCounterMode(display=False), FlopCounterMode(display=False)
     with fwd:
-        out = unet(x, t, ctx, level if cfg.level_embedding else None)
+        out = unet(x, t, {"text": ctx, **{name: level for name in cfg.scalar_conditions}})
     with bwd:
         out.float().pow(2).mean().backward()
     return fwd.get_total_flops(), bwd.get_total_flops()
@@ -224,14 +224,14 @@ class Trainer:
         """One training step; returns seconds per phase (forward, backward, optimizer, EMA) and the step wall time."""
         self.unet.cfg.gradient_checkpointing = grad_ckpt
         x0, noise, t, context, level = self.batch(B, latent)
-        use_level = self.mcfg.unet.level_embedding
+        cond = {"text": context, **{name: level for name in self.mcfg.unet.scalar_conditions}}
         sync(self.device)
         clock, t0 = Clock(self.device), time.perf_counter()
         clock.mark()
 
         def model_fn(x_t, tt):
             with self.autocast:
-                return self.net(x_t, tt, context, level if use_level else None).float()
+                return self.net(x_t, tt, cond).float()
 
         loss = self.diffusion.training_losses(model_fn, x0, t, noise, prediction=self.mcfg.diffusion.prediction)["loss"].mean()
         clock.mark()
@@ -323,28 +323,25 @@ def main(argv=None):
     mcfg = load_config(args.config).model
     latent = args.image_size // 2 ** (len(mcfg.vae.channels) - 1)
     settings = {"0": [False], "1": [True], "both": [False, True]}[args.grad_ckpt]
-    peak = peak_tflops(device, args.peak_tflops)
+    peak = device_peak_tflops(device, args.peak_tflops)
     name = device_name(device)
     print(f"{args.config} on {name}: batch {args.batch}, {args.image_size}px (latent {latent}), {dtype}, "
           f"attention {args.attention}{' (CPU: falls back to SDPA)' if args.attention == 'triton' and device.type != 'cuda' else ''}, "
           f"compile {args.compile}", flush=True)
 
-    # FLOPs per image, counted once
+    # FLOPs per image, counted once: model FLOPs for MFU, and as executed
+    train_flops = unet_train_flops(mcfg.unet, latent, mcfg.text.context_length)         # 3 x forward
     fwd, bwd = count_flops(mcfg.unet, latent, mcfg.text.context_length)
-    train_flops = fwd + bwd
-    hw = {False: train_flops}
+    flop_lines = [f"| U-Net forward | {fwd / 1e9:.4g} GFLOP | {REF_FWD_GFLOP:.0f} GFLOP at 256x256 (text2earth) |",
+                  f"| U-Net backward, as executed | {bwd / 1e9:.1f} GFLOP | |",
+                  f"| U-Net training, model FLOPs (3 x forward; MFU uses these) | {train_flops / 1e12:.3f} TFLOP | "
+                  f"{REF_TRAIN_TFLOP} TFLOP at 256x256 (text2earth) |",
+                  f"| U-Net training, as executed (forward + backward) | {(fwd + bwd) / 1e12:.3f} TFLOP | |"]
     if True in settings:
         f2, b2 = count_flops(mcfg.unet, latent, mcfg.text.context_length, grad_ckpt=True)
-        hw[True] = f2 + b2
-    flop_lines = [f"| U-Net forward | {fwd / 1e9:.4g} GFLOP | 181 GFLOP at 256x256 (text2earth) |",
-                  f"| U-Net backward | {bwd / 1e9:.1f} GFLOP | |",
-                  f"| U-Net training (forward + backward, model FLOPs) | {train_flops / 1e12:.3f} TFLOP | "
-                  f"0.54 TFLOP at 256x256 (text2earth); 3 x forward = {3 * fwd / 1e12:.3f} |"]
-    if True in settings:
-        flop_lines.append(f"| executed with gradient checkpointing (+ recompute) | {hw[True] / 1e12:.3f} TFLOP | |")
+        flop_lines.append(f"| executed with gradient checkpointing (+ recompute) | {(f2 + b2) / 1e12:.3f} TFLOP | |")
     print(f"FLOPs per image: forward {fwd / 1e9:.1f} G, backward {bwd / 1e9:.1f} G, train {train_flops / 1e12:.3f} T "
-          f"(3 x forward {3 * fwd / 1e12:.3f} T; SPEC at 256px for text2earth: {SPEC_FWD_GFLOP:.0f} G / "
-          f"{SPEC_TRAIN_TFLOP} T)", flush=True)
+          f"model FLOPs (reference at 256px for text2earth: {REF_FWD_GFLOP:.0f} G / {REF_TRAIN_TFLOP} T)", flush=True)
 
     # U-Net training steps, grad-checkpointing settings alternating step by step
     trainer = Trainer(mcfg, args, device, dtype)
@@ -376,7 +373,7 @@ def main(argv=None):
              f"torch {torch.__version__}, {dtype}, attention {args.attention}, compile {args.compile}, "
              f"{torch.get_num_threads()} threads; {args.steps} timed steps per setting after {args.warmup} warm-up "
              f"steps, alternating; medians. U-Net {n_params / 1e6:.1f} M params.",
-             "", "| FLOPs per image | counted | SPEC |", "|---|---|---|"] + flop_lines + [""]
+             "", "| FLOPs per image | counted | reference |", "|---|---|---|"] + flop_lines + [""]
     lines += ["| grad ckpt | images/s | s/step | model TFLOP/s | MFU | peak memory (GB) |", "|---|---|---|---|---|---|"]
     for s in settings:
         ips = args.batch / med[s]["step"]
@@ -411,7 +408,7 @@ def main(argv=None):
         lines += ["", f"End to end as train.py runs it (step + text + fp32 VAE): {args.batch / end2end:.2f} images/s."]
     text = "\n".join(lines) + "\n"
     print(text)
-    tag = "cpu" if device.type == "cpu" else next((k.split()[0].lower() for k, _ in PEAK_TFLOPS if k in name), "cuda")
+    tag = "cpu" if device.type == "cpu" else re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
     out = Path(args.out or Path(__file__).parent / "results" / f"train_{tag}.md")
     out.parent.mkdir(parents=True, exist_ok=True)
     if args.append and out.exists():

@@ -17,7 +17,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.config import load_config  # noqa: E402
 from model.unet import UNet  # noqa: E402
-from model.weights import UNET_KEYS, rename_keys  # noqa: E402
+from model.release import UNET_KEYS, rename_keys  # noqa: E402
 
 
 def diffusers_twin(cfg):
@@ -29,7 +29,7 @@ def diffusers_twin(cfg):
         down_block_types=["CrossAttnDownBlock2D" if a else "DownBlock2D" for a in cfg.attention],
         up_block_types=["CrossAttnUpBlock2D" if a else "UpBlock2D" for a in cfg.attention[::-1]],
         attention_head_dim=cfg.heads, cross_attention_dim=cfg.context_dim, norm_num_groups=cfg.norm_groups,
-        use_linear_projection=True, class_embed_type="timestep" if cfg.level_embedding else None)
+        use_linear_projection=True, class_embed_type="timestep" if "level" in cfg.scalar_conditions else None)
 
 
 def rss_mb():
@@ -57,7 +57,7 @@ def measure_peak(cfg, args):
         if args.peak_of == "diffusers":
             model(x, t, encoder_hidden_states=ctx, class_labels=level)
         else:
-            model(x, t, ctx, level)
+            model(x, t, {"text": ctx, "level": level})
     print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
 
 
@@ -89,7 +89,7 @@ def main():
     t = torch.randint(0, 1000, (B,), generator=g)
     ctx = torch.randn(B, 77, cfg.context_dim, generator=g)
     level = torch.full((B,), 17.0)
-    run = {"ours": lambda: ours(x, t, ctx, level),
+    run = {"ours": lambda: ours(x, t, {"text": ctx, "level": level}),
            "diffusers": lambda: ref(x, t, encoder_hidden_states=ctx, class_labels=level).sample}
 
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Text2Earth as released (SD2-base layout + resolution embedding, SPEC section 2); the paper's training values."""
+"""Text2Earth as released (lcybuaa/Text2Earth: SD2-base layout + the level embedding); every default is its value."""
 from model.config import ModelConfig
 
-model = ModelConfig()          # every default is the released model's value
+model = ModelConfig()

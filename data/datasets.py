@@ -1,24 +1,15 @@
 """
-Map-style readers for Text2Earth training data, all yielding one sample dict:
+Map-style readers for Text2Earth training data, each yielding the sample dict of data/samples.py
+(None for a bad or filtered sample):
 
-    {"image": (3, H, W) float in [-1, 1], "caption": str, "level": float (Google map level,
-     0.0 = unknown), "quality": float or nan, "key": str}  (+ "latent": (4, h, w) from shards)
-
-Readers:
     Git10M             Git-10M as distributed (HF `save_to_disk` Arrow files), read in place
     KarpathyCaptions   RSICD / UCM-Captions style caption json + images folder
     CaptionFolder      a folder of images + a jsonl or csv manifest
 (the webdataset tar-shard stream and its writer live in data/shards.py)
 
-Levels: resolution_m = 2 ** (17 - L), so L = 17 - log2(resolution_m); L = 0 means "no resolution".
-
-Bad data (unreadable / truncated / missing image, unsupported pixel format, empty caption) never
-kills a run silently and never hides: the sample comes back as None (drop it with `collate`),
-and a BadDataCounter logs it with its key and raises BadDataError once the bad fraction passes
-its threshold. Grey, palette, RGBA and 16-bit images are converted to 8-bit RGB.
-Per-sample randomness (caption choice, crop, flips) comes from a generator seeded by
-(seed, epoch, index), so with ResumableSampler the order *and* the pixels of a run are
-reproducible and resumable mid-epoch, whatever num_workers is:
+Levels follow data/levels.py: L = 17 - log2(resolution_m), L = 0 means "no resolution".
+Per-sample randomness is seeded by (seed, epoch, index), so with ResumableSampler the order *and*
+the pixels of a run are reproducible and resumable mid-epoch, whatever num_workers is:
 
     ds = Git10M(root, transform=train_transform(256), min_quality=4.8)
     sampler = ResumableSampler(len(ds), seed, rank, world_size)
@@ -29,74 +20,17 @@ reproducible and resumable mid-epoch, whatever num_workers is:
         for batch in loader: ...   # batch None -> every sample was bad; skip it
 """
 import csv
-import io
 import json
-import logging
 import math
-import re
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
-from data.transforms import pil_to_tensor
+from data.levels import level_from_resolution, parse_google_location, parse_level_prefix
+from data.samples import BadDataCounter, build_sample, sample_generator
 
-logger = logging.getLogger(__name__)
-
-# -----------------------------------------------------------------------------
-# levels and locations
-
-
-def level_from_resolution(resolution_m):
-    """Ground sample distance in metres/pixel -> Google map level, L = 17 - log2(m)."""
-    m = float(resolution_m)
-    if not math.isfinite(m) or m <= 0:
-        raise ValueError(f"resolution must be a positive number of metres per pixel, got {resolution_m!r}")
-    return 17.0 - math.log2(m)
-
-
-def resolution_from_level(level):
-    """Google map level -> metres per pixel, 2 ** (17 - L)."""
-    return 2.0 ** (17.0 - float(level))
-
-
-_LEVEL_PREFIX = re.compile(r"^\s*(\d+(?:\.\d+)?)_GOOGLE_LEVEL_(.*)$", re.DOTALL)
-
-
-def parse_level_prefix(text):
-    """'{L}_GOOGLE_LEVEL_{caption}' -> (float(L), caption); text without the prefix -> (0.0, text).
-    L = 0 in the prefix means no resolution."""
-    if not isinstance(text, str):
-        raise ValueError(f"parse_level_prefix expects a str, got {type(text).__name__}")
-    m = _LEVEL_PREFIX.match(text)
-    if m is None:
-        return 0.0, text
-    return float(m.group(1)), m.group(2)
-
-
-def parse_google_location(loc):
-    """Git-10M `Google_location` 'Z_X_Y' -> (z, x, y) ints; z is the map level."""
-    parts = str(loc).strip().split("_")
-    try:
-        z, x, y = (int(p) for p in parts)
-    except ValueError:
-        raise ValueError(f"Google_location must look like 'Z_X_Y' with integers, got {loc!r}") from None
-    if not (0 <= z <= 30 and 0 <= x < 2 ** z and 0 <= y < 2 ** z):
-        raise ValueError(f"Google_location {loc!r} is not a valid web-map tile (need 0 <= x, y < 2**z)")
-    return z, x, y
-
-
-def tile_to_lonlat(z, x, y, center=False):
-    """Web-map (slippy map / Web Mercator) tile -> (lon, lat) in degrees of its north-west corner
-    (or its center). OpenStreetMap "Slippy map tilenames": lon = x / 2^z * 360 - 180,
-    lat = atan(sinh(pi * (1 - 2 y / 2^z)))."""
-    n = 2.0 ** z
-    xf, yf = (x + 0.5, y + 0.5) if center else (float(x), float(y))
-    lon = xf / n * 360.0 - 180.0
-    lat = math.degrees(math.atan(math.sinh(math.pi * (1.0 - 2.0 * yf / n))))
-    return lon, lat
 
 
 def _to_float(v):
@@ -107,145 +41,6 @@ def _to_float(v):
         return float(v)
     except (TypeError, ValueError):
         return float("nan")
-
-
-# -----------------------------------------------------------------------------
-# bad-data accounting
-
-
-class BadDataError(RuntimeError):
-    """Too much of the data is unreadable; the message names example keys and reasons."""
-
-
-class BadDataCounter:
-    """Counts samples read, skipped (bad), filtered and converted; raises BadDataError when
-    bad / read exceeds max_bad_fraction after at least min_samples have been read.
-    One counter can be shared by several readers. In DataLoader workers each worker holds
-    its own copy, so the threshold applies per worker."""
-
-    def __init__(self, max_bad_fraction=0.01, min_samples=1000, max_examples=10):
-        if not 0.0 <= max_bad_fraction <= 1.0:
-            raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-        self.max_bad_fraction, self.min_samples, self.max_examples = max_bad_fraction, min_samples, max_examples
-        self.total = self.bad = self.filtered = self.converted = 0
-        self.reasons = Counter()  # reason kind -> count
-        self.examples = []  # [(key, reason)] first few bad samples
-
-    def ok(self):
-        self.total += 1
-        self._check()
-
-    def record_bad(self, key, reason):
-        self.total += 1
-        self.bad += 1
-        self.reasons[reason.split(":")[0]] += 1
-        if len(self.examples) < self.max_examples:
-            self.examples.append((key, reason))
-        logger.warning("skipping bad sample %s: %s", key, reason)
-        self._check()
-
-    def record_filtered(self, key, reason):
-        self.total += 1
-        self.filtered += 1
-        logger.debug("filtered sample %s: %s", key, reason)
-
-    def record_converted(self, key, note):
-        self.converted += 1
-        logger.info("converted sample %s: %s", key, note)
-
-    def _check(self):
-        if self.total >= self.min_samples and self.bad > self.max_bad_fraction * self.total:
-            examples = "; ".join(f"{k}: {r}" for k, r in self.examples)
-            raise BadDataError(
-                f"{self.bad} of {self.total} samples read were bad ({self.bad / self.total:.2%} > "
-                f"max_bad_fraction {self.max_bad_fraction:.2%}); reasons {dict(self.reasons)}; "
-                f"examples: {examples}")
-
-    def summary(self):
-        return dict(total=self.total, bad=self.bad, filtered=self.filtered, converted=self.converted,
-                    reasons=dict(self.reasons), examples=list(self.examples))
-
-
-# -----------------------------------------------------------------------------
-# decoding
-
-
-def to_rgb8(img):
-    """Any PIL image -> (8-bit RGB image, note or None). Grey/palette -> RGB; alpha is
-    composited onto black (transparent = no data); 16-bit grey is scaled 0..65535 -> 0..255.
-    Raises ValueError for modes with no sensible conversion (e.g. 32-bit float 'F')."""
-    mode = img.mode
-    if mode == "RGB":
-        return img, None
-    if mode in ("L", "1", "CMYK", "YCbCr", "LAB", "HSV"):
-        return img.convert("RGB"), f"{mode} -> RGB"
-    if mode == "P" and "transparency" not in img.info:
-        return img.convert("RGB"), "palette -> RGB"
-    if mode in ("RGBA", "RGBa", "LA", "La", "PA", "P"):
-        a = np.asarray(img.convert("RGBA"), dtype=np.float32)  # (H, W, 4)
-        rgb = (a[..., :3] * (a[..., 3:] / 255.0)).round().astype(np.uint8)
-        return Image.fromarray(rgb, mode="RGB"), f"{mode} -> RGB (alpha composited on black)"
-    if mode.startswith("I"):  # I;16, I;16B, I;16L, I;16N, I (32-bit int)
-        a = np.asarray(img).astype(np.int64)
-        if a.min() < 0 or a.max() > 65535:
-            raise ValueError(f"integer image (mode {mode}) with values outside 0..65535")
-        g = (a / 257.0).round().astype(np.uint8)  # 65535 / 255 = 257
-        return Image.fromarray(g, mode="L").convert("RGB"), f"16-bit {mode} -> 8-bit RGB"
-    raise ValueError(f"unsupported image mode {mode!r}")
-
-
-def load_rgb(src):
-    """Encoded bytes or a path -> (8-bit RGB PIL image, conversion note or None).
-    Raises FileNotFoundError / OSError (corrupt, truncated) / ValueError (unsupported mode)."""
-    f = io.BytesIO(bytes(src)) if isinstance(src, (bytes, bytearray, memoryview)) else src
-    with Image.open(f) as img:
-        img.load()  # decodes fully here, so truncated files fail here and not later
-        out, note = to_rgb8(img)
-        return (out.copy() if out is img else out), note
-
-
-def sample_generator(seed, epoch, index):
-    """torch.Generator seeded from (seed, epoch, index): per-sample randomness independent of
-    worker count and resumable."""
-    state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
-def build_sample(key, image, caption, level, quality, *, transform, generator, counter,
-                 min_size=0, allow_empty_caption=False, latent=None):
-    """The shared pipeline: check caption, decode image (bytes/path) or take a latent, filter by
-    size, transform -> sample dict, or None (bad or filtered, counted in `counter`).
-    image may be None when a latent (4, h, w) is given."""
-    if not isinstance(caption, str):
-        counter.record_bad(key, f"caption: not a string ({type(caption).__name__})")
-        return None
-    caption = caption.strip()
-    if not caption and not allow_empty_caption:
-        counter.record_bad(key, "empty caption")
-        return None
-    sample = {"caption": caption, "level": float(level), "quality": float(quality), "key": key}
-    if image is not None:
-        try:
-            img, note = load_rgb(image)
-        except FileNotFoundError:
-            counter.record_bad(key, f"missing file: {image}")
-            return None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            counter.record_bad(key, f"unreadable image: {type(e).__name__}: {e}")
-            return None
-        if note is not None:
-            counter.record_converted(key, note)
-        if min(img.size) < min_size:
-            counter.record_filtered(key, f"size {img.size[0]}x{img.size[1]} < min_size {min_size}")
-            return None
-        sample["image"] = transform(img, generator) if transform is not None else pil_to_tensor(img)
-    if latent is not None:
-        sample["latent"] = latent
-    if "image" not in sample and "latent" not in sample:
-        counter.record_bad(key, "no image and no latent")
-        return None
-    counter.ok()
-    return sample
 
 
 # -----------------------------------------------------------------------------
@@ -550,92 +345,3 @@ class CaptionFolder(CaptionImageDataset):
     def _record(self, i, generator):
         return self.rows[i]
 
-
-# -----------------------------------------------------------------------------
-# resumable sampling and batching
-
-
-def _dist_rank_world(rank, world_size):
-    """Explicit (rank, world_size), else torch.distributed's when initialised, else (0, 1)."""
-    if rank is None or world_size is None:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            rank = torch.distributed.get_rank() if rank is None else rank
-            world_size = torch.distributed.get_world_size() if world_size is None else world_size
-        else:
-            rank, world_size = (0 if rank is None else rank), (1 if world_size is None else world_size)
-    if not 0 <= rank < world_size:
-        raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
-    return rank, world_size
-
-
-class ResumableSampler(torch.utils.data.Sampler):
-    """Per-epoch permutation of range(n) (seeded by seed + epoch), split by rank as
-    perm[rank::world_size], starting at `start_index` (samples this rank already consumed in
-    the epoch). Since it runs in the main process, the order does not depend on num_workers.
-    drop_last=True truncates to a multiple of world_size; False pads by wrapping around
-    (so every rank gets the same count)."""
-
-    def __init__(self, n, seed=0, rank=None, world_size=None, start_index=0, shuffle=True, drop_last=True):
-        if n <= 0:
-            raise ValueError(f"ResumableSampler needs n > 0, got {n}")
-        self.n, self.seed, self.shuffle, self.drop_last = n, seed, shuffle, drop_last
-        self.rank, self.world_size = _dist_rank_world(rank, world_size)
-        if drop_last and n < self.world_size:
-            raise ValueError(f"n={n} samples cannot be split over world_size={self.world_size} with drop_last")
-        self.epoch = 0
-        self._set_start(start_index)
-
-    def _set_start(self, start_index):
-        if not 0 <= start_index <= self.num_per_rank:
-            raise ValueError(f"start_index {start_index} not in [0, {self.num_per_rank}]")
-        self.start_index = start_index
-
-    @property
-    def num_per_rank(self):
-        W = self.world_size
-        return self.n // W if self.drop_last else -(-self.n // W)
-
-    def set_epoch(self, epoch, start_index=0):
-        """Select the epoch; start_index > 0 resumes it mid-way."""
-        self.epoch = int(epoch)
-        self._set_start(start_index)
-
-    def indices(self):
-        """All of this rank's indices for the current epoch (ignoring start_index)."""
-        if self.shuffle:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        else:
-            perm = torch.arange(self.n)
-        total = self.num_per_rank * self.world_size
-        perm = perm.repeat(-(-total // self.n))[:total]  # truncate, or pad by wrapping around
-        return perm[self.rank:total:self.world_size].tolist()
-
-    def __iter__(self):
-        return iter(self.indices()[self.start_index:])
-
-    def __len__(self):
-        return self.num_per_rank - self.start_index
-
-
-def collate(batch):
-    """List of sample dicts (None = skipped) -> {"image": (B, 3, H, W), "latent": (B, 4, h, w)
-    (each when every sample has it), "caption": [B str], "level": (B,), "quality": (B,),
-    "key": [B str]}; None when every sample was skipped: the training loop should skip such a
-    batch but still count it as a step, so resume positions stay exact."""
-    batch = [s for s in batch if s is not None]
-    if not batch:
-        return None
-    out = {"caption": [s["caption"] for s in batch], "key": [s["key"] for s in batch],
-           "level": torch.tensor([s["level"] for s in batch], dtype=torch.float32),
-           "quality": torch.tensor([s["quality"] for s in batch], dtype=torch.float32)}
-    if all("label" in s for s in batch):                      # class labels (procedural Earth)
-        out["label"] = torch.tensor([s["label"] for s in batch])
-    for name in ("image", "latent"):
-        if all(name in s for s in batch):
-            shapes = {tuple(s[name].shape) for s in batch}
-            if len(shapes) > 1:
-                ex = [(s["key"], tuple(s[name].shape)) for s in batch[:4]]
-                raise ValueError(f"collate: {name} shapes differ within a batch {sorted(shapes)}; "
-                                 f"e.g. {ex} (use a transform with a fixed size)")
-            out[name] = torch.stack([s[name] for s in batch])
-    return out

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.datasets import BadDataCounter, _dist_rank_world, build_sample, sample_generator
+from data.sampler import _dist_rank_world
+from data.samples import BadDataCounter, build_sample, sample_generator
 from data.transforms import random_dihedral, tensor_to_pil
 
 logger = logging.getLogger(__name__)
@@ -153,7 +154,7 @@ def _resume_plan(skip_batches, batch_size, worker_counts):
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
-    """Stream samples (the dict of data/datasets.py, or None when skipped) from tar shards.
+    """Stream samples (the dict of data/samples.py, or None when skipped) from tar shards.
 
     rank / world_size: explicit, else from torch.distributed, else (0, 1).
     shuffle_buffer: 0 keeps the stream order. seed + epoch (set_epoch) fix the order.
@@ -401,48 +402,3 @@ def write_shards(dataset, out_dir, samples_per_shard=1000, encode_fn=None, batch
         {"shards": index, "total": state["n"], "latents": encode_fn is not None}, indent=1))
     logger.info("wrote %d samples in %d shards to %s (%d skipped)", state["n"], len(paths), out_dir, skipped)
     return paths
-
-
-# -----------------------------------------------------------------------------
-# command line: convert any reader to shards, optionally pre-encoding VAE latents
-
-
-def main(argv=None):
-    """python -m data.shards --out shards/ --data karpathy --data_path dataset.json [--latents_from WEIGHTS]"""
-    import argparse
-
-    import train
-    from data.transforms import eval_transform
-    p = argparse.ArgumentParser(description="Write webdataset-style tar shards from a dataset train.py can read.")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--data", required=True, choices=["karpathy", "folder", "git10m", "synthetic"])
-    p.add_argument("--data_path", default="")
-    p.add_argument("--data_split", default="train")
-    p.add_argument("--gsd_m", type=float, default=0.0, help="dataset-wide metres/pixel (0 = from the data)")
-    p.add_argument("--min_quality", type=float, default=0.0, help="keep img_quality_score > this (stage 2: 4.8)")
-    p.add_argument("--image_size", type=int, default=256, help="resize shorter side + center crop to this")
-    p.add_argument("--per_shard", type=int, default=1000)
-    p.add_argument("--latents_from", default="", help="weights whose VAE pre-encodes scaled latents (model.encode_images)")
-    p.add_argument("--no_images", action="store_true", help="store latents only (needs --latents_from)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    cfg = train.TrainConfig(data=args.data, data_path=args.data_path, data_split=args.data_split, gsd_m=args.gsd_m,
-                            min_quality=args.min_quality, image_size=args.image_size)
-    dataset = train.build_dataset(cfg)
-    dataset.transform = eval_transform(args.image_size)        # deterministic: augment at training time
-    encode_fn = None
-    if args.latents_from:
-        from model.weights import load_weights
-        model = load_weights(args.latents_from, args.device)
-        encode_fn = lambda images: model.encode_images(images.to(args.device)).cpu()  # noqa: E731
-    try:
-        paths = write_shards(dataset, args.out, args.per_shard, encode_fn=encode_fn, write_images=not args.no_images,
-                             overwrite=args.overwrite)
-    except (FileExistsError, ValueError) as e:
-        p.error(str(e))
-    print(f"wrote {len(paths)} shards to {args.out}")
-
-
-if __name__ == "__main__":
-    main()

@@ -143,3 +143,14 @@ def drop_conditions(captions, levels, p_text=0.1, p_res=0.1, generator=None):
     captions = ["" if d else c for c, d in zip(captions, drop_text.tolist())]
     levels = torch.where(drop_res, torch.zeros_like(levels), levels)
     return captions, levels
+
+
+def image_grid(images, cols):
+    """PIL images of one size -> one PIL image, `cols` per row, row-major."""
+    import math
+    w, h = images[0].size
+    rows = math.ceil(len(images) / cols)
+    grid = Image.new("RGB", (cols * w, rows * h))
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % cols) * w, (i // cols) * h))
+    return grid

@@ -2,7 +2,7 @@
 Fused attention (FlashAttention-2) in Triton, forward and backward, for the text2earth U-Net.
 
     o = flash_attention(q, k, v)          # q (B, heads, Lq, D), k/v (B, heads, Lk, D) -> o (B, heads, Lq, D)
-    o = attention_reference(q, k, v)      # the same in plain PyTorch (fp32 math), for tests and CPU
+    o = attention_reference(q, k, v)      # the same in plain PyTorch (fp32 math; kernels/reference.py)
 
 Algorithm: Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning"
 (arXiv 2307.08691), Algorithm 1 (forward, online softmax over key blocks, logsumexp kept for the backward)
@@ -25,6 +25,8 @@ import os
 
 import torch
 
+from kernels.reference import attention_reference  # noqa: F401  the definition the kernel is tested against
+
 try:
     import triton
     import triton.language as tl
@@ -43,17 +45,6 @@ MAX_HEAD_DIM = 128
 def is_available():
     """True when the Triton kernel can run here: triton imports and (CUDA is available or TRITON_INTERPRET=1)."""
     return triton is not None and (torch.cuda.is_available() or _INTERPRET)
-
-
-# -----------------------------------------------------------------------------
-# Reference
-
-def attention_reference(q, k, v, sm_scale=None):
-    """softmax(q k^T * sm_scale) v in fp32 math, returned in q's dtype. q (B, heads, Lq, D), k/v (B, heads, Lk, D)."""
-    scale = q.shape[-1] ** -0.5 if sm_scale is None else sm_scale
-    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale  # (B, heads, Lq, Lk)
-    p = torch.softmax(s, dim=-1)
-    return torch.matmul(p, v.float()).to(q.dtype)  # (B, heads, Lq, D)
 
 
 # -----------------------------------------------------------------------------

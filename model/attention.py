@@ -5,14 +5,15 @@ exactly one place, `set_backend()`:
   "sdpa"   torch.nn.functional.scaled_dot_product_attention (default; flash / efficient / cuDNN / math on its own)
   "triton" our fused FlashAttention-2 kernel (kernels/flash_attention.py) for CUDA tensors (and any tensor under
            TRITON_INTERPRET=1, Triton's CPU interpreter, which is how CI tests it); otherwise SDPA
-  "math"   the plain softmax(q k^T / sqrt(d)) v, for reading and for testing the others
+  "math"   the plain softmax(q k^T / sqrt(D)) v in fp32 math (kernels/reference.py), for reading and testing
 """
-import math
 import os
 
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+
+from kernels.reference import attention_reference  # plain PyTorch, no Triton import
 
 BACKENDS = ("sdpa", "triton", "math")
 _backend = "sdpa"
@@ -30,19 +31,13 @@ def get_backend():
     return _backend
 
 
-def attention_math(q, k, v):
-    """q: (B, heads, Lq, D), k, v: (B, heads, Lk, D) -> (B, heads, Lq, D). The readable reference."""
-    weights = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(q.shape[-1]))  # B, heads, Lq, Lk
-    return weights.softmax(dim=-1) @ v
-
-
 def attention(q, k, v):
     """Scaled dot-product attention, no mask: q (B, heads, Lq, D), k/v (B, heads, Lk, D) -> (B, heads, Lq, D)."""
     if _backend == "triton" and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         from kernels.flash_attention import flash_attention  # imported lazily: triton is only needed on the GPU
         return flash_attention(q, k, v)
     if _backend == "math":
-        return attention_math(q, k, v)
+        return attention_reference(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 

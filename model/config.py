@@ -3,7 +3,8 @@
 A `ModelConfig` is stored inside every checkpoint (as JSON) and is all that is needed to rebuild the
 model. Files in `configs/` instantiate these with plain values; nothing here names a class by string.
 """
-from dataclasses import asdict, dataclass, field, fields
+import ast
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 
 
 @dataclass
@@ -19,7 +20,8 @@ class UNetConfig:
     norm_groups: int = 32
     norm_eps: float = 1e-5
     time_dim: int = 0                                    # width of the time embedding; 0 = 4 * channels[0]
-    level_embedding: bool = True                         # diffusers' class_embed_type="timestep"
+    scalar_conditions: tuple = ("level",)                # embedded like the timestep, added to the time embedding
+                                                         # (the release's level: class_embed_type="timestep")
     scale_shift_norm: bool = False                       # ADM's AdaGN in the res-blocks (the release: False)
     gradient_checkpointing: bool = False
 
@@ -47,7 +49,7 @@ class TextConfig:
 
 @dataclass
 class DiffusionConfig:
-    """The training noise process (SPEC section 3)."""
+    """The training noise process (the release's scheduler: scaled-linear betas 0.00085..0.012, 1000 steps)."""
     num_steps: int = 1000
     schedule: str = "scaled_linear"                      # "scaled_linear" | "linear" | "cosine"
     beta_start: float = 0.00085
@@ -58,11 +60,32 @@ class DiffusionConfig:
 
 
 @dataclass
+class ConditionConfig:
+    """One condition besides x_t and t (model/conditions.py): where a batch holds it, its null value ("absent":
+    what DCA dropout puts in its place and what the null branch of guidance gets), its dropout probability."""
+    field: str = "level"                                 # the key readers fill in a sample (data/)
+    null: object = 0.0                                   # "" for the text, 0.0 (no resolution) for the level
+    p_drop: float = 0.1                                  # DCA: dropped with this probability, independently
+
+
+def default_conditions():
+    """Text2Earth's: the caption and the map level, each dropped with probability 0.1 (the paper does not say)."""
+    return {"text": ConditionConfig(field="caption", null="", p_drop=0.1),
+            "level": ConditionConfig(field="level", null=0.0, p_drop=0.1)}
+
+
+@dataclass
 class ModelConfig:
     unet: UNetConfig = field(default_factory=UNetConfig)
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    conditions: dict = field(default_factory=default_conditions)   # name -> ConditionConfig; "text" and the
+                                                                     # U-Net's scalar_conditions are read
+
+    def condition_names(self):
+        """The conditions this model reads, in guidance order: the text, then the U-Net's scalar conditions."""
+        return ("text", *self.unet.scalar_conditions)
 
     def to_dict(self):
         return asdict(self)
@@ -71,10 +94,16 @@ class ModelConfig:
     def from_dict(cls, d):
         """Inverse of `to_dict`; unknown keys are an error (a checkpoint from another codebase, or a typo)."""
         parts = {"unet": UNetConfig, "vae": VAEConfig, "text": TextConfig, "diffusion": DiffusionConfig}
-        unknown = set(d) - set(parts)
+        unknown = set(d) - set(parts) - {"conditions"}
         if unknown:
             raise ValueError(f"model config has unknown sections {sorted(unknown)}; expected {sorted(parts)}")
         kwargs = {}
+        if "conditions" in d:
+            known = {f.name for f in fields(ConditionConfig)}
+            for name, c in d["conditions"].items():
+                if set(c) - known:
+                    raise ValueError(f"model config condition '{name}' has unknown keys {sorted(set(c) - known)}")
+            kwargs["conditions"] = {name: ConditionConfig(**c) for name, c in d["conditions"].items()}
         for name, sub in parts.items():
             values = dict(d.get(name, {}))
             known = {f.name for f in fields(sub)}
@@ -85,15 +114,111 @@ class ModelConfig:
         return cls(**kwargs)
 
 
+# ------------------------------------------------------------------------------------------------------
+# The one config mechanism: a dataclass of defaults, a config file of plain values, --key=value overrides
+# ------------------------------------------------------------------------------------------------------
 def load_config(path):
-    """Execute a config file (plain Python assignments, see configs/) and return its public names as a dict-like
-    namespace. `model` in it is a ModelConfig; training files add plain values (lr, batch size, ...)."""
+    """Execute a config file (plain Python assignments, see configs/) and return its public names as a namespace.
+    `model` in it is a ModelConfig; training files add plain values (lr, batch size, ...)."""
     import runpy
     import types
     from pathlib import Path
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"config file {path} does not exist")
-    values = {k: v for k, v in runpy.run_path(str(path)).items()
-              if not k.startswith("_") and not isinstance(v, (types.ModuleType, type, types.FunctionType))}
-    return types.SimpleNamespace(**values)
+    try:
+        values = runpy.run_path(str(path))
+    except SyntaxError as e:
+        raise ValueError(f"config file {path}: not a Python config file (line {e.lineno}: {e.msg})") from None
+    except Exception as e:  # a config file is user code: name the file, not a traceback from inside runpy
+        raise ValueError(f"config file {path}: {type(e).__name__}: {e}") from None
+    return types.SimpleNamespace(**{k: v for k, v in values.items() if not k.startswith("_")
+                                    and not isinstance(v, (types.ModuleType, type, types.FunctionType))})
+
+
+def _parse_value(text, default, key):
+    """`text` as the type of `default` (bool, int, float, tuple or str); ValueError naming --key otherwise."""
+    if isinstance(default, bool):
+        if text.lower() in ("1", "true", "yes"):
+            return True
+        if text.lower() in ("0", "false", "no"):
+            return False
+        raise ValueError(f"--{key}: expected a boolean, got {text!r}")
+    if isinstance(default, (int, float)):
+        try:
+            return float(text) if isinstance(default, float) else int(ast.literal_eval(text))
+        except (ValueError, SyntaxError, TypeError):
+            raise ValueError(f"--{key}: expected {type(default).__name__}, got {text!r}") from None
+    if isinstance(default, tuple):
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            raise ValueError(f"--{key}: expected a tuple like (1, 2), got {text!r}") from None
+        return tuple(value) if isinstance(value, (list, tuple)) else (value,)
+    return text
+
+
+def set_key(cfg, key, text):
+    """Set the field at dotted path `key` (through dataclasses and dicts, e.g. model.conditions.level.p_drop)."""
+    *path, name = key.split(".")
+    obj = cfg
+    for p in path:
+        if isinstance(obj, dict) and p in obj:
+            obj = obj[p]
+        elif is_dataclass(obj) and p in {f.name for f in fields(obj)}:
+            obj = getattr(obj, p)
+        else:
+            raise ValueError(f"unknown config key --{key}")
+    if not is_dataclass(obj) or name not in {f.name for f in fields(obj)}:
+        raise ValueError(f"unknown config key --{key}")
+    setattr(obj, name, _parse_value(text, getattr(obj, name), key))
+
+
+def configure(cfg, argv):
+    """`--config FILE` (each, in order) then `--key=value ...` (a bare `--flag` sets a boolean) applied to the
+    dataclass `cfg`, in place. Unknown keys, in the file or on the command line, and values of the wrong type are ValueErrors."""
+    argv = list(argv)
+    while "--config" in argv:                                        # config files first, in order
+        i = argv.index("--config")
+        if i + 1 >= len(argv):
+            raise ValueError("--config needs a file")
+        values = vars(load_config(argv[i + 1]))
+        del argv[i:i + 2]
+        names = {f.name for f in fields(cfg)}
+        for k, v in values.items():
+            if k not in names:
+                raise ValueError(f"config file: unknown key {k!r} (not a {type(cfg).__name__} field)")
+            default = getattr(cfg, k)
+            if is_dataclass(default):
+                if type(v) is not type(default):
+                    raise ValueError(f"config file: {k} should be a {type(default).__name__}")
+            elif not isinstance(v, type(default)) and not (isinstance(default, float) and isinstance(v, int)):
+                raise ValueError(f"config file: {k} = {v!r} should be {type(default).__name__}")
+            setattr(cfg, k, float(v) if isinstance(default, float) else v)
+    for arg in argv:
+        if not arg.startswith("--"):
+            raise ValueError(f"arguments are --config FILE and --key=value overrides; got {arg!r}")
+        key, eq, text = arg[2:].partition("=")
+        if not eq:                                                   # --flag: a boolean set to True
+            text = "true"
+            if not isinstance(_field_default(cfg, key), bool):
+                raise ValueError(f"--{key} needs a value: --{key}=...")
+        set_key(cfg, key, text)
+    return cfg
+
+
+def _field_default(cfg, key):
+    try:
+        obj = cfg
+        for p in key.split("."):
+            obj = obj[p] if isinstance(obj, dict) else getattr(obj, p)
+        return obj
+    except (AttributeError, KeyError):
+        raise ValueError(f"unknown config key --{key}") from None
+
+
+def usage(doc, cfg):
+    """A script's help: its docstring, then every field of its config dataclass with the default."""
+    lines = [doc.strip(), "", f"{type(cfg).__name__} (--key=value):"]
+    lines += [f"  --{f.name}={getattr(cfg, f.name)!r}" for f in fields(cfg) if not is_dataclass(getattr(cfg, f.name))]
+    return "\n".join(lines)

@@ -140,9 +140,13 @@ class Diffusion:
         w = t - lo
         return (1 - w) * self.sigmas[lo] + w * self.sigmas[lo + 1]
 
-    def sample_timesteps(self, batch_size, generator=None, device=None):
-        """t ~ Uniform{0, ..., T-1} (Ho et al. 2020, Alg. 1, line 3). Returns (B,) long."""
-        return torch.randint(0, self.num_steps, (batch_size,), generator=generator, device=device)
+    def sample_timesteps(self, batch_size, generator=None, device=None, power=1.0):
+        """t ~ Uniform{0, ..., T-1} (Ho et al. 2020, Alg. 1, line 3) for power 1; else t = floor(T u ** (1 / power)),
+        u ~ U(0, 1): power 2 makes the density rise linearly with t. Returns (B,) long."""
+        if power == 1.0:
+            return torch.randint(0, self.num_steps, (batch_size,), generator=generator, device=device)
+        u = torch.rand(batch_size, generator=generator, dtype=torch.float64, device=device)
+        return (self.num_steps * u ** (1.0 / power)).long().clamp_(max=self.num_steps - 1)
 
     def q_sample(self, x0, t, noise):
         """Ho et al. 2020, Eq. 4: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps. x0, noise (B, C, H, W); t (B,)."""

@@ -1,5 +1,5 @@
 """The whole model: U-Net, KL-VAE and text encoder built from one `ModelConfig`, plus the small glue
-between them (prompts -> context, images <-> scaled latents). Diffusion and sampling live elsewhere
+between them (conditions -> what the U-Net reads, prompts -> context, images <-> scaled latents). Diffusion and sampling live elsewhere
 (model/diffusion.py, model/samplers.py); this class holds weights only."""
 import torch
 import torch.nn as nn
@@ -13,6 +13,10 @@ from model.vae import AutoencoderKL
 class Text2Earth(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
+        missing = [name for name in cfg.condition_names() if name not in cfg.conditions]
+        if missing:
+            raise ValueError(f"model config: the U-Net reads the conditions {missing}, which model.conditions lacks "
+                             f"(it has {sorted(cfg.conditions)}): give each its field, null and p_drop")
         self.cfg = cfg
         self.unet = UNet(cfg.unet)
         self.vae = AutoencoderKL(cfg.vae)
@@ -22,6 +26,18 @@ class Text2Earth(nn.Module):
     def encode_text(self, prompts):
         """list[str] -> (B, 77, width) context; "" gives the null condition used by classifier-free guidance."""
         return encode_prompts(self.text_encoder, self.tokenizer, prompts)
+
+    def encode_conditions(self, cond, device=None):
+        """Raw conditions (model/conditions.py: {"text": [B str], "level": (B,)}) -> what the U-Net reads: the
+        text through the text encoder (with grad if it trains), every scalar as a float tensor on `device`."""
+        device = device or next(self.text_encoder.parameters()).device
+        out = {}
+        for name in self.cfg.condition_names():
+            if name == "text":
+                out[name] = self.text_encoder(self.tokenizer(list(cond[name])).to(device))      # B, 77, width
+            else:
+                out[name] = torch.as_tensor(cond[name], dtype=torch.float32).to(device)          # B
+        return out
 
     @torch.no_grad()
     def encode_images(self, images, generator=None, sample=True):

@@ -1,13 +1,14 @@
 """The denoising U-Net: SD2-base layout (Rombach et al. 2022) plus Text2Earth's resolution embedding.
 
-    unet(x_t, t, context, level) -> prediction (eps, v or x0, as the diffusion config says)
+    unet(x_t, t, cond) -> prediction (eps, v or x0, as the diffusion config says)
+    cond = {"text": (B, L, D) context, "level": (B,), ...}     (model/conditions.py)
 
 The Google map level L (resolution_m = 2 ** (17 - L); 0 = "no resolution") is embedded exactly like the
-timestep and *added* to the time embedding, so every res-block is told the ground resolution.
+timestep and *added* to the time embedding, so every res-block is told the ground resolution. Every name in
+`scalar_conditions` is embedded that way, each with its own MLP: a new scalar condition needs no new code here.
 
 Open for extension without rewrites:
 - `in_channels` = 9 gives the inpainting model ([x_t, mask, masked-image latent] concatenated on channels);
-- `extra_emb` (B, time_dim) is added to the time embedding (e.g. a geo-location embedding);
 - `down_residuals` / `mid_residual` are added to the skip features (what a ControlNet produces);
 - every linear / conv is a plain nn.Linear / nn.Conv2d that an adapter (LoRA) can wrap.
 """
@@ -120,7 +121,7 @@ class UNet(nn.Module):
         ch0 = cfg.channels[0]
         emb_dim = cfg.time_dim or 4 * ch0
         self.time_embed = EmbeddingMLP(ch0, emb_dim)
-        self.level_embed = EmbeddingMLP(ch0, emb_dim) if cfg.level_embedding else None
+        self.cond_embed = nn.ModuleDict({name: EmbeddingMLP(ch0, emb_dim) for name in cfg.scalar_conditions})
         self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
 
         # Down path. `skips` records the channels of every feature map kept for the up path.
@@ -153,31 +154,30 @@ class UNet(nn.Module):
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
-    def embed(self, t, level=None, extra_emb=None):
-        """Time embedding, plus the level embedding and any extra conditioning embedding: (B,) -> (B, time_dim)."""
+    def embed(self, t, cond):
+        """Time embedding plus the embedding of every scalar condition: t (B,), cond[name] (B,) -> (B, time_dim)."""
         ch0 = self.cfg.channels[0]
         dtype = self.time_embed.fc1.weight.dtype
         emb = self.time_embed(sinusoidal_embedding(t, ch0).to(dtype))
-        if self.level_embed is not None:
-            if level is None:
-                raise ValueError("this U-Net has a level embedding: pass `level` (0 = no resolution)")
-            emb = emb + self.level_embed(sinusoidal_embedding(level, ch0).to(dtype))
-        if extra_emb is not None:
-            emb = emb + extra_emb
+        for name, mlp in self.cond_embed.items():
+            if name not in cond:
+                raise ValueError(f"this U-Net reads the condition {name!r}: pass it in cond (its null value means "
+                                 "absent, e.g. level 0 = no resolution)")
+            emb = emb + mlp(sinusoidal_embedding(cond[name], ch0).to(dtype))
         return emb
 
-    def forward(self, x, t, context, level=None, extra_emb=None, down_residuals=None, mid_residual=None):
-        """x: (B, in_channels, H, W), t: (B,) or scalar, context: (B, Lc, context_dim), level: (B,) or scalar.
-
-        H and W must be multiples of 2 ** (levels - 1). Returns (B, out_channels, H, W).
+    def forward(self, x, t, cond, down_residuals=None, mid_residual=None):
+        """x: (B, in_channels, H, W), t: (B,) or scalar, cond: {"text": (B, Lc, context_dim), scalar name: (B,) or
+        scalar}. H and W must be multiples of 2 ** (levels - 1). Returns (B, out_channels, H, W).
         """
         B = x.shape[0]
         if x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"U-Net expects {self.cfg.in_channels} input channels, got x of shape {tuple(x.shape)}")
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
-        if level is not None:
-            level = torch.as_tensor(level, device=x.device, dtype=torch.float32).reshape(-1).expand(B)
-        emb = self.embed(t, level, extra_emb)                                    # B, time_dim
+        scalars = {name: torch.as_tensor(cond[name], device=x.device, dtype=torch.float32).reshape(-1).expand(B)
+                   for name in self.cond_embed if name in cond}
+        emb = self.embed(t, scalars)                                             # B, time_dim
+        context = cond["text"]                                                   # B, Lc, context_dim
 
         h = self.conv_in(x)                                                      # B, C0, H, W
         feats = [h]

@@ -2,9 +2,10 @@
 
 - Our checkpoints: one safetensors file, the `ModelConfig` as JSON in its metadata, so a file rebuilds its
   model with no other input (`save_model` / `load_model`).
-- The release (diffusers layout: `model_index.json`, `unet/`, `vae/`, `text_encoder/`, `tokenizer/`,
-  `scheduler/`): configs are read from each `config.json`, keys are renamed to ours (`load_diffusers`).
+- The release (diffusers layout, read by model/release.py): `load_diffusers` builds the model it describes.
   The same code loads SD2-base, Text2Earth and Text2Earth-inpainting.
+- A run's starting point (`load_pretrained`): a release folder or one of our checkpoints loaded into the model
+  the run's config describes, what the config adds initialised so that the model starts equal to its source.
 - An OpenCLIP checkpoint file for the text tower (`load_openclip_text`).
 
 Loading is strict: a missing or unexpected key or a wrong shape is a `WeightsError` naming the file and
@@ -17,61 +18,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from model.config import DiffusionConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig
+from model.config import ModelConfig
+from model.release import WeightsError, read_diffusers, read_tensors
 from model.text2earth import Text2Earth
-
-
-class WeightsError(ValueError):
-    """A weights file or folder that cannot be loaded as asked; the message names the file and key."""
-
-
-# ------------------------------------------------------------------------------------------------------
-# Reading tensors
-# ------------------------------------------------------------------------------------------------------
-def read_tensors(path):
-    """A safetensors file, or a PyTorch pickle read with weights_only=True -> {key: tensor}."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file")
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types here (UnpicklingError, RuntimeError, EOFError, ...)
-        raise WeightsError(f"{path}: not a readable PyTorch weights file: {e}") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path}: expected a dict of tensors")
-    return state
-
-
-def _read_folder_tensors(folder):
-    """All weights of one diffusers component folder; prefers full precision over a `.fp16` variant."""
-    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
-    full = [f for f in files if ".fp16." not in f.name]
-    files = full or files
-    if not files:
-        raise WeightsError(f"{folder}: no *.safetensors (or *.bin) weights file")
-    state, origin = {}, {}
-    for f in files:
-        for k, v in read_tensors(f).items():
-            state[k], origin[k] = v, f
-    return state, origin
-
-
-def _read_json(path):
-    if not path.is_file():
-        raise WeightsError(f"{path}: missing (every diffusers component folder needs its config)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{path}: invalid JSON: {e}") from None
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -107,12 +58,18 @@ def load_state_strict(module, state, source, original_names=None):
 # ------------------------------------------------------------------------------------------------------
 # Our own checkpoints
 # ------------------------------------------------------------------------------------------------------
-def save_model(model: Text2Earth, path, metadata=None):
-    """Write all weights plus the config to one safetensors file, atomically (temp file, then rename)."""
+PARTS = ("unet", "vae", "text_encoder")
+
+
+def save_model(model: Text2Earth, path, metadata=None, trained=PARTS):
+    """Write all weights plus the config to one safetensors file, atomically (temp file, then rename).
+    `trained` names the parts whose weights were ever trained (a part built from scratch and never trained is
+    left out), so that a run starting from this file can refuse to freeze an untrained VAE or text encoder."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": "text2earth", "config": json.dumps(model.cfg.to_dict())}
+    meta = {"format": "text2earth", "config": json.dumps(model.cfg.to_dict()),
+            "trained": json.dumps(sorted(set(trained)))}
     meta.update({k: str(v) for k, v in (metadata or {}).items()})
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
@@ -128,15 +85,31 @@ def read_metadata(path):
         raise WeightsError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
 
 
+def _our_config(path):
+    """(ModelConfig, trained parts) from the metadata of one of our checkpoints."""
+    meta = read_metadata(path)
+    if meta.get("format") != "text2earth" or "config" not in meta:
+        raise WeightsError(f"{path}: not a text2earth checkpoint (no 'config' in its safetensors metadata)")
+    try:
+        cfg = ModelConfig.from_dict(json.loads(meta["config"]))
+    except (ValueError, TypeError) as e:
+        raise WeightsError(f"{path}: {e}") from None
+    return cfg, set(json.loads(meta.get("trained", json.dumps(PARTS))))
+
+
+def trained_parts(path):
+    """The parts of the model at `path` whose weights were trained: all of a release folder; what one of our
+    checkpoints records."""
+    path = Path(path)
+    return set(PARTS) if path.is_dir() else _our_config(path)[1]
+
+
 def load_model(path, device="cpu") -> Text2Earth:
     """Rebuild a `Text2Earth` from one of our checkpoints, config included."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
-    meta = read_metadata(path)
-    if meta.get("format") != "text2earth" or "config" not in meta:
-        raise WeightsError(f"{path}: not a text2earth checkpoint (no 'config' in its safetensors metadata)")
-    cfg = ModelConfig.from_dict(json.loads(meta["config"]))
+    cfg, _ = _our_config(path)
     with torch.device("meta"):
         model = Text2Earth(cfg)
     model.to_empty(device="cpu")
@@ -162,189 +135,91 @@ def load_weights(path, device="cpu") -> Text2Earth:
     raise WeightsError(f"{path}: does not exist (expected a diffusers-format folder or a text2earth .safetensors file)")
 
 
-# ------------------------------------------------------------------------------------------------------
-# The release: diffusers layout
-# ------------------------------------------------------------------------------------------------------
-def _require(cfg, file, key, allowed):
-    """Refuse configs that ask for architecture features this code does not implement."""
-    value = cfg.get(key, allowed[0])
-    if value not in allowed:
-        raise WeightsError(f"{file}: '{key}' = {value!r} is not supported (supported: {allowed})")
-
-
-def unet_config_from_diffusers(cfg, file):
-    down = cfg.get("down_block_types", [])
-    attention = tuple(t == "CrossAttnDownBlock2D" for t in down)
-    for t in down:
-        if t not in ("CrossAttnDownBlock2D", "DownBlock2D"):
-            raise WeightsError(f"{file}: down block type {t!r} is not supported")
-    ups = tuple(t == "CrossAttnUpBlock2D" for t in cfg.get("up_block_types", []))
-    if ups != attention[::-1]:
-        raise WeightsError(f"{file}: up_block_types must mirror down_block_types")
-    for key, allowed in [("use_linear_projection", [True]), ("flip_sin_to_cos", [True]), ("freq_shift", [0]),
-                         ("act_fn", ["silu"]), ("class_embed_type", [None, "timestep"]),
-                         ("time_embedding_type", ["positional"]), ("addition_embed_type", [None]),
-                         ("mid_block_type", ["UNetMidBlock2DCrossAttn"]), ("only_cross_attention", [False]),
-                         ("dual_cross_attention", [False]), ("resnet_time_scale_shift", ["default"]),
-                         ("encoder_hid_dim", [None]), ("num_class_embeds", [None]),
-                         ("center_input_sample", [False]), ("transformer_layers_per_block", [1]),
-                         ("time_embedding_dim", [None]), ("cross_attention_norm", [None])]:
-        _require(cfg, file, key, allowed)
-    n = len(down)
-    heads = cfg.get("num_attention_heads") or cfg.get("attention_head_dim", 8)  # diffusers' historical naming
-    heads = tuple(heads) if isinstance(heads, (list, tuple)) else (heads,) * n
-    return UNetConfig(in_channels=cfg["in_channels"], out_channels=cfg["out_channels"],
-                      channels=tuple(cfg["block_out_channels"]), layers_per_level=cfg["layers_per_block"],
-                      attention=attention, heads=heads, context_dim=cfg["cross_attention_dim"],
-                      norm_groups=cfg.get("norm_num_groups", 32), norm_eps=cfg.get("norm_eps", 1e-5),
-                      level_embedding=cfg.get("class_embed_type") == "timestep")
-
-
-def vae_config_from_diffusers(cfg, file):
-    for t in cfg.get("down_block_types", []):
-        if t != "DownEncoderBlock2D":
-            raise WeightsError(f"{file}: down block type {t!r} is not supported")
-    for key, allowed in [("act_fn", ["silu"]), ("mid_block_add_attention", [True]), ("use_quant_conv", [True]),
-                         ("use_post_quant_conv", [True]), ("shift_factor", [None])]:
-        _require(cfg, file, key, allowed)
-    if cfg.get("out_channels", cfg["in_channels"]) != cfg["in_channels"]:
-        raise WeightsError(f"{file}: out_channels != in_channels is not supported")
-    return VAEConfig(in_channels=cfg["in_channels"], latent_channels=cfg["latent_channels"],
-                     channels=tuple(cfg["block_out_channels"]), layers_per_level=cfg["layers_per_block"],
-                     norm_groups=cfg.get("norm_num_groups", 32), scaling_factor=cfg.get("scaling_factor", 0.18215))
-
-
-def text_config_from_diffusers(cfg, file):
-    _require(cfg, file, "hidden_act", ["gelu"])
-    if cfg["intermediate_size"] != 4 * cfg["hidden_size"]:
-        raise WeightsError(f"{file}: intermediate_size must be 4 * hidden_size (open_clip's MLP)")
-    return TextConfig(width=cfg["hidden_size"], heads=cfg["num_attention_heads"], layers=cfg["num_hidden_layers"],
-                      vocab_size=cfg["vocab_size"], context_length=cfg.get("max_position_embeddings", 77))
-
-
-def diffusion_config_from_diffusers(cfg, file):
-    prediction = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}.get(cfg.get("prediction_type", "epsilon"))
-    if prediction is None:
-        raise WeightsError(f"{file}: prediction_type {cfg.get('prediction_type')!r} is not supported")
-    return DiffusionConfig(num_steps=cfg.get("num_train_timesteps", 1000),
-                           schedule=cfg.get("beta_schedule", "scaled_linear"), beta_start=cfg.get("beta_start", 0.00085),
-                           beta_end=cfg.get("beta_end", 0.012), prediction=prediction,
-                           spacing=cfg.get("timestep_spacing", "leading"), steps_offset=cfg.get("steps_offset", 0))
-
-
-# diffusers key -> our key, applied in order (regex, replacement)
-UNET_KEYS = [
-    (r"^time_embedding\.linear_(\d)", r"time_embed.fc\1"),
-    (r"^class_embedding\.linear_(\d)", r"level_embed.fc\1"),
-    (r"^conv_norm_out\.", "norm_out."),
-    (r"^(down|up)_blocks\.(\d+)\.resnets\.", r"\1.\2.res."),
-    (r"^(down|up)_blocks\.(\d+)\.attentions\.", r"\1.\2.attn."),
-    (r"^(down|up)_blocks\.(\d+)\.(down|up)samplers\.0\.", r"\1.\2.resample."),
-    (r"^mid_block\.resnets\.0\.", "mid.res1."),
-    (r"^mid_block\.resnets\.1\.", "mid.res2."),
-    (r"^mid_block\.attentions\.0\.", "mid.attn."),
-    (r"\.time_emb_proj\.", ".emb_proj."),
-    (r"\.conv_shortcut\.", ".skip."),
-    (r"\.transformer_blocks\.0\.", ".block."),
-    (r"\.ff\.net\.0\.proj\.", ".ff.proj_in."),
-    (r"\.ff\.net\.2\.", ".ff.proj_out."),
-    (r"\.to_out\.0\.", ".to_out."),
-]
-VAE_KEYS = [
-    (r"^(encoder|decoder)\.(down|up)_blocks\.(\d+)\.resnets\.", r"\1.levels.\3.res."),
-    (r"^(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(down|up)samplers\.0\.", r"\1.levels.\3.resample."),
-    (r"\.mid_block\.resnets\.0\.", ".mid.res1."),
-    (r"\.mid_block\.resnets\.1\.", ".mid.res2."),
-    (r"\.mid_block\.attentions\.0\.", ".mid.attn."),
-    (r"\.conv_norm_out\.", ".norm_out."),
-    (r"\.conv_shortcut\.", ".skip."),
-    (r"\.group_norm\.", ".norm."),
-    (r"\.to_out\.0\.", ".to_out."),
-    (r"\.query\.", ".to_q."), (r"\.key\.", ".to_k."), (r"\.value\.", ".to_v."),   # older diffusers names
-    (r"\.proj_attn\.", ".to_out."),
-]
-TEXT_KEYS = [                        # "text_model." prefix: older transformers write it, version 5 does not
-    (r"^(text_model\.)?embeddings\.token_embedding\.", "tower.token_embedding."),
-    (r"^(text_model\.)?embeddings\.position_embedding\.weight$", "tower.positional_embedding"),
-    (r"^(text_model\.)?final_layer_norm\.", "tower.ln_final."),
-    (r"^(text_model\.)?encoder\.layers\.(\d+)\.", r"tower.transformer.resblocks.\2."),
-    (r"\.self_attn\.out_proj\.", ".attn.out_proj."),
-    (r"\.layer_norm1\.", ".ln_1."), (r"\.layer_norm2\.", ".ln_2."),
-    (r"\.mlp\.fc1\.", ".mlp.c_fc."), (r"\.mlp\.fc2\.", ".mlp.c_proj."),
-]
-
-
-def rename_keys(state, rules):
-    """Apply the (regex, replacement) rules to every key -> (renamed state, our key -> original key)."""
-    out, original = {}, {}
-    for k, v in state.items():
-        new = k
-        for pattern, repl in rules:
-            new = re.sub(pattern, repl, new)
-        out[new], original[new] = v, k
-    return out, original
-
-
-def _import_vae(state):
-    """VAE attention weights stored as 1x1 convs (older checkpoints) become linear weights."""
-    return {k: v[:, :, 0, 0] if (".mid.attn.to_" in k and v.ndim == 4) else v for k, v in state.items()}
-
-
-def _import_hf_text(state, origin, file):
-    """HF CLIPTextModel keys -> open_clip's: q/k/v projections are fused into one in_proj."""
-    state = {k: v for k, v in state.items() if not k.endswith("position_ids")}
-    state, original = rename_keys(state, TEXT_KEYS)
-    fused = {}
-    for k in list(state):
-        m = re.match(r"^(.*)\.self_attn\.(q|k|v)_proj\.(weight|bias)$", k)
-        if m:
-            fused.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = state.pop(k)
-    for (prefix, kind), parts in fused.items():
-        if set(parts) != {"q", "k", "v"}:
-            missing = sorted({"q", "k", "v"} - set(parts))
-            raise WeightsError(f"{file}: '{prefix}' is missing the {missing} projection {kind}")
-        state[f"{prefix}.attn.in_proj_{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    return state, original
-
-
-def config_from_diffusers(folder) -> ModelConfig:
-    folder = Path(folder)
-    return ModelConfig(
-        unet=unet_config_from_diffusers(_read_json(folder / "unet" / "config.json"), folder / "unet" / "config.json"),
-        vae=vae_config_from_diffusers(_read_json(folder / "vae" / "config.json"), folder / "vae" / "config.json"),
-        text=text_config_from_diffusers(_read_json(folder / "text_encoder" / "config.json"),
-                                        folder / "text_encoder" / "config.json"),
-        diffusion=diffusion_config_from_diffusers(_read_json(folder / "scheduler" / "scheduler_config.json"),
-                                                  folder / "scheduler" / "scheduler_config.json"))
-
-
 def load_diffusers(folder, device="cpu") -> Text2Earth:
     """Build and load a `Text2Earth` from a diffusers-format folder (the released weights)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise WeightsError(f"{folder}: not a folder")
-    if not (folder / "unet").is_dir():
-        raise WeightsError(f"{folder}: not a diffusers-format model folder (no unet/ inside)")
-    cfg = config_from_diffusers(folder)
+    cfg, parts = read_diffusers(folder)
     with torch.device("meta"):
         model = Text2Earth(cfg)
     model.to_empty(device="cpu")
-
-    state, origin = _read_folder_tensors(folder / "unet")
-    state, original = rename_keys(state, UNET_KEYS)
-    load_state_strict(model.unet, state, {k: origin[original[k]] for k in state}, original)
-
-    state, origin = _read_folder_tensors(folder / "vae")
-    state, original = rename_keys(state, VAE_KEYS)
-    state = _import_vae(state)
-    load_state_strict(model.vae, state, {k: origin[original[k]] for k in state}, original)
-
-    state, origin = _read_folder_tensors(folder / "text_encoder")
-    files = sorted({str(f) for f in origin.values()})
-    state, original = _import_hf_text(state, origin, files)
-    load_state_strict(model.text_encoder, state, ", ".join(files), original)
+    for part, (state, source, original) in parts.items():
+        load_state_strict(getattr(model, part), state, source, original)
     _restore_buffers(model)
     return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------------------
+# Starting a run from pretrained weights: the model the config describes, what the source has loaded into it
+# ------------------------------------------------------------------------------------------------------
+def _read_source(path):
+    """A release folder or one of our checkpoints -> (ModelConfig, {part: (state, source, original names)})."""
+    path = Path(path)
+    if path.is_dir():
+        return read_diffusers(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: does not exist (expected a diffusers-format folder or a text2earth .safetensors "
+                           "file)")
+    cfg, _ = _our_config(path)
+    tensors = read_tensors(path)
+    parts = {part: {k[len(part) + 1:]: v for k, v in tensors.items() if k.startswith(part + ".")} for part in PARTS}
+    stray = [k for k in tensors if not k.startswith(tuple(p + "." for p in PARTS))]
+    if stray:
+        raise WeightsError(f"{path}: unexpected key '{stray[0]}' (not in unet, vae or text_encoder)")
+    return cfg, {part: (state, path, {}) for part, state in parts.items()}
+
+
+# Architecture fields a run may change against its source, each with how the new weights start (load_pretrained)
+ADDABLE = {"unet.scalar_conditions": "a condition the source lacks: its embedding MLP's last layer starts at zero",
+           "unet.in_channels": "more input channels: the extra ones' conv_in weights start at zero"}
+RUN_TIME = {"unet.gradient_checkpointing", "vae.scaling_factor"}    # not architecture: the source's scaling wins
+
+
+def _check_architecture(cfg, source_cfg, path):
+    """Every architecture field of the run's config must equal the source's, except the ADDABLE growth."""
+    for section in ("unet", "vae", "text"):
+        ours, theirs = getattr(cfg, section).__dict__, getattr(source_cfg, section).__dict__
+        for key, value in ours.items():
+            name = f"{section}.{key}"
+            if name in RUN_TIME or value == theirs[key]:
+                continue
+            if name == "unet.scalar_conditions" and set(theirs[key]) <= set(value):
+                continue
+            if name == "unet.in_channels" and value > theirs[key]:
+                continue
+            raise WeightsError(f"{path}: the config's model.{name} = {value!r} but the source has {theirs[key]!r}; "
+                               f"make the config match (only {sorted(ADDABLE)} may grow)")
+
+
+@torch.no_grad()
+def load_pretrained(model: Text2Earth, path):
+    """Load the weights at `path` (a release-format folder such as SD2-base or Text2Earth, or one of our
+    checkpoints) into `model`, which is built from the run's own config. What the config adds starts so that the
+    model computes exactly what its source computes (ADDABLE): a scalar condition the source lacks (Text2Earth's
+    level on SD2-base) gets its embedding MLP with the last layer at zero, extra U-Net input channels (inpainting)
+    get zero conv_in weights. Everything else must match, key for key and shape for shape (WeightsError). The
+    latent scaling factor is the source's. Returns the parts of the source that were trained."""
+    source_cfg, parts = _read_source(path)
+    _check_architecture(model.cfg, source_cfg, path)
+    for part, (state, source, original) in parts.items():
+        target = getattr(model, part)
+        if part == "unet":
+            state = dict(state)
+            for name in model.cfg.unet.scalar_conditions:
+                if name not in source_cfg.unet.scalar_conditions:                # added: fresh fc1, zero fc2
+                    mlp = target.cond_embed[name]
+                    torch.nn.init.zeros_(mlp.fc2.weight)
+                    torch.nn.init.zeros_(mlp.fc2.bias)
+                    state.update({f"cond_embed.{name}.{k}": v.detach().clone() for k, v in mlp.state_dict().items()})
+                    if isinstance(source, dict):
+                        source.update({f"cond_embed.{name}.{k}": "(added by the config)" for k in mlp.state_dict()})
+            w = state.get("conv_in.weight")
+            if w is not None and w.shape[1] < model.cfg.unet.in_channels:         # added input channels: zeros
+                grown = w.new_zeros(w.shape[0], model.cfg.unet.in_channels, *w.shape[2:])
+                grown[:, :w.shape[1]] = w
+                state["conv_in.weight"] = grown
+        load_state_strict(target, state, source, original)
+    model.cfg.vae.scaling_factor = model.vae.cfg.scaling_factor = source_cfg.vae.scaling_factor
+    _restore_buffers(model)
+    return trained_parts(path)
 
 
 def load_openclip_text(path, text_encoder):

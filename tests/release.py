@@ -51,13 +51,15 @@ def write_tokenizer(folder):
         "unk_token": "<|endoftext|>", "do_lower_case": True, "tokenizer_class": "CLIPTokenizer"}))
 
 
-def make_release(folder, in_channels=4, seed=0, prediction_type="epsilon"):
-    """Write a tiny Text2Earth-shaped release to `folder`; returns the reference modules (eval, fp32)."""
+def make_release(folder, in_channels=4, seed=0, prediction_type="epsilon", level=True):
+    """Write a tiny Text2Earth-shaped release to `folder` (level=False: SD2-base-shaped, no class embedding);
+    returns the reference modules (eval, fp32)."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     folder = Path(folder)
     torch.manual_seed(seed)
-    unet = randomize(UNet2DConditionModel(in_channels=in_channels, out_channels=4, **TINY_UNET), seed)
+    unet_cfg = {**TINY_UNET, "class_embed_type": "timestep" if level else None}
+    unet = randomize(UNet2DConditionModel(in_channels=in_channels, out_channels=4, **unet_cfg), seed)
     vae = randomize(AutoencoderKL(**TINY_VAE), seed + 1)
     text = randomize(CLIPTextModel(CLIPTextConfig(**TINY_TEXT)), seed + 2)
     scheduler = DDIMScheduler(**{**SD2_SCHEDULER, "prediction_type": prediction_type})

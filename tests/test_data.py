@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from data.datasets import (BadDataCounter, BadDataError, CaptionFolder, Git10M, KarpathyCaptions,
-                           ResumableSampler, collate, level_from_resolution, parse_google_location,
-                           parse_level_prefix, tile_to_lonlat)
+from data.datasets import CaptionFolder, Git10M, KarpathyCaptions
+from data.levels import level_from_resolution, parse_google_location, parse_level_prefix, tile_to_lonlat
+from data.sampler import ResumableSampler
+from data.samples import BadDataCounter, BadDataError, collate
 from data.shards import ShardDataset, write_shards
 from data.transforms import (ImageTransform, drop_conditions, eval_transform, pil_to_tensor,
                              random_dihedral, train_transform)

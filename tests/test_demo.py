@@ -5,13 +5,13 @@ import pytest
 import torch
 
 import demo
-from model.probe import Probe
+from evaluation.probe import Probe
 
 
 @pytest.fixture(scope="module")
 def fast_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
-    summary = demo.main(["--fast", "--out", str(out)])
+    summary = demo.main(["--fast", f"--out={out}"])
     return out, summary
 
 
@@ -20,7 +20,7 @@ def test_fast_demo_writes_everything(fast_demo):
     for name in ("model.safetensors", "grid.png", "overview.png", "results.json", "probe.pt"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
-    assert saved["fast"] is True and saved["probe_done_at_unet_step"] is not None   # the U-Net got its core back
+    assert saved["fast"] is True and saved["probe_minutes"] > 0                       # the probe trained beside it
     assert saved["unet_steps"] == 600 and saved["unet_minutes_budget"] is None      # --fast: fixed steps, no budget
     probe = Probe()
     probe.load_state_dict(torch.load(out / "probe.pt", weights_only=True)["probe"])   # the probe, reusable
@@ -50,7 +50,7 @@ def test_fast_demo_follows_the_prompt_and_the_level(fast_demo):
 def test_demo_refuses_to_overwrite_a_finished_run(fast_demo):
     out, _ = fast_demo
     with pytest.raises(SystemExit) as e:
-        demo.main(["--fast", "--out", str(out)])
+        demo.main(["--fast", f"--out={out}"])
     assert e.value.code == 2
 
 
@@ -69,16 +69,16 @@ def test_training_pools_are_reused_only_when_made_from_the_same_inputs(tmp_path)
     from model.config import load_config
     from model.text2earth import Text2Earth
     from model.weights import save_model
-    cfg_file = load_config("configs/demo.py")
-    cfg = demo.stage_config(cfg_file, cfg_file.vae_stage, tmp_path / "vae")
+    model_cfg = load_config("configs/demo.py").model
+    spec = demo.scenes("configs/demo_vae.py", 12)
     images, latents = tmp_path / "images", tmp_path / "latents"
-    demo.render_pool(images, 12, cfg)
+    demo.render_pool(images, spec)
     shard = sorted(images.glob("shard-*.tar"))[0]
     first = shard.stat().st_mtime_ns
-    demo.render_pool(images, 12, cfg)
+    demo.render_pool(images, spec)
     assert shard.stat().st_mtime_ns == first                                     # same scenes: kept
     torch.manual_seed(0)
-    save_model(Text2Earth(cfg_file.model), tmp_path / "a.safetensors")
+    save_model(Text2Earth(model_cfg), tmp_path / "a.safetensors")
     demo.encode_pool(tmp_path / "a.safetensors", images, latents)
     index = json.loads((latents / "index.json").read_text())
     assert index["total"] == 12 and index["latents"]
@@ -87,12 +87,26 @@ def test_training_pools_are_reused_only_when_made_from_the_same_inputs(tmp_path)
     demo.encode_pool(tmp_path / "a.safetensors", images, latents)
     assert latent_shard.read_bytes() == kept                                     # same images, same VAE: kept
     torch.manual_seed(1)
-    save_model(Text2Earth(cfg_file.model), tmp_path / "b.safetensors")
+    save_model(Text2Earth(model_cfg), tmp_path / "b.safetensors")
     demo.encode_pool(tmp_path / "b.safetensors", images, latents)
     assert latent_shard.read_bytes() != kept                                     # other VAE weights: re-encoded
-    cfg.image_size = 16
-    demo.render_pool(images, 12, cfg)                                            # other scenes: re-rendered
+    demo.render_pool(images, {**spec, "size": 16})                               # other scenes: re-rendered
     spec = json.loads((images / "made_from.json").read_text())
     assert spec["size"] == 16 and demo._complete(images, spec)
     demo._mark(images, None)                                                     # as at the start of a rewrite
     assert not demo._complete(images, spec)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--pool=0"], "--pool must be >= 1"),
+    (["--nonsense=1"], "unknown config key --nonsense"),
+    (["--minutes=abc"], "--minutes: expected float"),
+    (["--vae_config=/nonexistent.py"], "stage config /nonexistent.py does not exist"),
+    (["--out"], "--out needs a value"),
+])
+def test_demo_bad_input_is_one_line_exit_2(bad, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        demo.main([f"--out={tmp_path / 'demo'}"] + bad)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not (tmp_path / "demo").exists()

@@ -25,6 +25,7 @@ triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
 from kernels import flash_attention as fa  # noqa: E402
+from kernels.reference import attention_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -95,7 +96,7 @@ def _check_against_reference(q, k, v, do, tol, sm_scale=None):
     dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
 
     qr, kr, vr = (t.detach().float().requires_grad_(True) for t in (q, k, v))
-    o_ref = fa.attention_reference(qr, kr, vr, sm_scale)
+    o_ref = attention_reference(qr, kr, vr, sm_scale)
     dq_ref, dk_ref, dv_ref = torch.autograd.grad(o_ref, (qr, kr, vr), do.float())
 
     assert o.dtype == q.dtype and o.shape == q.shape
@@ -118,7 +119,7 @@ def test_reference_is_softmax_attention():
     s = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) / 8 ** 0.5
     w = s.exp() / s.exp().sum(-1, keepdim=True)
     o = torch.einsum("bhqk,bhkd->bhqd", w, v.double())
-    torch.testing.assert_close(fa.attention_reference(q, k, v).double(), o, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(attention_reference(q, k, v).double(), o, atol=1e-6, rtol=1e-6)
 
 
 @in_process
@@ -137,7 +138,7 @@ def test_non_contiguous_inputs_and_grad():
     o = fa.flash_attention(q, k, v)
     o.sum().backward()
     qr, kr, vr = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
-    o_ref = fa.attention_reference(qr, kr, vr)
+    o_ref = attention_reference(qr, kr, vr)
     o_ref.sum().backward()
     torch.testing.assert_close(o, o_ref, atol=2e-3, rtol=2e-3)
     for got, ref in ((q.grad, qr.grad), (k.grad, kr.grad), (v.grad, vr.grad)):
@@ -155,6 +156,20 @@ def test_custom_scale_and_very_negative_scores():
     v = torch.randn(B, H, Lk, D, device=DEVICE)
     do = torch.randn(B, H, Lq, D, device=DEVICE)
     _check_against_reference(q, k, v, do, 2e-3, sm_scale=200.0 / D)
+
+
+def test_math_backend_is_the_reference():
+    # model.attention's "math" backend is kernels/reference.py's function, and agrees with SDPA
+    from model import attention as attn
+    q, k, v, _ = _inputs(2, 3, 9, 77, 40, torch.float32)
+    attn.set_backend("math")
+    try:
+        o = attn.attention(q, k, v)
+    finally:
+        attn.set_backend("sdpa")
+    assert torch.equal(o, attention_reference(q, k, v))
+    sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(o, sdpa, atol=_TOL[torch.float32], rtol=_TOL[torch.float32])  # TF32 may be on (CUDA)
 
 
 def test_errors():
@@ -240,13 +255,14 @@ def test_unet_forward_backward_with_kernel_matches_sdpa():
     torch.manual_seed(0)
     unet = UNet(cfg).to(device)
     x = torch.randn(1, 4, 8, 8, device=device)
-    ctx = torch.randn(1, 77, cfg.context_dim, device=device)                # 77 text keys: masked key blocks
+    cond = {"text": torch.randn(1, 77, cfg.context_dim, device=device),   # 77 text keys: masked key blocks
+            "level": torch.tensor([15.0], device=device)}
     results = {}
     for backend in ("sdpa", "triton"):
         attn.set_backend(backend)
         try:
             unet.zero_grad()
-            out = unet(x, torch.tensor([500], device=device), ctx, torch.tensor([15.0], device=device))
+            out = unet(x, torch.tensor([500], device=device), cond)
             out.square().mean().backward()
         finally:
             attn.set_backend("sdpa")

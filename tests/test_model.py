@@ -34,12 +34,12 @@ def tiny():
 def test_tiny_shapes_and_level_changes_output(tiny):
     x, ctx = torch.randn(2, 4, 16, 16), tiny.encode_text(["a river", ""])
     with torch.no_grad():
-        a = tiny.unet(x, torch.tensor([10, 10]), ctx, torch.tensor([18.0, 18.0]))
-        b = tiny.unet(x, torch.tensor([10, 10]), ctx, torch.tensor([11.0, 11.0]))
+        a = tiny.unet(x, torch.tensor([10, 10]), {"text": ctx, "level": torch.tensor([18.0, 18.0])})
+        b = tiny.unet(x, torch.tensor([10, 10]), {"text": ctx, "level": torch.tensor([11.0, 11.0])})
     assert a.shape == x.shape
     assert (a - b).abs().max() > 1e-3          # the level embedding reaches the output
     with pytest.raises(ValueError, match="input channels"):
-        tiny.unet(torch.randn(1, 9, 16, 16), 1, ctx[:1], 0.0)
+        tiny.unet(torch.randn(1, 9, 16, 16), 1, {"text": ctx[:1], "level": 0.0})
 
 
 def test_scale_shift_norm_lets_the_embedding_past_the_group_norm():
@@ -73,7 +73,7 @@ def test_scale_shift_norm_lets_the_embedding_past_the_group_norm():
     assert model.unet.mid.res1.emb_proj.weight.shape[0] == 2 * model.unet.mid.res1.conv1.out_channels
     x, ctx = torch.randn(2, 4, 16, 16), model.encode_text(["a river", ""])
     with torch.no_grad():
-        a, b = (model.unet(x, torch.tensor([10, 10]), ctx, torch.tensor([lv, lv])) for lv in (18.0, 11.0))
+        a, b = (model.unet(x, torch.tensor([10, 10]), {"text": ctx, "level": torch.tensor([lv, lv])}) for lv in (18.0, 11.0))
     assert a.shape == x.shape and (a - b).abs().max() > 1e-3
 
 
@@ -84,7 +84,7 @@ def test_checkpoint_roundtrip_rebuilds_model(tiny, tmp_path):
     assert loaded.cfg == tiny.cfg
     x, ctx = torch.randn(1, 4, 16, 16), tiny.encode_text(["farmland"])
     with torch.no_grad():
-        assert torch.equal(loaded.unet(x, 5, ctx, 12.0), tiny.unet(x, 5, ctx, 12.0))
+        assert torch.equal(loaded.unet(x, 5, {"text": ctx, "level": 12.0}), tiny.unet(x, 5, {"text": ctx, "level": 12.0}))
         assert torch.equal(loaded.encode_text(["farmland"]), ctx)
     assert not list(tmp_path.glob("*.tmp"))    # the atomic write leaves no temporary file behind
 
@@ -206,6 +206,6 @@ def test_gradient_checkpointing_same_gradients(tiny):
     b.load_state_dict(a.state_dict())
     x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 64)
     for m in (a, b):
-        m(x, torch.tensor([1, 900]), ctx, torch.tensor([0.0, 16.0])).square().mean().backward()
+        m(x, torch.tensor([1, 900]), {"text": ctx, "level": torch.tensor([0.0, 16.0])}).square().mean().backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6), name

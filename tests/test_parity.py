@@ -21,7 +21,7 @@ def ours(tiny_release):
 def test_config_read_from_release(ours):
     cfg = ours.cfg
     assert cfg.unet.channels == (32, 64, 64) and cfg.unet.heads == (2, 4, 4)
-    assert cfg.unet.attention == (True, True, False) and cfg.unet.level_embedding
+    assert cfg.unet.attention == (True, True, False) and cfg.unet.scalar_conditions == ("level",)
     assert cfg.vae.channels == (32, 64) and cfg.vae.scaling_factor == 0.18215
     assert cfg.text.width == 64 and cfg.text.layers == 2
     assert cfg.diffusion.steps_offset == 1 and cfg.diffusion.spacing == "leading"
@@ -37,7 +37,7 @@ def test_unet_matches_diffusers(tiny_release, ours, level):
     levels = torch.tensor([level, 15.0])
     with torch.no_grad():
         ref = refs["unet"](x, t, encoder_hidden_states=ctx, class_labels=levels).sample
-        out = ours.unet(x, t, ctx, levels)
+        out = ours.unet(x, t, {"text": ctx, "level": levels})
     assert ref.abs().mean() > 0.1  # outputs of order 1, so the absolute tolerance means something
     assert max_diff(out, ref) <= TOL
 
@@ -55,7 +55,7 @@ def test_unet_controlnet_residuals_match_diffusers(tiny_release, ours):
     with torch.no_grad():
         ref = refs["unet"](x, t, ctx, class_labels=lv, down_block_additional_residuals=tuple(down),
                            mid_block_additional_residual=mid).sample
-        out = ours.unet(x, t, ctx, lv, down_residuals=down, mid_residual=mid)
+        out = ours.unet(x, t, {"text": ctx, "level": lv}, down_residuals=down, mid_residual=mid)
     assert max_diff(out, ref) <= TOL
 
 
@@ -69,7 +69,7 @@ def test_inpainting_unet_matches_diffusers(tmp_path):
     t, lv = torch.tensor([999, 0]), torch.tensor([0.0, 17.0])
     with torch.no_grad():
         ref = refs["unet"](x, t, ctx, class_labels=lv).sample
-        out = ours.unet(x, t, ctx, lv)
+        out = ours.unet(x, t, {"text": ctx, "level": lv})
     assert max_diff(out, ref) <= TOL
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from data.synthetic import CLASSES
-from model.probe import Probe, augment, blur, evaluate_probe, make_probe_data, train_probe
+from evaluation.probe import Probe, augment, blur, evaluate_probe, make_probe_data, train_probe
 
 
 @pytest.fixture(scope="module")

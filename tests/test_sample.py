@@ -4,6 +4,7 @@ import torch
 from PIL import Image
 
 import sample
+from model.pipeline import generate
 from model.weights import load_weights, save_model
 
 
@@ -16,8 +17,8 @@ def test_end_to_end_matches_diffusers(tiny_release, sampler, scheduler_cls):
     prompts, levels, cfg, steps = ["a river crosses farmland", "dense residential blocks"], [17.0, 12.5], 4.0, 6
     model = load_weights(folder)
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    ours = sample.generate(model, prompts, levels, seeds=[0, 1], sampler=sampler, steps=steps, cfg=cfg,
-                           size=(16, 16), noise=noise)
+    ours = generate(model, {"text": prompts, "level": levels}, seeds=[0, 1], sampler=sampler, steps=steps,
+                    guidance={"text": cfg, "level": cfg}, size=(16, 16), noise=noise)
 
     tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
     sched = getattr(diffusers, scheduler_cls).from_pretrained(folder / "scheduler")
@@ -102,6 +103,9 @@ def test_cli_refuses_to_overwrite(tiny_ckpt, tmp_path):
     (["--resolution-m", "-1"], "--resolution-m must be > 0"),
     (["--level-cfg", "-1"], "--level-cfg must be >= 0"),
     (["--weights", "/nonexistent/weights"], "does not exist"),
+    (["--prompt", "abc_GOOGLE_LEVEL_farm"], "level prefix 'abc' is not a number"),
+    (["--device", "cuda:7" if torch.cuda.is_available() else "cuda"], "CUDA"),
+    (["--device", "tpu9"], "is not a device"),
 ])
 def test_cli_bad_input_is_one_clear_error(bad, message, capsys, tmp_path):
     with pytest.raises(SystemExit) as e:
@@ -115,7 +119,7 @@ def test_cli_level_cfg_needs_a_level_embedding(tmp_path, capsys):
     from model.config import load_config
     from model.text2earth import Text2Earth
     cfg = load_config("configs/tiny.py").model
-    cfg.unet.level_embedding = False
+    cfg.unet.scalar_conditions = ()
     save_model(Text2Earth(cfg), tmp_path / "nolevel.safetensors")
     with pytest.raises(SystemExit) as e:
         run(["--prompt", "x", "--weights", tmp_path / "nolevel.safetensors", "--level-cfg", 5, "--out", tmp_path / "o"])

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from model.diffusion import Diffusion
-from model.guidance import cfg_model_fn
+from model.guidance import guided_model_fn
 from model.samplers import (SAMPLERS, make_timesteps, sample_ddim, sample_ddpm, sample_dpmpp_2m,
                             sample_euler)
 
@@ -211,16 +211,34 @@ def test_dpmpp_2m_beats_ddim_on_gaussian_data():
 # ----------------------------------------------------------------------------------------------
 
 class FakeUNet:
-    """unet(x, t, context, level): a nonlinear function of all four inputs that records its batch sizes."""
+    """unet(x, t, cond): a nonlinear function of x, t, cond["text"] and cond["level"] that records its batch sizes.
+    unet(x, t, context, level) calls it with those two conditions."""
 
     def __init__(self):
         self.batches, self.net = [], tiny_net(9)
 
-    def __call__(self, x, t, context, level):
+    def __call__(self, x, t, cond, level=None):
+        if level is not None:
+            cond = {"text": cond, "level": level}
+        context, level = cond["text"], cond["level"]
         self.batches.append(x.shape[0])
         assert t.shape == level.shape == (x.shape[0],) and context.shape[0] == x.shape[0]
         c = context.mean(dim=(1, 2))[:, None, None, None]                         # B, 1, 1, 1
         return self.net(x, t) * (1 + c) + torch.sin(level)[:, None, None, None]
+
+
+def cfg_model_fn(unet, context, level, null_context, null_level, scale, *, level_scale=None, **kw):
+    """Text2Earth's guidance through the per-condition interface: text and level at `scale` (joint), or the
+    level at its own `level_scale`."""
+    cond, null = {"text": context}, {"text": null_context}
+    if level is not None:
+        cond["level"] = level
+    if null_level is not None:
+        null["level"] = null_level
+    scales = {"text": scale, "level": scale if level_scale is None else level_scale}
+    if level is None and level_scale is None:
+        del scales["level"]
+    return guided_model_fn(unet, cond, null, scales, **kw)
 
 
 def cfg_inputs(B=3):
@@ -290,7 +308,7 @@ def test_cfg_level_scale_guides_the_level_on_its_own():
     unet.batches.clear()
     fn = cfg_model_fn(unet, ctx, level, null_ctx, 0.0, 3.0, level_scale=6.0, interval=(200, 700))
     torch.testing.assert_close(fn(x, torch.full((3,), 900)), unet(x, torch.full((3,), 900), ctx, level))
-    with pytest.raises(ValueError, match="level_scale"):
+    with pytest.raises(ValueError, match="does not read"):                      # no level to guide
         cfg_model_fn(unet, ctx, None, null_ctx, None, 3.0, level_scale=6.0)
     with pytest.raises(ValueError, match="scales"):
         cfg_model_fn(unet, ctx, level, null_ctx, 0.0, 3.0, level_scale=-1.0)
@@ -318,9 +336,9 @@ def test_cfg_bad_arguments():
         cfg_model_fn(unet, ctx, level, null_ctx, 0.0, 4.0, rescale=2.0)
     with pytest.raises(ValueError, match="interval"):
         cfg_model_fn(unet, ctx, level, null_ctx, 0.0, 4.0, interval=(800, 200))
-    with pytest.raises(ValueError, match="null_level"):
+    with pytest.raises(ValueError, match="does not read"):                      # a level without its null
         cfg_model_fn(unet, ctx, level, null_ctx, None, 4.0)
-    with pytest.raises(ValueError, match="null_context"):
+    with pytest.raises(ValueError, match="null"):
         cfg_model_fn(unet, ctx, level, null_ctx[:, :, :8], 0.0, 4.0)
     with pytest.raises(ValueError, match="batch"):
         cfg_model_fn(unet, ctx[:2], level, null_ctx, 0.0, 4.0)(x, torch.full((3,), 10))

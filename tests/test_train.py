@@ -12,12 +12,16 @@ import pytest
 import torch
 
 import train
+from model.checkpoint import checkpoint_step, finished
+from model.diffusion import Diffusion
+from model.optim import lr_at
 from model.weights import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 UCM = ROOT.parent / "shared" / "data" / "ucm_captions"
 TINY = ["--config", "configs/tiny.py", "--data=synthetic", "--image_size=32", "--synthetic_samples=64",
-        "--num_workers=0", "--log_every=1", "--warmup_steps=0", "--lr=1e-3", "--ema_decay=0.9"]
+        "--num_workers=0", "--log_every=1", "--warmup_steps=0", "--lr=1e-3", "--ema_decay=0.9", "--allow_untrained"]
+VAE = ["--train=vae", "--objective=vae"]
 
 
 def run_inprocess(tmp, *overrides):
@@ -49,9 +53,9 @@ def test_config_overrides_are_type_checked():
 def test_timestep_sampling_power():
     """power 1 is uniform over [0, T); power k has density k (t/T)^(k-1): mean T k / (k + 1), all in range."""
     g = torch.Generator().manual_seed(0)
-    uniform = train.sample_timesteps(1000, 200_000, 1.0, g).double()
+    uniform = Diffusion().sample_timesteps(200_000, g, power=1.0).double()
     assert uniform.min() == 0 and uniform.max() == 999 and abs(uniform.mean().item() - 499.5) < 3
-    high = train.sample_timesteps(1000, 200_000, 2.0, g).double()
+    high = Diffusion().sample_timesteps(200_000, g, power=2.0).double()
     assert high.min() >= 0 and high.max() == 999
     assert abs(high.mean().item() - 1000 * 2 / 3) < 3                  # E[T u^(1/2)] = 2T/3
     assert abs((high < 500).double().mean().item() - 0.25) < 0.005     # P(t < T/2) = (1/2)^2
@@ -71,24 +75,36 @@ def test_single_process_trains_and_exports(tmp_path):
     assert (tmp_path / "tb").is_dir() and json.loads((tmp_path / "config.json").read_text())["max_steps"] == 3
 
 
-def test_on_step_hook_finished_and_signal_handlers_restored(tmp_path):
-    """on_step sees every step once; finished() tells a stopped run from a complete one; train() leaves the
-    caller's SIGINT handler as it found it (demo.py's Ctrl-C must work after training)."""
+def at_step_start(monkeypatch, fn):
+    """Call fn(step) at the start of every optimiser step (train.py asks lr_at for that step's learning rate)."""
+    real = train.lr_at
+
+    def hooked(cfg, step, total):
+        fn(step)
+        return real(cfg, step, total)
+    monkeypatch.setattr(train, "lr_at", hooked)
+
+
+def test_finished_and_signal_handlers_restored(tmp_path, monkeypatch):
+    """Every step runs once; finished() tells a stopped run from a complete one; train() leaves the caller's SIGINT
+    handler as it found it (demo.py's Ctrl-C must work after training)."""
     before = signal.getsignal(signal.SIGINT)
     seen = []
+    at_step_start(monkeypatch, seen.append)
     cfg = train.parse_config(TINY + [f"--out_dir={tmp_path}", "--batch_size=2", "--max_steps=3", "--ckpt_every=5"])
-    assert not train.finished(cfg)                                     # nothing yet
-    train.train(cfg, on_step=seen.append)
-    assert seen == [1, 2, 3] and train.finished(cfg)
+    assert not finished(cfg.out_dir, cfg.max_steps)                   # nothing yet
+    train.train(cfg)
+    assert seen == [0, 1, 2] and finished(cfg.out_dir, cfg.max_steps)
     assert signal.getsignal(signal.SIGINT) is before
 
-    def interrupt(step):                                               # a Ctrl-C arriving at step 2
-        if step == 2:
+    def interrupt(step):                                               # a Ctrl-C arriving during step 2
+        if step == 1:
             signal.raise_signal(signal.SIGINT)
+    at_step_start(monkeypatch, interrupt)
     cfg = train.parse_config(TINY + [f"--out_dir={tmp_path / 'stopped'}", "--batch_size=2", "--max_steps=5"])
-    train.train(cfg, on_step=interrupt)
+    train.train(cfg)
     assert [p.name for p in train.checkpoint_paths(cfg.out_dir)] == ["ckpt_000000002.pt"]   # stopped there
-    assert not train.finished(cfg)
+    assert not finished(cfg.out_dir, cfg.max_steps)
     assert signal.getsignal(signal.SIGINT) is before
 
 
@@ -99,36 +115,39 @@ def test_time_budget_ends_the_run_and_plans_its_decay(tmp_path, monkeypatch):
     spent, resuming trains nothing."""
     clock = {"t": 0.0}
     monkeypatch.setattr(train.time, "perf_counter", lambda: clock["t"])
+    stop = {"at": None}
 
-    def tick(step, stop_at=None):
+    def tick(step):                                                      # each step takes 1 s
         clock["t"] += 1.0
-        if step == stop_at:
+        if step + 1 == stop["at"]:                                       # a Ctrl-C during step `at`
             signal.raise_signal(signal.SIGINT)
+    at_step_start(monkeypatch, tick)
     args = ["--batch_size=2", "--max_steps=1000", "--max_minutes=0.5", "--log_every=5", "--ckpt_every=1000",
             "--lr_decay=cosine"]
     cfg = train.parse_config(TINY + [f"--out_dir={tmp_path / 'straight'}", *args])
-    train.train(cfg, on_step=tick)
+    train.train(cfg)
     ckpt = train.checkpoint_paths(cfg.out_dir)
-    assert [train.checkpoint_step(p) for p in ckpt] == [30] and train.finished(cfg)
+    assert [checkpoint_step(p) for p in ckpt] == [30] and finished(cfg.out_dir, cfg.max_steps)
     state = train.load_checkpoint(ckpt[-1])
     assert state["finished"] and state["planned_steps"] == 30 and state["train_seconds"] == 30.0
     last_lr = state["optimizer"]["param_groups"][0]["lr"]
-    assert last_lr == pytest.approx(train.lr_at(cfg, 29, 30)) and last_lr < 0.11 * cfg.lr    # decayed by step 30
+    assert last_lr == pytest.approx(lr_at(cfg, 29, 30)) and last_lr < 0.11 * cfg.lr   # decayed
 
-    clock["t"] = 0.0
+    clock["t"], stop["at"] = 0.0, 20
     split = train.parse_config(TINY + [f"--out_dir={tmp_path / 'split'}", *args])
-    train.train(split, on_step=lambda step: tick(step, stop_at=20))
+    train.train(split)
     stopped = train.load_checkpoint(train.checkpoint_paths(split.out_dir)[-1])
-    assert stopped["step"] == 20 and stopped["planned_steps"] == 30 and not train.finished(split)
-    clock["t"] = 1000.0                                                  # resumed later: only training time counts
-    train.train(split, on_step=tick)
+    assert stopped["step"] == 20 and stopped["planned_steps"] == 30 and not finished(split.out_dir, split.max_steps)
+    clock["t"], stop["at"] = 1000.0, None                                # resumed later: only training time counts
+    train.train(split)
     a, ca = unet_state(tmp_path / "straight")
     b, cb = unet_state(tmp_path / "split")
-    assert cb["step"] == 30 and cb["train_seconds"] == 30.0 and train.finished(split)
+    assert cb["step"] == 30 and cb["train_seconds"] == 30.0 and finished(split.out_dir, split.max_steps)
     assert max_diff(a, b) <= 1e-5
     seen = []
-    train.train(split, on_step=seen.append)                              # the budget is spent
-    assert seen == [] and [train.checkpoint_step(p) for p in train.checkpoint_paths(split.out_dir)][-1] == 30
+    at_step_start(monkeypatch, seen.append)
+    train.train(split)                                                   # the budget is spent
+    assert seen == [] and [checkpoint_step(p) for p in train.checkpoint_paths(split.out_dir)][-1] == 30
 
 
 def test_plan_steps_fits_the_budget_within_max_steps():
@@ -158,7 +177,7 @@ def test_resume_continues_the_same_curve(tmp_path):
 def test_channels_last_trains_the_same_vae(tmp_path):
     """channels_last changes only the memory layout: the same VAE steps give the same weights (to float rounding
     of other convolution kernels), its checkpoints resume and its export loads as usual."""
-    common = ["--train=vae", "--batch_size=4", "--ckpt_every=2", "--lr=1e-3"]
+    common = [*VAE, "--batch_size=4", "--ckpt_every=2", "--lr=1e-3"]
     run_inprocess(tmp_path / "nchw", *common, "--max_steps=4")
     run_inprocess(tmp_path / "nhwc", *common, "--max_steps=2", "--channels_last=true")
     run_inprocess(tmp_path / "nhwc", *common, "--max_steps=4", "--channels_last=true")      # resumes from step 2
@@ -175,127 +194,6 @@ def test_channels_last_trains_the_same_vae(tmp_path):
     assert max((exported[k] - reference[k]).abs().max().item() for k in reference) <= 1e-4
 
 
-def test_from_scratch_every_residual_branch_starts_at_zero(tmp_path):
-    """zero_init: a model trained from scratch starts with the last layer of every residual branch at zero
-    (LDM's initialisation), so its U-Net starts as identity blocks and reads neither text nor level; nothing
-    else about the draw changes, and loaded weights are never zeroed."""
-    from model import attention, unet, vae
-
-    def last_layers(model):
-        return {f"{name}.{'proj_out' if isinstance(m, attention.SpatialTransformer) else 'conv2'}.weight"
-                for name, m in model.named_modules()
-                if isinstance(m, (unet.ResBlock, vae.ResBlock, attention.SpatialTransformer))}
-
-    frozen = ["--max_steps=1", "--lr=0", "--batch_size=2", "--ckpt_every=1"]      # lr 0: the export is the draw
-    run_inprocess(tmp_path / "zero", *frozen, "--zero_init=true")
-    run_inprocess(tmp_path / "plain", *frozen)
-    zero, plain = (load_model(tmp_path / d / "model.safetensors") for d in ("zero", "plain"))
-    a, b = zero.state_dict(), plain.state_dict()
-    last = last_layers(zero)
-    assert any(k.startswith("vae.") for k in last) and any("proj_out" in k for k in last)
-    assert all(a[k].abs().max() == 0 and a[k.replace("weight", "bias")].abs().max() == 0 for k in last)
-    assert all(b[k].abs().max() > 0 for k in last)
-    assert all(torch.equal(a[k], b[k]) for k in a if k.replace("bias", "weight") not in last)
-    x = torch.randn(1, 4, 8, 8)
-    with torch.no_grad():
-        outs = [zero.unet(x, 500, zero.encode_text([p]), lv) for p, lv in (("a river", 12.0), ("desert", 17.0))]
-        assert torch.equal(*outs)
-        assert not torch.equal(*[plain.unet(x, 500, plain.encode_text([p]), lv)
-                                 for p, lv in (("a river", 12.0), ("desert", 17.0))])
-    run_inprocess(tmp_path / "tuned", *frozen, "--zero_init=true",
-                  f"--init_from={tmp_path / 'plain' / 'model.safetensors'}")
-    tuned = load_model(tmp_path / "tuned" / "model.safetensors").state_dict()
-    assert all(torch.equal(tuned[k], b[k]) for k in b)                             # loaded: left as it is
-    assert train.zero_residual_branches(plain) == len(last)
-
-
-def test_freeze_encoder_fine_tunes_the_decoder_only(tmp_path):
-    """freeze_encoder: a VAE fine-tuned from an exported model keeps its encoder, and with it the latents and
-    their scaling factor, so a U-Net trained on them still fits; only the decoder moves."""
-    common = ["--train=vae", "--batch_size=4", "--ckpt_every=2", "--lr=1e-2"]
-    run_inprocess(tmp_path / "vae", *common, "--max_steps=2")
-    start = load_model(tmp_path / "vae" / "model.safetensors")
-    run_inprocess(tmp_path / "ft", *common, "--max_steps=3", "--freeze_encoder=true",
-                  f"--init_from={tmp_path / 'vae' / 'model.safetensors'}")
-    tuned = load_model(tmp_path / "ft" / "model.safetensors")
-    a, b = start.state_dict(), tuned.state_dict()
-    kept = [k for k in a if k.startswith(("vae.encoder.", "vae.quant_conv."))]
-    moved = [k for k in a if k.startswith(("vae.decoder.", "vae.post_quant_conv."))]
-    assert kept and all(torch.equal(a[k], b[k]) for k in kept)
-    assert max((a[k] - b[k]).abs().max().item() for k in moved) > 1e-3
-    assert tuned.cfg.vae.scaling_factor == start.cfg.vae.scaling_factor
-    for bad in (["--freeze_encoder=true", "--train=vae"], ["--freeze_encoder=true", "--train=unet", "--init_from=x"]):
-        with pytest.raises(ValueError, match="freeze_encoder fine-tunes a trained VAE's decoder"):
-            run_inprocess(tmp_path / "bad", *bad)
-
-
-def test_vae_spectral_loss_asks_for_texture_energy_not_its_place():
-    """spectral_weight: the amplitude term is blind to where a texture sits (a circular shift of the image costs
-    nothing, though its pixel L1 is large) and charges a blur, which removes the texture's energy."""
-    from model.config import VAEConfig
-    from model.probe import blur
-
-    class Reconstructs(torch.nn.Module):              # a VAE stand-in returning a fixed edit of its input
-        cfg = VAEConfig(channels=(8, 8), layers_per_level=1, norm_groups=4)
-
-        def __init__(self, edit):
-            super().__init__()
-            self.edit = edit
-
-        def forward(self, x, noise):
-            post = type("Posterior", (), {"kl": lambda self: torch.zeros(x.shape[0])})()
-            return self.edit(x), post
-
-    g = torch.Generator().manual_seed(0)
-    x = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
-    cfg = train.TrainConfig(train="vae", spectral_weight=1.0, kl_weight=0.0)
-    args = ({"image": x}, torch.Generator().manual_seed(0), torch.arange(4), 4, torch.device("cpu"),
-            contextlib.nullcontext())
-    _, shifted = train.vae_loss(cfg, Reconstructs(lambda y: torch.roll(y, (5, 3), (-2, -1))), *args)
-    assert shifted["l1"] > 0.3 and shifted["spectral"] < 1e-5
-    loss, blurred = train.vae_loss(cfg, Reconstructs(lambda y: blur(y, 1.0)), *args)
-    assert blurred["spectral"] > 0.1 and abs(loss.item() - blurred["l1"] - blurred["spectral"]) < 1e-5
-    cfg.spectral_weight = 0.0
-    loss, plain = train.vae_loss(cfg, Reconstructs(lambda y: blur(y, 1.0)), *args)
-    assert "spectral" not in plain and abs(loss.item() - plain["l1"]) < 1e-6
-    with pytest.raises(ValueError, match="spectral_weight must be >= 0"):
-        train.check_config(train.TrainConfig(spectral_weight=-1.0))
-
-
-def test_vae_scale_equivariance_term_charges_a_decoder_exact_only_at_its_own_scale():
-    """scale_eq_weight: the 2x2-averaged latent must decode to the 2x2-averaged image. A stand-in VAE (latent =
-    2x2 means, decoder = nearest upsampling) reconstructs an image made of 2x2 blocks exactly, so plain L1 is
-    blind to it; at half resolution it blurs 4x4 blocks the image does not have, and the term sees that. An
-    image of 4x4 blocks passes both."""
-    import torch.nn.functional as F
-    from model.config import VAEConfig
-
-    class BlockVAE(torch.nn.Module):
-        cfg = VAEConfig(latent_channels=3, channels=(8, 8), layers_per_level=1, norm_groups=4)   # downsampling 2
-
-        def decode(self, z):
-            return F.interpolate(z, scale_factor=2.0, mode="nearest")
-
-        def forward(self, x, noise):
-            mean = F.avg_pool2d(x, 2)
-            post = type("Posterior", (), {"mean": mean, "std": torch.zeros_like(mean),
-                                          "kl": lambda self: torch.zeros(x.shape[0])})()
-            return self.decode(post.mean + post.std * noise), post
-
-    g = torch.Generator().manual_seed(0)
-    blocks = lambda n: F.interpolate(torch.rand(4, 3, 16 // n, 16 // n, generator=g) * 2 - 1, scale_factor=n)
-    cfg = train.TrainConfig(train="vae", scale_eq_weight=0.5, kl_weight=0.0)
-    args = (torch.Generator().manual_seed(0), torch.arange(4), 4, torch.device("cpu"), contextlib.nullcontext())
-    loss, fine = train.vae_loss(cfg, BlockVAE(), {"image": blocks(2)}, *args)
-    assert fine["l1"] < 1e-6 and fine["scale_eq"] > 0.1 and abs(loss.item() - 0.5 * fine["scale_eq"]) < 1e-6
-    _, coarse = train.vae_loss(cfg, BlockVAE(), {"image": blocks(4)}, *args)
-    assert coarse["l1"] < 1e-6 and coarse["scale_eq"] < 1e-6
-    cfg.scale_eq_weight = 0.0
-    assert "scale_eq" not in train.vae_loss(cfg, BlockVAE(), {"image": blocks(2)}, *args)[1]
-    with pytest.raises(ValueError, match="scale_eq_weight must be >= 0"):
-        train.check_config(train.TrainConfig(scale_eq_weight=-1.0))
-
-
 def _torchrun(args, nproc):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "train.py", *args]
@@ -304,7 +202,7 @@ def _torchrun(args, nproc):
     assert res.returncode == 0, res.stderr[-3000:]
 
 
-@pytest.mark.parametrize("extra", [[], ["--train_text_encoder=true"]], ids=["unet", "unet+text"])
+@pytest.mark.parametrize("extra", [[], ["--train=unet+text_encoder"]], ids=["unet", "unet+text"])
 def test_ddp_two_processes_equal_one_process_with_double_batch(tmp_path, extra):
     """torchrun --nproc_per_node=2 (gloo) with batch B each == one process with batch 2B, update for update.
 
@@ -378,7 +276,7 @@ def test_sigterm_saves_and_stops(tmp_path):
 
 @pytest.mark.skipif(not UCM.is_dir(), reason="../shared/data/ucm_captions not present")
 def test_learns_on_ucm_captions_and_samples_follow_the_prompt(tmp_path):
-    from sample import generate
+    from model.pipeline import generate
     torch.manual_seed(0)
     args = ["--data=karpathy", f"--data_path={UCM / 'dataset.json'}", "--gsd_m=0.3048", "--batch_size=8",
             "--max_steps=40", "--ckpt_every=1000", "--lr=2e-3", "--image_size=32"]
@@ -391,8 +289,8 @@ def test_learns_on_ucm_captions_and_samples_follow_the_prompt(tmp_path):
     first, last = sum(losses[:8]) / 8, sum(losses[-8:]) / 8
     assert last < 0.8 * first, (first, last)
     model.eval()
-    a, b = generate(model, ["many buildings and green trees", "a river with sandy beach"], [18.7, 18.7],
-                    seeds=[0, 0], steps=10, size=(32, 32), unet=ema["trained"])
+    a, b = generate(model, {"text": ["many buildings and green trees", "a river with sandy beach"],
+                            "level": [18.7, 18.7]}, seeds=[0, 0], steps=10, size=(32, 32), unet=ema["unet"])
     assert (a - b).abs().mean() > 0.02                                  # same noise, different prompt -> different image
 
 
@@ -417,3 +315,43 @@ def test_every_config_file_parses():
     for path in sorted(Path(ROOT / "configs").glob("*.py")):
         if path.name != "demo.py":                                     # demo.py's stages are read by demo.py
             assert train.parse_config(["--config", str(path)]).model is not None, path
+
+
+@pytest.mark.parametrize("bad,message", [
+    (["--batch_size=-3"], "--batch_size must be >= 1, got -3"),
+    (["--data=karpathy", "--data_path=/nonexistent.json"], "caption file /nonexistent.json does not exist"),
+    (["--data=folder", "--data_path={tmp}"], "is a folder; give the manifest (.jsonl or .csv)"),
+    (["--init_from=/nonexistent"], "/nonexistent: does not exist"),
+    (["--device=cuda:99" if torch.cuda.is_available() else "--device=cuda"], "cuda"),
+    (["--config", "README.md"], "config file README.md: not a Python config file"),
+    (["--objective=nope"], "--objective must be one of"),
+    (["--train=unet+wings"], "--train='unet+wings'"),
+    (["--data=nonsense"], "--data must be one of"),
+    (["--model.conditions.level.p_drop=2"], "p_drop must lie in [0, 1]"),
+    (["--model.conditions.colour.p_drop=0.1"], "unknown config key"),
+    (["--data=git10m", "--data_path={tmp}"], "no state.json"),
+])
+def test_bad_input_is_one_line_exit_2_nothing_written(bad, message, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = TINY + [f"--out_dir={out}", "--max_steps=1"] + [a.replace("{tmp}", str(tmp_path)) for a in bad]
+    assert train.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and err.count("\n") == 1, err
+    assert not out.exists()
+
+
+def test_write_shards_with_the_latents_of_a_trained_vae(tmp_path):
+    """--write_shards: the run's data as shards, with the VAE's latents when init_from's VAE was trained (none from
+    scratch); a U-Net run then reads latents only."""
+    from model.weights import save_model
+    torch.manual_seed(0)
+    save_model(train.Text2Earth(train.parse_config(TINY).model), tmp_path / "init.safetensors")   # "trained"
+    common = TINY + ["--synthetic_samples=12"]
+    assert train.main(common + [f"--write_shards={tmp_path / 'plain'}"]) == 0
+    assert train.main(common + [f"--write_shards={tmp_path / 'lat'}", f"--init_from={tmp_path / 'init.safetensors'}"]) == 0
+    plain, lat = (json.loads((tmp_path / d / "index.json").read_text()) for d in ("plain", "lat"))
+    assert plain["total"] == lat["total"] == 12 and not plain["latents"] and lat["latents"]
+    assert train.main(common + [f"--write_shards={tmp_path / 'lat'}"]) == 2                     # never overwritten
+    run_inprocess(tmp_path / "run", "--data=shards", f"--data_path={tmp_path / 'lat'}", "--batch_size=4",
+                  "--max_steps=1", f"--init_from={tmp_path / 'init.safetensors'}")
+    assert train.load_checkpoint(train.checkpoint_paths(tmp_path / "run")[-1])["step"] == 1

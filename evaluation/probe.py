@@ -1,6 +1,6 @@
 """Conditioning probes: a small CNN that reads scene class and Google map level off an image.
 
-Trained on procedural Earth images (data/synthetic.py), it scores generated images for
+Trained on procedural Earth images (data/synthetic/), it scores generated images for
     text adherence     -- accuracy of the class the prompt asked for, and
     resolution control -- accuracy of the level asked for (exact, and within +-1 level).
 
@@ -9,7 +9,7 @@ Trained on procedural Earth images (data/synthetic.py), it scores generated imag
     evaluate_probe(probe, gen_images, asked_labels, asked_levels)   # class_acc, level_acc, level_acc_pm1, level_corr
 
 The level head classifies the integer levels (9 for 10..18) rather than regressing them: on held-out
-renders (400 steps) classification gave 43% exact / 73% within +-1, regression + rounding 31% / 70%.
+renders after 400 steps, classification reads 43% exact / 73% within +-1, regression + rounding 31% / 70%.
 Training augments with the 8 symmetries of the square (overhead imagery has no up) and, on half the
 images, a mild blur: VAE-decoded images are softer than renders, and the renderer's sharpness at
 pixel scale would otherwise be a cheap cue for the level; blurred copies make the level head judge

@@ -1,0 +1,88 @@
+"""From a run's config to endless, resumable micro-batches: the dataset it names and this process's batches.
+
+`cfg` is any object with train.py's data fields (data, data_path, data_split, image_size, gsd_m, min_quality,
+max_bad_fraction, seed, batch_size, num_workers, synthetic_*): TrainConfig in practice.
+"""
+from pathlib import Path
+
+import torch
+
+from data.datasets import CaptionFolder, Git10M, KarpathyCaptions
+from data.sampler import ResumableSampler
+from data.shards import ShardDataset
+from data.samples import BadDataCounter, collate
+from data.transforms import train_transform
+
+DATA = ("synthetic", "karpathy", "folder", "git10m", "shards")
+
+
+def build_dataset(cfg):
+    """A map-style dataset of sample dicts (image (3, H, W) in [-1, 1], caption, level, ...)."""
+    counter = BadDataCounter(max_bad_fraction=cfg.max_bad_fraction)
+    tf = train_transform(cfg.image_size)
+    if cfg.data == "synthetic":
+        from data.synthetic import ProceduralEarth
+        return ProceduralEarth(cfg.synthetic_samples, size=cfg.image_size, levels=cfg.synthetic_levels, seed=cfg.seed,
+                               integer_levels=cfg.synthetic_integer_levels)
+    if not cfg.data_path:
+        raise ValueError(f"--data={cfg.data} needs --data_path")
+    if cfg.data in ("karpathy", "folder") and Path(cfg.data_path).is_dir():
+        raise ValueError(f"--data={cfg.data}: --data_path={cfg.data_path} is a folder; give the "
+                         f"{'caption json' if cfg.data == 'karpathy' else 'manifest (.jsonl or .csv)'} in it")
+    if cfg.data == "karpathy":
+        return KarpathyCaptions(cfg.data_path, split=cfg.data_split, transform=tf, gsd_m=cfg.gsd_m or None,
+                                counter=counter, seed=cfg.seed)
+    if cfg.data == "folder":
+        return CaptionFolder(cfg.data_path, transform=tf, min_quality=cfg.min_quality or None, counter=counter,
+                             seed=cfg.seed)
+    if cfg.data == "git10m":
+        return Git10M(cfg.data_path, split=cfg.data_split, transform=tf, min_quality=cfg.min_quality or None,
+                      counter=counter, seed=cfg.seed)
+    raise ValueError(f"--data must be synthetic, karpathy, folder, git10m or shards; got {cfg.data!r}")
+
+
+class Batches:
+    """Endless micro-batches for this rank, with a resumable position (epoch, batches into the epoch)."""
+
+    def __init__(self, cfg, rank, world, epoch=0, batch_in_epoch=0):
+        self.cfg, self.rank, self.world = cfg, rank, world
+        self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
+        self.collate = collate
+        if cfg.data == "shards":
+            self.dataset = ShardDataset(cfg.data_path, rank=rank, world_size=world, seed=cfg.seed,
+                                        transform=train_transform(cfg.image_size), batch_size=cfg.batch_size,
+                                        min_quality=cfg.min_quality or None)
+            self.sampler = None
+        else:
+            self.dataset = build_dataset(cfg)
+            self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, rank=rank, world_size=world)
+            if self.sampler.num_per_rank < cfg.batch_size:
+                raise ValueError(f"{len(self.dataset)} samples: fewer than batch_size={cfg.batch_size} per rank")
+        self._start()
+
+    def _start(self):
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch, start_index=self.batch_in_epoch * self.cfg.batch_size)
+            if hasattr(self.dataset, "set_epoch"):
+                self.dataset.set_epoch(self.epoch)
+        else:
+            self.dataset.set_epoch(self.epoch, skip_batches=self.batch_in_epoch)
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.cfg.batch_size, sampler=self.sampler, drop_last=True,
+            num_workers=self.cfg.num_workers, collate_fn=self.collate, persistent_workers=False,
+            prefetch_factor=2 if self.cfg.num_workers else None)
+        self.iterator = iter(loader)
+
+    def __next__(self):
+        """The next batch (None when every sample in it was unreadable; it still counts as consumed)."""
+        while True:
+            try:
+                batch = next(self.iterator)
+                self.batch_in_epoch += 1
+                return batch
+            except StopIteration:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+                self._start()
+
+    def state(self):
+        return {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch}

@@ -1,0 +1,83 @@
+"""Samples of the procedural Earth: one seeded sample, a torch Dataset, and an ordered multi-process reader.
+
+    s = sample(seed=7, level=14.0, size=64)      # image, caption, level, label, name, resolution_m, scene
+    ds = ProceduralEarth(100_000, size=64)        # items in the dataset readers' common sample dict
+"""
+import math
+
+import numpy as np
+import torch
+
+from .captions import caption
+from .compose import _compose, _finish
+from .scenes import make_scene
+from .world import CLASSES, LEVEL_RANGE, resolution_m
+
+
+def sample(seed: int, level: float | None = None, size: int = 64, cls=None) -> dict:
+    """One sample: image (H, W, 3) uint8, caption, level, label, class name, resolution_m, scene.
+    The level is drawn from LEVEL_RANGE when not given, the class from the seed when cls is None."""
+    rng = np.random.default_rng([int(seed), 2])
+    if level is None:
+        level = float(rng.uniform(*LEVEL_RANGE))
+    scene = make_scene(seed, cls)
+    composed = _compose(scene, level, size)
+    image = (_finish(scene, composed[0], composed[3]) + 0.5).astype(np.uint8)
+    text = caption(scene, level, size, rng, _composed=composed)
+    return dict(image=image, caption=text, level=float(level), label=scene.label, name=scene.name,
+                resolution_m=resolution_m(level), scene=scene)
+
+
+class ProceduralEarth(torch.utils.data.Dataset):
+    """n synthetic samples, deterministic per index: classes cycle (balanced), levels uniform.
+
+    Items: image (3, H, W) float32 in [-1, 1], caption str, level float, label int, quality nan, key str."""
+
+    def __init__(self, n: int, size: int = 64, levels=LEVEL_RANGE, seed: int = 0, integer_levels: bool = False):
+        if n <= 0 or size <= 0:
+            raise ValueError(f"n and size must be positive, got n={n}, size={size}")
+        if not (0 < levels[0] <= levels[1] <= 24):
+            raise ValueError(f"levels must be (min, max) with 0 < min <= max <= 24, got {levels}")
+        self.n, self.size, self.levels, self.seed = n, size, (float(levels[0]), float(levels[1])), seed
+        self.integer_levels = integer_levels                  # whole Google levels only, as most real data has
+        self.classes = CLASSES
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        if not -self.n <= i < self.n:
+            raise IndexError(f"index {i} out of range for ProceduralEarth of length {self.n}")
+        i %= self.n
+        rng = np.random.default_rng([self.seed, i, 4])
+        seed = int(rng.integers(1 << 62))
+        if self.integer_levels:
+            level = float(rng.integers(math.ceil(self.levels[0]), math.floor(self.levels[1]) + 1))
+        else:
+            level = float(rng.uniform(*self.levels))
+        s = sample(seed, level, self.size, cls=i % len(CLASSES))
+        img = torch.from_numpy(s["image"]).permute(2, 0, 1).float() / 127.5 - 1.0
+        return dict(image=img, caption=s["caption"], level=s["level"], label=s["label"],
+                    quality=float("nan"), key=f"procedural-{self.seed}-{i}")  # the readers' common sample dict
+
+
+class InOrder(torch.utils.data.IterableDataset):
+    """The items of a map-style dataset (e.g. ProceduralEarth), in index order, rendered by `processes` worker
+    processes (DataLoader workers, `chunk` items each at a time): the renderer is numpy on one core, so
+    rendering scales with the processes given. Same items as dataset[0], dataset[1], ...; a Dataset with a
+    length, so write_shards sees the count."""
+
+    def __init__(self, dataset, processes: int = 1, chunk: int = 256):
+        if processes < 1 or chunk < 1:
+            raise ValueError(f"processes and chunk must be >= 1, got processes={processes}, chunk={chunk}")
+        self.dataset, self.processes, self.chunk = dataset, processes, chunk
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __iter__(self):
+        if self.processes == 1:
+            return (self.dataset[i] for i in range(len(self.dataset)))
+        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.chunk, num_workers=self.processes,
+                                             collate_fn=list)     # lists of items, delivered in index order
+        return (item for items in loader for item in items)

@@ -1,0 +1,1 @@
+"""Evaluation networks and metrics that score generated images (the conditioning probe)."""

@@ -1,0 +1,58 @@
+"""Training checkpoints: atomic, the last K kept, resumable to the step; and the export of a run's weights.
+
+A checkpoint (`ckpt_{step:09d}.pt`, read with torch.load(weights_only=True)) holds the model, the EMA of the
+trained parts, the optimizer, the step, each process's data position, the configs and the training seconds.
+The export (`model.safetensors`, model/weights.py) is the whole model with the EMA weights in the trained parts.
+"""
+import copy
+import os
+from pathlib import Path
+
+import torch
+
+from model.weights import save_model
+
+
+def checkpoint_paths(out_dir):
+    return sorted(Path(out_dir).glob("ckpt_*.pt"))
+
+
+def checkpoint_step(path):
+    """The step a checkpoint was written at, from its name (save_checkpoint's)."""
+    return int(Path(path).stem.removeprefix("ckpt_"))
+
+
+def save_checkpoint(out_dir, state, keep_last):
+    path = Path(out_dir) / f"ckpt_{state['step']:09d}.pt"
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)                                   # atomic: a crash leaves the old or the new file
+    for old in checkpoint_paths(out_dir)[:-keep_last]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def finished(out_dir, max_steps):
+    """Whether the run in out_dir reached its end (max_steps, or the end its time budget set), i.e. was not
+    stopped on the way."""
+    ckpts = checkpoint_paths(out_dir)
+    if not ckpts:
+        return False
+    if checkpoint_step(ckpts[-1]) >= max_steps:
+        return True
+    return bool(torch.load(ckpts[-1], map_location="cpu", weights_only=True, mmap=True).get("finished", False))
+
+
+def export(model, ema, parts, path, step, trained):
+    """The whole model with the EMA weights in `parts` (the ModuleDict the EMA copies) as one of our safetensors
+    checkpoints; `trained` names the model's parts whose weights have been trained (model/weights.save_model)."""
+    live = copy.deepcopy(parts.state_dict())
+    parts.load_state_dict(ema.state_dict())
+    try:
+        save_model(model, path, metadata={"step": step}, trained=trained)
+    finally:
+        parts.load_state_dict(live)

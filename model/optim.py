@@ -1,0 +1,47 @@
+"""The trainer's schedule and collectives: learning rate, the length of a run under a time budget, and the
+averaging of gradients outside DDP's module. `cfg` is train.py's TrainConfig."""
+import math
+
+import torch
+import torch.distributed as dist
+
+
+def lr_at(cfg, step, total):
+    """Learning rate of `step` in a run of `total` steps: linear warmup, then constant or cosine to 10%."""
+    warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps > 0 else 1.0
+    if cfg.lr_decay == "cosine":
+        return cfg.lr * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(1, total)))))
+    return cfg.lr * warm
+
+
+PACE_WINDOW = 50          # max_minutes: the pace is that of the last PACE_WINDOW steps (steps and checkpoints)
+PACE_MIN_STEPS = 10       # and is not trusted before this many steps of the run (or of its resume) have passed
+
+
+def plan_steps(cfg, step, spent, pace):
+    """The run's length under a time budget: at `step`, with `spent` seconds of training behind it and `pace`
+    seconds a step measured lately, the steps that fit in cfg.max_minutes (at least `step`, at most max_steps)."""
+    left = cfg.max_minutes * 60 - spent
+    return max(step, min(cfg.max_steps, step + int(left // max(pace, 1e-9))))
+
+
+def first_plan(cfg, step, spent, planned):
+    """The run's length when it (re)starts at `step`: max_steps; under a time budget the plan it stopped with
+    (`planned`) until re-planned, or `step` itself once the budget is spent."""
+    if cfg.max_minutes and spent >= cfg.max_minutes * 60:
+        return step
+    if cfg.max_minutes and planned > step:
+        return min(cfg.max_steps, planned)
+    return cfg.max_steps
+
+
+def average_grads(params, world):
+    """Average the gradients of `params` over the processes with one all-reduce of their concatenation (one
+    collective per tensor costs ~1 ms over gloo). Every rank runs the same model, so has the same set."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads:
+        flat = torch.cat([g.flatten() for g in grads])
+        dist.all_reduce(flat)
+        flat /= world
+        for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+            g.copy_(part.view_as(g))

@@ -1,0 +1,81 @@
+"""Sampling procedures on a whole model: conditions in, images out. Used by sample.py, train.py's previews, the
+demo and evaluation; editing (img2img, inpainting, canvases) joins them here.
+
+    images = generate(model, {"text": prompts, "level": levels}, seeds=[0, 1], guidance={"text": 4, "level": 4})
+"""
+import torch
+
+from model import conditions
+from model.diffusion import Diffusion
+from model.guidance import guided_model_fn
+from model.samplers import SAMPLERS
+
+
+def default_guidance(model, scale=4.0, level_scale=None):
+    """{condition: scale}: the text and every scalar condition at `scale` (the release's joint guidance, 4.0), the
+    level at `level_scale` when given (guided on its own, model/guidance.py)."""
+    scales = {name: scale for name in model.cfg.condition_names()}
+    if level_scale is not None:
+        if "level" not in scales:
+            raise ValueError("level guidance needs a U-Net with a level embedding")
+        scales["level"] = level_scale
+    return scales
+
+
+@torch.no_grad()
+def generate(model, cond, *, seeds, sampler="dpmpp_2m", steps=20, guidance=None, negative_prompt="",
+             size=(256, 256), interval=None, rescale=0.0, dtype=torch.float32, progress=False, noise=None,
+             decode_tile=None, unet=None):
+    """Sample one image per row of the raw conditions `cond` ({"text": [B str], "level": B levels}): returns
+    images (B, 3, H, W) in [-1, 1] (float32, CPU).
+
+    The initial noise of image i is drawn on the CPU from `seeds[i]`, so a seed gives the same image on any
+    device (up to the device's arithmetic). `noise` (B, C, h, w) overrides that, for tests.
+    guidance: {condition: scale} (default: every condition at 4.0, jointly); the null branch is the negative
+    prompt (or "") with every other condition at its null (level 0). `unet` replaces model.unet (e.g. the EMA
+    weights during training).
+    """
+    net = model.unet if unet is None else unet
+    B = conditions.batch_size(cond)
+    if len(seeds) != B:
+        raise ValueError(f"need one seed per image: {B} conditions, {len(seeds)} seeds")
+    H, W = size
+    f = model.vae.downsample
+    if H % f or W % f:
+        raise ValueError(f"size {H}x{W}: height and width must be multiples of {f}")
+    device = next(net.parameters()).device
+    unet_dtype = next(net.parameters()).dtype
+    shape = (model.cfg.unet.out_channels, H // f, W // f)
+    if noise is None:
+        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+    x = noise.to(device, torch.float32)                                          # B, 4, h, w
+
+    def encoded(raw):                                                            # the U-Net's dtype for its context
+        return {k: v.to(unet_dtype) if k == "text" else v for k, v in model.encode_conditions(raw, device).items()}
+
+    c = encoded(cond)                                                            # text: B, 77, D
+    null = encoded(conditions.nulls(model.cfg, 1, negative_prompt))              # text: 1, 77, D
+
+    def denoiser(x_t, t, cc):                                                    # the U-Net in its own dtype
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            return net(x_t.to(unet_dtype), t, cc).float()
+
+    model_fn = guided_model_fn(denoiser, c, null, guidance or default_guidance(model), interval=interval,
+                               rescale=rescale)
+    dcfg = model.cfg.diffusion
+    # DPM-Solver++(2M) is measurably better from t = T-1 ("trailing") than from the release's "leading" steps
+    # (benchmarks/results/samplers_cpu.md); the other samplers follow the release's scheduler config.
+    spacing, offset = ("trailing", 0) if sampler == "dpmpp_2m" else (dcfg.spacing, dcfg.steps_offset)
+    z = SAMPLERS[sampler](model_fn, x, Diffusion.from_config(dcfg), steps,
+                          generator=torch.Generator(device).manual_seed(seeds[0]), prediction=dcfg.prediction,
+                          spacing=spacing, steps_offset=offset, progress=progress)
+    images = model.vae.decode_latents(z.to(next(model.vae.parameters()).dtype), tile=decode_tile)
+    return images.float().clamp(-1, 1).cpu()
+
+
+def preview(model, unet, prompts, levels, size, steps=20):
+    """One image per prompt (seed i for prompt i) at its level, the model's default guidance, from `unet` (e.g.
+    the EMA weights during training): what train.py's previews show."""
+    cond = {"text": list(prompts), "level": [float(v) for v in levels]}
+    cond = {k: v for k, v in cond.items() if k in model.cfg.condition_names()}
+    return generate(model, cond, seeds=list(range(len(prompts))), steps=steps, size=(size, size), unet=unet)
