@@ -23,6 +23,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -106,19 +107,31 @@ def scenes(stage_file, n):
                 integer_levels=values["synthetic_integer_levels"])
 
 
-def run_stage(stage_file, out_dir, max_steps, *overrides):
+def run_stage(stage_file, out_dir, max_steps, *overrides, beside=None):
     """One training stage: train.py in a process of its own, as a user would run it (max_steps: 0 = the stage
     config's). An interruption (Ctrl-C, SIGTERM) reaches it too: it saves a checkpoint and stops, and rerunning
-    the demo resumes it."""
+    the demo resumes it. beside: a process (the probe) that has one core to itself; the stage runs on the others
+    until it ends, then is stopped and resumed on all of them (a checkpoint and an exact resume: a second thread
+    on the same core would cost both jobs far more than it gives)."""
     max_steps = max_steps or load_config(stage_file).max_steps
     cmd = [sys.executable, str(Path(__file__).with_name("train.py")), "--config", str(stage_file),
            f"--out_dir={out_dir}", f"--max_steps={max_steps}", *overrides]
-    proc = subprocess.Popen(cmd)
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    shared = beside is not None and beside.is_alive() and cores > 1
+    proc = subprocess.Popen(cmd + ([f"--threads={cores - 1}"] if shared else []))
     while True:
         try:
+            while shared and proc.poll() is None and beside.is_alive():
+                beside.join(timeout=1.0)
+            if shared and proc.poll() is None:                    # the core is free: hand it over
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+                shared = False
+                proc = subprocess.Popen(cmd)
             code = proc.wait()
             break
         except KeyboardInterrupt:                            # the stage got the signal too: let it save
+            shared = False
             continue
     if code != 0 or not finished(out_dir, max_steps):
         raise SystemExit(f"demo.py: the stage {stage_file} stopped (exit code {code}) in {out_dir}; run the same "
@@ -307,7 +320,7 @@ def main(argv=None):
     if not args.unet_steps:                             # fixed steps: the time budget is off
         budget = unet_budget(out / "unet", args.minutes * 60 - (time.time() - t0))
         unet_args.append(f"--max_minutes={budget}")
-    run_stage(args.unet_config, out / "unet", args.unet_steps, *unet_args)
+    run_stage(args.unet_config, out / "unet", args.unet_steps, *unet_args, beside=job)
     shutil.copyfile(out / "unet" / "model.safetensors", out / "model.safetensors")
     unet_trained = checkpoint_step(checkpoint_paths(out / "unet")[-1])
     model = load_model(out / "model.safetensors").eval()

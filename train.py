@@ -102,6 +102,7 @@ class TrainConfig:
     tf32: bool = True
     channels_last: bool = False     # the trained parts and their images in NHWC layout (faster convs on CPU)
     attention: str = "sdpa"         # "sdpa" | "triton" | "math"
+    threads: int = 0                # torch's CPU threads (0 = its default, one per core)
     seed: int = 0
     # logging and checkpoints
     log_every: int = 10
@@ -130,7 +131,8 @@ def check_config(cfg):
     if cfg.data not in DATA:
         raise ValueError(f"--data must be one of {DATA}, got {cfg.data!r}")
     lowest = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "keep_last"), 1),
-              **dict.fromkeys(("max_minutes", "kl_weight", "min_snr_gamma", "warmup_steps", "num_workers"), 0)}
+              **dict.fromkeys(("max_minutes", "kl_weight", "min_snr_gamma", "warmup_steps", "num_workers"), 0),
+              "threads": 0}
     for key, low in lowest.items():
         if not getattr(cfg, key) >= low:
             raise ValueError(f"--{key} must be >= {low}, got {getattr(cfg, key)}")
@@ -174,10 +176,9 @@ def setup(cfg):
     if ddp and want_cuda:
         torch.cuda.set_device(device)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
-    if cfg.tf32:
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     attention.set_backend(cfg.attention)
-
+    torch.set_num_threads(cfg.threads or torch.get_num_threads())
     ckpts = checkpoint_paths(cfg.out_dir) if cfg.resume else []
     resume = load_checkpoint(ckpts[-1]) if ckpts else None
     torch.manual_seed(cfg.seed)                                   # every rank builds the same weights
@@ -205,7 +206,7 @@ def setup(cfg):
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr,
                             betas=cfg.betas, eps=cfg.adam_eps, fused=device.type in ("cuda", "cpu"))  # one kernel
-    step, data_state, spent = 0, {"epoch": 0, "batch_in_epoch": 0}, 0.0
+    step, data_state, spent, planned, ended = 0, {"epoch": 0, "batch_in_epoch": 0}, 0.0, 0, 0.0
     if resume is not None:
         ema.load_state_dict(resume["ema"])
         opt.load_state_dict(resume["optimizer"])
@@ -213,13 +214,14 @@ def setup(cfg):
             raise ValueError(f"{ckpts[-1]} was written by {len(resume['data'])} processes; resume with the same "
                              f"world size (now {world}) for an exact data position")
         step, data_state, spent = resume["step"], resume["data"][rank], resume.get("train_seconds", 0.0)
+        planned, ended = resume["planned_steps"], resume["train_config"]["max_minutes"] * resume["finished"]
         log.info("resumed from %s at step %d", ckpts[-1], step)
     net = getattr(model, calls)
     net = DDP(net, device_ids=[device] if device.type == "cuda" else None) if ddp else net
     batches = Batches(cfg, rank, world, **data_state)
     return dict(ddp=ddp, rank=rank, world=world, device=device, model=model, trained=trained, averaged=averaged,
-                ema=ema, params=params, opt=opt, net=net, batches=batches, step=step, spent=spent,
-                planned=resume.get("planned_steps", 0) if resume else 0)
+                ema=ema, params=params, opt=opt, net=net, batches=batches, step=step, spent=spent, planned=planned,
+                ended_budget=ended)
 
 
 def loss_of(cfg, run, batch, g, idx, GB, autocast):
@@ -274,7 +276,7 @@ def _loop(cfg, run, stop):
 
     # The run's length: max_steps, or under a time budget the steps that the pace of the last PACE_WINDOW steps
     # leaves time for, re-planned every log_every steps (the cosine decay follows the plan).
-    total, t_run = first_plan(cfg, step, run["spent"], run["planned"]), time.perf_counter()
+    total, t_run = first_plan(cfg, step, run["spent"], run["planned"], run["ended_budget"]), time.perf_counter()
     seconds = lambda: run["spent"] + time.perf_counter() - t_run  # noqa: E731 (training time, resumes included)
 
     def save():
@@ -369,11 +371,10 @@ def write_shards(cfg):
     """The run's data (centre crops: augmentation happens at training time) as webdataset shards in
     cfg.write_shards, with the scaled latents of the model's VAE when it was trained (data/shards.py)."""
     try:
-        model = Text2Earth(cfg.model).to(cfg.device or "cpu").eval()
-        trained = load_pretrained(model, cfg.init_from) if cfg.init_from else set()
+        device, model = torch.device(cfg.device or "cpu"), Text2Earth(cfg.model).eval()
+        trained = load_pretrained(model.to(device), cfg.init_from) if cfg.init_from else set()
         dataset = build_dataset(cfg)
         dataset.transform = eval_transform(cfg.image_size)
-        device = next(model.vae.parameters()).device
         encode = (lambda x: model.encode_images(x.to(device)).cpu()) if "vae" in trained else None
         paths = write(dataset, cfg.write_shards, encode_fn=encode, progress=True)
     except (ValueError, OSError) as e:                            # FileExistsError: shards there already

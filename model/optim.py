@@ -25,10 +25,11 @@ def plan_steps(cfg, step, spent, pace):
     return max(step, min(cfg.max_steps, step + int(left // max(pace, 1e-9))))
 
 
-def first_plan(cfg, step, spent, planned):
+def first_plan(cfg, step, spent, planned, ended_budget=0.0):
     """The run's length when it (re)starts at `step`: max_steps; under a time budget the plan it stopped with
-    (`planned`) until re-planned, or `step` itself once the budget is spent."""
-    if cfg.max_minutes and spent >= cfg.max_minutes * 60:
+    (`planned`) until re-planned, or `step` itself once the budget is spent or the run ended by it
+    (`ended_budget`: the budget in minutes it finished with; a larger one now continues it)."""
+    if cfg.max_minutes and (spent >= cfg.max_minutes * 60 or cfg.max_minutes <= ended_budget):
         return step
     if cfg.max_minutes and planned > step:
         return min(cfg.max_steps, planned)

@@ -151,7 +151,13 @@ def test_time_budget_ends_the_run_and_plans_its_decay(tmp_path, monkeypatch):
 
 
 def test_plan_steps_fits_the_budget_within_max_steps():
+    from model.optim import first_plan
     cfg = train.TrainConfig(max_steps=500, max_minutes=2.0)
+    assert first_plan(cfg, 0, 0.0, 0) == 500                              # a fresh run: max_steps until planned
+    assert first_plan(cfg, 40, 60.0, 90) == 90                            # stopped: the plan it had
+    assert first_plan(cfg, 90, 119.9, 90, ended_budget=2.0) == 90         # ended by its budget: nothing more
+    assert first_plan(cfg, 90, 119.9, 90, ended_budget=1.0) == 500        # a larger budget now: on, re-planned
+    assert first_plan(cfg, 90, 120.0, 90) == 90                           # the budget is spent
     assert train.plan_steps(cfg, 100, 60.0, 0.5) == 220                  # 60 s left at 0.5 s a step
     assert train.plan_steps(cfg, 100, 30.0, 0.1) == 500                  # more would fit: capped at max_steps
     assert train.plan_steps(cfg, 100, 130.0, 0.5) == 100                 # over budget: stop now
