@@ -1,5 +1,5 @@
 """
-Image transforms for overhead imagery and DCA condition dropout.
+Image transforms for overhead imagery, PIL <-> tensor conversion and image grids.
 
 Every random choice is drawn from a torch.Generator passed in by the caller, so a sample's
 augmentation is a pure function of its seed (the readers seed one generator per sample from
@@ -117,32 +117,6 @@ def train_transform(size=256):
 def eval_transform(size=256):
     """Evaluation / shard conversion: resize shorter side, center crop, nothing random."""
     return ImageTransform(size, random_crop=False, hflip=False, vflip=False, rot90=False)
-
-
-# -----------------------------------------------------------------------------
-# DCA: dynamic condition adaptation (Text2Earth, Liu et al. 2025, Sec. "DCA")
-
-
-def drop_conditions(captions, levels, p_text=0.1, p_res=0.1, generator=None):
-    """Condition dropout for DCA training: each caption -> "" with probability p_text and,
-    independently, each level -> 0 (no resolution) with probability p_res.
-
-    captions: list of B str; levels: (B,) float tensor. Returns (new captions, new levels).
-    The null condition ("", L=0) is what classifier-free guidance uses as its unconditional branch.
-    """
-    for name, p in (("p_text", p_text), ("p_res", p_res)):
-        if not 0.0 <= p <= 1.0:
-            raise ValueError(f"drop_conditions: {name} must be in [0, 1], got {p}")
-    levels = torch.as_tensor(levels, dtype=torch.float32)
-    if levels.ndim != 1 or levels.shape[0] != len(captions):
-        raise ValueError(f"drop_conditions: levels must have shape ({len(captions)},), "
-                         f"got {tuple(levels.shape)}")
-    B = len(captions)
-    drop_text = torch.rand(B, generator=generator) < p_text  # (B,)
-    drop_res = torch.rand(B, generator=generator) < p_res  # (B,)
-    captions = ["" if d else c for c, d in zip(captions, drop_text.tolist())]
-    levels = torch.where(drop_res, torch.zeros_like(levels), levels)
-    return captions, levels
 
 
 def image_grid(images, cols):

@@ -42,6 +42,8 @@ def drop(cfg, cond, generator, idx, global_batch):
     """DCA: each condition replaced by its null with its own probability, independently per sample and condition.
     The draws are made for the global batch of `global_batch` samples from `generator`, in the table's order;
     idx (B,) are this process's positions in it, so one process with batch 2B draws what two with B draw."""
+    if batch_size(cond) != len(idx):
+        raise ValueError(f"conditions of batch {batch_size(cond)} for {len(idx)} positions in the global batch")
     out = {}
     for name in cfg.condition_names():
         p = cfg.conditions[name].p_drop

@@ -111,3 +111,30 @@ def test_a_reader_field_reaches_the_conditions():
     del batch["toy"]
     with pytest.raises(ValueError, match="condition 'toy' reads the batch field 'toy'"):
         conditions.from_batch(toy_model().cfg, batch)
+
+
+def test_dca_drop_rates():
+    """Text to "" with p_text, the level to 0 with p_res, independently; the rest untouched; deterministic."""
+    import train
+    cfg = load_config("configs/tiny.py").model
+    cfg.conditions["text"].p_drop, cfg.conditions["level"].p_drop = 0.1, 0.3
+    B = 20000
+    raw = {"text": [f"c{i}" for i in range(B)], "level": torch.full((B,), 17.0)}
+    drop = lambda c, n: conditions.drop(cfg, c, torch.Generator().manual_seed(0), torch.arange(n), n)  # noqa: E731
+    out = drop(raw, B)
+    dt, dr = torch.tensor([c == "" for c in out["text"]]), out["level"] == 0
+    assert abs(dt.float().mean().item() - 0.1) < 0.01  # sd 0.0021
+    assert abs(dr.float().mean().item() - 0.3) < 0.015  # sd 0.0032
+    assert abs((dt & dr).float().mean().item() - 0.03) < 0.006  # independent; sd 0.0012
+    assert torch.all(out["level"][~dr] == 17.0) and all(c == o for c, o, d in zip(out["text"], raw["text"], dt) if not d)
+    again = drop(raw, B)
+    assert again["text"] == out["text"] and torch.equal(again["level"], out["level"])
+    few = {"text": raw["text"][:5], "level": raw["level"][:5]}
+    cfg.conditions["text"].p_drop, cfg.conditions["level"].p_drop = 0.0, 0.0
+    assert drop(few, 5)["text"] == few["text"]
+    cfg.conditions["text"].p_drop, cfg.conditions["level"].p_drop = 1.0, 1.0
+    assert torch.all(drop(few, 5)["level"] == 0) and drop(few, 5)["text"] == [""] * 5
+    with pytest.raises(ValueError, match="p_drop must lie in"):
+        train.parse_config(["--config", "configs/tiny.py", "--model.conditions.text.p_drop=1.5"])
+    with pytest.raises(ValueError, match="batch"):
+        drop({"text": raw["text"], "level": raw["level"][:3]}, B)

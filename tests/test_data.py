@@ -17,7 +17,7 @@ from data.levels import level_from_resolution, parse_google_location, parse_leve
 from data.sampler import ResumableSampler
 from data.samples import BadDataCounter, BadDataError, collate
 from data.shards import ShardDataset, write_shards
-from data.transforms import (ImageTransform, drop_conditions, eval_transform, pil_to_tensor,
+from data.transforms import (ImageTransform, eval_transform, pil_to_tensor,
                              random_dihedral, train_transform)
 
 UCM = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ucm_captions"
@@ -483,26 +483,6 @@ def test_image_transform_shapes_and_crops():
     assert y.shape == (3, 8, 8) and y.min() >= -1 and y.max() <= 1
     assert eval_transform(32)(Image.fromarray(_rgb(1, w=20, h=30))).shape == (3, 32, 32)  # upscales
     assert torch.equal(ImageTransform(None)(img), full)
-
-
-def test_dca_drop_rates():
-    B = 20000
-    caps, levels = [f"c{i}" for i in range(B)], torch.full((B,), 17.0)
-    c2, l2 = drop_conditions(caps, levels, p_text=0.1, p_res=0.3, generator=torch.Generator().manual_seed(0))
-    dt = torch.tensor([c == "" for c in c2])
-    dr = l2 == 0
-    assert abs(dt.float().mean().item() - 0.1) < 0.01  # sd 0.0021
-    assert abs(dr.float().mean().item() - 0.3) < 0.015  # sd 0.0032
-    assert abs((dt & dr).float().mean().item() - 0.03) < 0.006  # independent; sd 0.0012
-    assert torch.all(l2[~dr] == 17.0) and all(c == o for c, o, d in zip(c2, caps, dt) if not d)
-    c3, l3 = drop_conditions(caps, levels, 0.1, 0.3, generator=torch.Generator().manual_seed(0))
-    assert c3 == c2 and torch.equal(l3, l2)
-    assert drop_conditions(caps[:5], levels[:5], 0.0, 0.0)[0] == caps[:5]
-    assert torch.all(drop_conditions(caps[:5], levels[:5], 1.0, 1.0)[1] == 0)
-    with pytest.raises(ValueError, match="p_text"):
-        drop_conditions(caps, levels, 1.5, 0.1)
-    with pytest.raises(ValueError, match="shape"):
-        drop_conditions(caps, levels[:3])
 
 
 # -----------------------------------------------------------------------------
