@@ -119,6 +119,7 @@ def run_stage(stage_file, out_dir, max_steps, *overrides, beside=None):
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     shared = beside is not None and beside.is_alive() and cores > 1
     proc = subprocess.Popen(cmd + ([f"--threads={cores - 1}"] if shared else []))
+    forward = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))  # to the stage
     while True:
         try:
             while shared and proc.poll() is None and beside.is_alive():
@@ -133,6 +134,7 @@ def run_stage(stage_file, out_dir, max_steps, *overrides, beside=None):
         except KeyboardInterrupt:                            # the stage got the signal too: let it save
             shared = False
             continue
+    signal.signal(signal.SIGTERM, forward)
     if code != 0 or not finished(out_dir, max_steps):
         raise SystemExit(f"demo.py: the stage {stage_file} stopped (exit code {code}) in {out_dir}; run the same "
                          "command again to resume")
@@ -250,7 +252,8 @@ def overview(path, grid_rows, results, elapsed, guidance=""):
     d.text((10, 26), f"columns: Google map level (resolution_m = 2^(17-L)); trained in {elapsed / 60:.1f} min; "
            f"{guidance}", fill="black", font=font)
     for j, level in enumerate(GRID_LEVELS):
-        d.text((label_w + j * cell + 20, top - 14), f"L{level} ({resolution_from_level(level):g} m)", fill="black", font=font)
+        d.text((label_w + j * cell + 20, top - 14), f"L{level} ({resolution_from_level(level):g} m)", fill="black",
+               font=font)
     for i, (prompt, images) in enumerate(grid_rows):
         y = top + i * cell
         words, line, lines = prompt.split(), "", []

@@ -116,8 +116,12 @@ def main(argv=None):
         hint = " (train the demo model first: see README)" if args.weights == DEFAULT_WEIGHTS else ""
         p.error(f"--weights: {e}{hint}")
     has_level = "level" in model.cfg.unet.scalar_conditions
-    if args.level_cfg is not None and not has_level:
-        p.error(f"--level-cfg: the U-Net of {args.weights} has no level embedding")
+    if not has_level and (args.level_cfg is not None or any(level for _, level, _ in args.jobs)):
+        p.error(f"--level / --resolution-m / --level-cfg / a level prefix: the U-Net of {args.weights} has no level "
+                "embedding")
+    if model.cfg.unet.in_channels != model.cfg.unet.out_channels:
+        p.error(f"--weights {args.weights}: an inpainting U-Net ({model.cfg.unet.in_channels} input channels) "
+                "samples from an image and a mask, not from text alone")
     guidance = default_guidance(model, args.cfg, args.level_cfg)
     model.unet.to(args.dtype)
     model.text_encoder.to(args.dtype)

@@ -21,7 +21,6 @@ import dataclasses
 import json
 import logging
 import math
-import os
 import signal
 import sys
 import time
@@ -42,7 +41,7 @@ from model.checkpoint import checkpoint_paths, export, load_checkpoint, save_che
 from model.config import ModelConfig, configure, usage
 from model.diffusion import Diffusion
 from model.flops import peak_tflops, unet_train_flops
-from model.optim import PACE_MIN_STEPS, PACE_WINDOW, average_grads, first_plan, lr_at, plan_steps
+from model.optim import PACE_MIN_STEPS, PACE_WINDOW, average_grads, first_plan, init_processes, lr_at, plan_steps
 from model.objectives import inpaint_loss, latent_scale, t2i_loss, vae_loss
 from model.pipeline import preview
 from model.text2earth import Text2Earth
@@ -67,7 +66,7 @@ class TrainConfig:
     init_from: str = ""             # "" = from scratch, or a release folder (SD2-base, Text2Earth) / our .safetensors
     allow_untrained: bool = False   # let the objective use a frozen part that was never trained (tests only)
     resume: bool = True             # continue from out_dir's latest checkpoint if there is one
-    write_shards: str = ""          # write the data as shards here and exit (+ latents of a trained VAE: write_shards)
+    write_shards: str = ""          # write the data as shards here and exit (+ latents of init_from's trained VAE)
     # data
     data: str = "synthetic"         # "synthetic" | "karpathy" | "folder" | "git10m" | "shards"
     data_path: str = ""
@@ -160,21 +159,7 @@ def parse_config(argv):
 def setup(cfg):
     """Processes, device, model (resume > init_from > scratch), trained parts, EMA, optimizer: everything that
     can fail on bad input fails here, before a step is taken."""
-    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
-    want_cuda = cfg.device.startswith("cuda") or (not cfg.device and torch.cuda.is_available())
-    if want_cuda and not torch.cuda.is_available():
-        raise ValueError(f"--device={cfg.device}: this machine has no CUDA GPU (use --device=cpu)")
-    rank, world = 0, 1
-    if ddp:
-        dist.init_process_group("nccl" if want_cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-    try:
-        device = torch.device((f"cuda:{int(os.environ['LOCAL_RANK'])}" if want_cuda else "cpu") if ddp
-                              else cfg.device or ("cuda" if want_cuda else "cpu"))
-    except RuntimeError:
-        raise ValueError(f"--device={cfg.device!r} is not a device (cpu, cuda, cuda:N)") from None
-    if ddp and want_cuda:
-        torch.cuda.set_device(device)
+    ddp, rank, world, device = init_processes(cfg.device)
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     attention.set_backend(cfg.attention)
@@ -183,9 +168,13 @@ def setup(cfg):
     resume = load_checkpoint(ckpts[-1]) if ckpts else None
     torch.manual_seed(cfg.seed)                                   # every rank builds the same weights
     if resume is not None:
+        before = {k: resume["train_config"].get(k) for k in ("train", "objective")}
+        if before != {"train": cfg.train, "objective": cfg.objective}:
+            raise ValueError(f"{ckpts[-1]} is a run of {before}; resume it with the same --train and --objective, or "
+                             "start a new --out_dir")
         model = Text2Earth(ModelConfig.from_dict(resume["model_config"]))
         model.load_state_dict(resume["model"])
-        trained = set(resume["trained"])
+        trained = set(resume.get("trained", PARTS))
     else:
         model = Text2Earth(copy.deepcopy(cfg.model))
         trained = load_pretrained(model, cfg.init_from) if cfg.init_from else set()
@@ -214,7 +203,8 @@ def setup(cfg):
             raise ValueError(f"{ckpts[-1]} was written by {len(resume['data'])} processes; resume with the same "
                              f"world size (now {world}) for an exact data position")
         step, data_state, spent = resume["step"], resume["data"][rank], resume.get("train_seconds", 0.0)
-        planned, ended = resume["planned_steps"], resume["train_config"]["max_minutes"] * resume["finished"]
+        planned = resume.get("planned_steps", 0)
+        ended = resume["train_config"]["max_minutes"] if resume.get("finished") else 0.0
         log.info("resumed from %s at step %d", ckpts[-1], step)
     net = getattr(model, calls)
     net = DDP(net, device_ids=[device] if device.type == "cuda" else None) if ddp else net
@@ -350,15 +340,16 @@ def _loop(cfg, run, stop):
             dist.all_reduce(flag)
             stop_now = flag.item() > 0
         if step % cfg.ckpt_every == 0 or step >= total or stop_now:
+            if step >= total and cfg.objective == "vae":          # the latents' scale (EMA VAE) goes in the last save
+                model.cfg.vae.scaling_factor = latent_scale(ema["vae"], Batches(cfg, rank, world, **batches.state()))
+                log.info("latent scaling factor set to %.4f", model.cfg.vae.scaling_factor)
             save()
         if stop_now:
             log.info("stopped by signal at step %d; resume with the same command", step)
             break
     bar.close()
-    if cfg.objective == "vae" and main and step >= total:         # the latents' scale, from the EMA VAE
-        model.cfg.vae.scaling_factor = latent_scale(ema["vae"], batches)
-        log.info("latent scaling factor set to %.4f", model.cfg.vae.scaling_factor)
-        export(model, ema, averaged, out_dir / "model.safetensors", step, trained)
+    if step == run["step"] and step >= total and not stop["now"]:  # nothing left to train: mark the run finished
+        save()
     if writer is not None:
         writer.close()
     if ddp:
@@ -371,7 +362,7 @@ def write_shards(cfg):
     """The run's data (centre crops: augmentation happens at training time) as webdataset shards in
     cfg.write_shards, with the scaled latents of the model's VAE when it was trained (data/shards.py)."""
     try:
-        device, model = torch.device(cfg.device or "cpu"), Text2Earth(cfg.model).eval()
+        device, model = init_processes(cfg.device)[3], Text2Earth(cfg.model).eval()
         trained = load_pretrained(model.to(device), cfg.init_from) if cfg.init_from else set()
         dataset = build_dataset(cfg)
         dataset.transform = eval_transform(cfg.image_size)

@@ -12,7 +12,7 @@ Per-sample randomness is seeded by (seed, epoch, index), so with ResumableSample
 the pixels of a run are reproducible and resumable mid-epoch, whatever num_workers is:
 
     ds = Git10M(root, transform=train_transform(256), min_quality=4.8)
-    sampler = ResumableSampler(len(ds), seed, rank, world_size)
+    sampler = ResumableSampler(len(ds), seed, rank, world_size)        # data/sampler.py; collate: data/samples.py
     loader = DataLoader(ds, batch_size, sampler=sampler, num_workers=8, collate_fn=collate)
     for epoch in ...:
         sampler.set_epoch(epoch, start_index=steps_done_in_epoch * batch_size)  # 0 unless resuming

@@ -108,6 +108,9 @@ class ModelConfig:
             values = dict(d.get(name, {}))
             known = {f.name for f in fields(sub)}
             bad = set(values) - known
+            if "level_embedding" in bad:
+                raise ValueError("model config has 'level_embedding': written by an earlier text2earth, before the "
+                                 "level became one of unet.scalar_conditions; retrain it, or load its weights by hand")
             if bad:
                 raise ValueError(f"model config section '{name}' has unknown keys {sorted(bad)}")
             kwargs[name] = sub(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
@@ -176,7 +179,8 @@ def set_key(cfg, key, text):
 
 def configure(cfg, argv):
     """`--config FILE` (each, in order) then `--key=value ...` (a bare `--flag` sets a boolean) applied to the
-    dataclass `cfg`, in place. Unknown keys, in the file or on the command line, and values of the wrong type are ValueErrors."""
+    dataclass `cfg`, in place. Unknown keys, in the file or on the command line, and values of the wrong type
+    are ValueErrors."""
     argv = list(argv)
     while "--config" in argv:                                        # config files first, in order
         i = argv.index("--config")

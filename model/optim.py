@@ -1,9 +1,34 @@
-"""The trainer's schedule and collectives: learning rate, the length of a run under a time budget, and the
-averaging of gradients outside DDP's module. `cfg` is train.py's TrainConfig."""
+"""The trainer's processes, schedule and collectives: torchrun's process group and the device, the learning rate,
+the length of a run under a time budget, the averaging of gradients outside DDP's module. `cfg` is train.py's
+TrainConfig."""
 import math
+import os
 
 import torch
 import torch.distributed as dist
+
+
+def init_processes(device_name):
+    """(ddp, rank, world, device): torchrun's process group when its variables are set (nccl on GPUs, gloo on
+    CPUs), else one process; device_name "" = cuda when available. A device this machine lacks is a ValueError."""
+    ddp = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    want_cuda = device_name.startswith("cuda") or (not device_name and torch.cuda.is_available())
+    if want_cuda and not torch.cuda.is_available():
+        raise ValueError(f"--device={device_name}: this machine has no CUDA GPU (use --device=cpu)")
+    try:
+        device = torch.device(device_name or ("cuda" if want_cuda else "cpu"))
+    except RuntimeError:
+        raise ValueError(f"--device={device_name!r} is not a device (cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device={device_name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    rank, world = 0, 1
+    if ddp:
+        dist.init_process_group("nccl" if want_cuda else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if want_cuda else "cpu")
+        if want_cuda:
+            torch.cuda.set_device(device)
+    return ddp, rank, world, device
 
 
 def lr_at(cfg, step, total):

@@ -1,6 +1,6 @@
 """The whole model: U-Net, KL-VAE and text encoder built from one `ModelConfig`, plus the small glue
-between them (conditions -> what the U-Net reads, prompts -> context, images <-> scaled latents). Diffusion and sampling live elsewhere
-(model/diffusion.py, model/samplers.py); this class holds weights only."""
+between them (conditions -> what the U-Net reads, prompts -> context, images <-> scaled latents).
+Diffusion and sampling live elsewhere (model/diffusion.py, model/pipeline.py); this class holds weights only."""
 import torch
 import torch.nn as nn
 

@@ -167,14 +167,13 @@ def _read_source(path):
     return cfg, {part: (state, path, {}) for part, state in parts.items()}
 
 
-# Architecture fields a run may change against its source, each with how the new weights start (load_pretrained)
-ADDABLE = {"unet.scalar_conditions": "a condition the source lacks: its embedding MLP's last layer starts at zero",
-           "unet.in_channels": "more input channels: the extra ones' conv_in weights start at zero"}
 RUN_TIME = {"unet.gradient_checkpointing", "vae.scaling_factor"}    # not architecture: the source's scaling wins
 
 
 def _check_architecture(cfg, source_cfg, path):
-    """Every architecture field of the run's config must equal the source's, except the ADDABLE growth."""
+    """Every architecture field of the run's config must equal the source's, except two that may grow, each
+    started so that the model equals its source (load_pretrained): unet.scalar_conditions (a condition the source
+    lacks) and unet.in_channels (more input channels)."""
     for section in ("unet", "vae", "text"):
         ours, theirs = getattr(cfg, section).__dict__, getattr(source_cfg, section).__dict__
         for key, value in ours.items():
@@ -186,14 +185,14 @@ def _check_architecture(cfg, source_cfg, path):
             if name == "unet.in_channels" and value > theirs[key]:
                 continue
             raise WeightsError(f"{path}: the config's model.{name} = {value!r} but the source has {theirs[key]!r}; "
-                               f"make the config match (only {sorted(ADDABLE)} may grow)")
+                               "make the config match (only unet.scalar_conditions and unet.in_channels may grow)")
 
 
 @torch.no_grad()
 def load_pretrained(model: Text2Earth, path):
     """Load the weights at `path` (a release-format folder such as SD2-base or Text2Earth, or one of our
     checkpoints) into `model`, which is built from the run's own config. What the config adds starts so that the
-    model computes exactly what its source computes (ADDABLE): a scalar condition the source lacks (Text2Earth's
+    model computes exactly what its source computes: a scalar condition the source lacks (Text2Earth's
     level on SD2-base) gets its embedding MLP with the last layer at zero, extra U-Net input channels (inpainting)
     get zero conv_in weights. Everything else must match, key for key and shape for shape (WeightsError). The
     latent scaling factor is the source's. Returns the parts of the source that were trained."""
@@ -217,7 +216,7 @@ def load_pretrained(model: Text2Earth, path):
                 grown[:, :w.shape[1]] = w
                 state["conv_in.weight"] = grown
         load_state_strict(target, state, source, original)
-    model.cfg.vae.scaling_factor = model.vae.cfg.scaling_factor = source_cfg.vae.scaling_factor
+    model.cfg.vae.scaling_factor = source_cfg.vae.scaling_factor              # model.vae.cfg is the same object
     _restore_buffers(model)
     return trained_parts(path)
 
