@@ -181,7 +181,7 @@ def configure(cfg, argv):
     """`--config FILE` (each, in order) then `--key=value ...` (a bare `--flag` sets a boolean) applied to the
     dataclass `cfg`, in place. Unknown keys, in the file or on the command line, and values of the wrong type
     are ValueErrors."""
-    argv = list(argv)
+    argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
     while "--config" in argv:                                        # config files first, in order
         i = argv.index("--config")
         if i + 1 >= len(argv):

@@ -121,10 +121,12 @@ def test_cli_level_cfg_needs_a_level_embedding(tmp_path, capsys):
     cfg = load_config("configs/tiny.py").model
     cfg.unet.scalar_conditions = ()
     save_model(Text2Earth(cfg), tmp_path / "nolevel.safetensors")
-    with pytest.raises(SystemExit) as e:
-        run(["--prompt", "x", "--weights", tmp_path / "nolevel.safetensors", "--level-cfg", 5, "--out", tmp_path / "o"])
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and "has no level embedding" in err and "Traceback" not in err
+    for bad in (["--level-cfg", 5], ["--level", 14], ["--prompt", "15_GOOGLE_LEVEL_x"]):
+        with pytest.raises(SystemExit) as e:
+            run(["--prompt", "x", "--weights", tmp_path / "nolevel.safetensors", "--out", tmp_path / "o"] + bad)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "has no level embedding" in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()
 
 
 def test_cli_weights_that_hold_something_else(tmp_path, capsys):

@@ -361,3 +361,14 @@ def test_write_shards_with_the_latents_of_a_trained_vae(tmp_path):
     run_inprocess(tmp_path / "run", "--data=shards", f"--data_path={tmp_path / 'lat'}", "--batch_size=4",
                   "--max_steps=1", f"--init_from={tmp_path / 'init.safetensors'}")
     assert train.load_checkpoint(train.checkpoint_paths(tmp_path / "run")[-1])["step"] == 1
+
+
+def test_resume_keeps_what_trains_and_config_files_take_both_forms(tmp_path, capsys):
+    run_inprocess(tmp_path, "--batch_size=2", "--max_steps=1")
+    capsys.readouterr()
+    args = TINY + [f"--out_dir={tmp_path}", "--batch_size=2", "--max_steps=2"]
+    assert train.main(args + ["--train=unet+text_encoder"]) == 2                 # another run than the checkpoint's
+    err = capsys.readouterr().err
+    assert "resume it with the same --train and --objective" in err and err.count("\n") == 1
+    cfg = train.parse_config(["--config=configs/tiny.py", "--lr=3e-4"])
+    assert cfg.model.unet.channels == (32, 64, 64) and cfg.lr == 3e-4
