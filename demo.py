@@ -107,6 +107,11 @@ def scenes(stage_file, n):
                 integer_levels=values["synthetic_integer_levels"])
 
 
+def usable_cores():
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def run_stage(stage_file, out_dir, max_steps, *overrides, beside=None):
     """One training stage: train.py in a process of its own, as a user would run it (max_steps: 0 = the stage
     config's). An interruption (Ctrl-C, SIGTERM) reaches it too: it saves a checkpoint and stops, and rerunning
@@ -116,7 +121,7 @@ def run_stage(stage_file, out_dir, max_steps, *overrides, beside=None):
     max_steps = max_steps or load_config(stage_file).max_steps
     cmd = [sys.executable, str(Path(__file__).with_name("train.py")), "--config", str(stage_file),
            f"--out_dir={out_dir}", f"--max_steps={max_steps}", *overrides]
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     shared = beside is not None and beside.is_alive() and cores > 1
     proc = subprocess.Popen(cmd + ([f"--threads={cores - 1}"] if shared else []))
     forward = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))  # to the stage
@@ -311,7 +316,7 @@ def main(argv=None):
     job = fork.Process(target=probe_job, daemon=True, args=(
         size, args.probe_train_images, args.probe_steps, vae_file, vae_ready, probe_file))
     job.start()
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    cores = usable_cores()
     print(f"rendering {args.pool} training scenes ...", flush=True)
     render_pool(out / "images", spec, processes=min(cores, 8))
     run_stage(args.vae_config, out / "vae", args.vae_steps, "--data=shards", f"--data_path={out / 'images'}")

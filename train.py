@@ -163,7 +163,8 @@ def setup(cfg):
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format="%(asctime)s %(message)s")
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = cfg.tf32
     attention.set_backend(cfg.attention)
-    torch.set_num_threads(cfg.threads or torch.get_num_threads())
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     ckpts = checkpoint_paths(cfg.out_dir) if cfg.resume else []
     resume = load_checkpoint(ckpts[-1]) if ckpts else None
     torch.manual_seed(cfg.seed)                                   # every rank builds the same weights

@@ -96,9 +96,9 @@ def vae_loss(vae, batch, *, generator, idx, global_batch, autocast, kl_weight=1e
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     idx = idx[:x.shape[0]]
-    vcfg = (vae.module if isinstance(vae, DDP) else vae).cfg
-    f = 2 ** (len(vcfg.channels) - 1)
-    eps = torch.randn((global_batch, vcfg.latent_channels, x.shape[2] // f, x.shape[3] // f),
+    plain = vae.module if isinstance(vae, DDP) else vae
+    f = plain.downsample
+    eps = torch.randn((global_batch, plain.cfg.latent_channels, x.shape[2] // f, x.shape[3] // f),
                       generator=generator)[idx].to(device)
     with autocast:
         recon, post = vae(x, noise=eps)                                          # through DDP's forward
