@@ -1,4 +1,6 @@
-"""The demo's first stage (demo.py runs it): the KL-VAE on the rendered procedural scenes, 32 px."""
+"""The demo's VAE stage: the KL-VAE on the rendered procedural scenes, 32 px. `python demo.py --train-vae
+--vae_steps=3600` makes the shipped configs/pretrained/demo_vae.safetensors with it; `--from-scratch` runs it
+inside the demo's budget (at most its 1200 steps)."""
 from configs.demo import model  # noqa: F401  (the demo's model)
 
 train = "vae"

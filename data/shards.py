@@ -402,3 +402,16 @@ def write_shards(dataset, out_dir, samples_per_shard=1000, encode_fn=None, batch
         {"shards": index, "total": state["n"], "latents": encode_fn is not None}, indent=1))
     logger.info("wrote %d samples in %d shards to %s (%d skipped)", state["n"], len(paths), out_dir, skipped)
     return paths
+
+
+def write_once(out_dir, spec, write):
+    """Call write() (which fills out_dir with shards) unless out_dir already holds finished shards made from
+    `spec` (a JSON-able dict saved beside them as made_from.json once write() returns). An interrupted rewrite
+    never passes as finished: the old made_from.json goes first. Returns whether it wrote."""
+    made = Path(out_dir) / "made_from.json"
+    if made.exists() and json.loads(made.read_text()) == spec:
+        return False
+    made.unlink(missing_ok=True)
+    write()
+    made.write_text(json.dumps(spec))
+    return True

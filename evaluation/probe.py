@@ -7,6 +7,7 @@ Trained on procedural Earth images (data/synthetic/), it scores generated images
     images, labels, levels = make_probe_data(4000, size=64, seed=0)
     probe = train_probe((images, labels, levels), steps=1000, batch_size=64, lr=3e-3, seed=0)
     evaluate_probe(probe, gen_images, asked_labels, asked_levels)   # class_acc, level_acc, level_acc_pm1, level_corr
+    save_probe(probe, "probe.safetensors", {"recipe": ...}); probe = load_probe("probe.safetensors")
 
 The level head classifies the integer levels (9 for 10..18) rather than regressing them: on held-out
 renders after 400 steps, classification reads 43% exact / 73% within +-1, regression + rounding 31% / 70%.
@@ -16,6 +17,7 @@ pixel scale would otherwise be a cheap cue for the level; blurred copies make th
 object scale. With blur, class accuracy on blurred test images fell 1 point instead of 4.
 Shapes: B batch, C channels, H, W spatial (64, or 32 and up: the heads sit on a global pooling).
 """
+import json
 import math
 import time
 
@@ -25,6 +27,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data.synthetic import CLASSES, sample
+from model.release import WeightsError, read_tensors
+from model.weights import load_state_strict, read_metadata, write_tensors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,3 +254,53 @@ def evaluate_probe(probe, images, labels, levels):
                 level_acc=(err == 0).float().mean().item(),
                 level_acc_pm1=(err <= 1).float().mean().item(),
                 level_corr=(a * b).sum().div(denom).item() if denom > 0 else 0.0)
+
+
+def fit_probe(size, n_train, steps, through=None, n_held=540, seed=0, pace_deadline=None):
+    """The conditioning probe of a text-to-image model whose images come out of a decoder: trained on n_train
+    procedural renders (make_probe_data seed 1), half of them passed through `through` (images -> images, e.g. a
+    VAE's encode-decode) so that it judges content, not the decoder's softness; scored on n_held held-out renders
+    (seed 2), as rendered (its ceiling) and through `through`. pace_deadline (a time.time()): fewer steps if
+    `steps` would not end by then, from the pace of a 20-step trial (at least 200). Returns (probe, {row name:
+    figures}, steps trained)."""
+    images, labels, levels = make_probe_data(n=n_train, size=size, seed=1)
+    held = make_probe_data(n=n_held, size=size, seed=2)
+    through = through or (lambda x: x)
+    half = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:len(images) // 2]
+    images[half] = through(images[half])
+    if pace_deadline is not None:
+        t = time.time()
+        train_probe((images, labels, levels), steps=20, batch_size=64, seed=seed)
+        steps = max(200, min(steps, int((pace_deadline - time.time()) / ((time.time() - t) / 20))))
+    probe = train_probe((images, labels, levels), steps=steps, batch_size=64, seed=seed)
+    results = {"real procedural images (ceiling)": evaluate_probe(probe, *held),
+               "real images through the VAE": evaluate_probe(probe, through(held[0]), *held[1:])}
+    return probe, results, steps
+
+
+# ----------------------------------------------------------------------------------------------
+# Files: a safetensors state dict, the architecture and what the caller records in its metadata
+# ----------------------------------------------------------------------------------------------
+def save_probe(probe, path, info=None):
+    """Write the probe atomically: its weights and BatchNorm statistics, its architecture, and `info` (a JSON-able
+    dict: its recipe and measured figures), which load_probe_info reads back."""
+    arch = {"num_classes": probe.num_classes, "levels": list(probe.levels), "width": probe.class_head.in_features // 8}
+    write_tensors(path, probe.state_dict(), {"format": "text2earth-probe", "probe": json.dumps(arch),
+                                             "info": json.dumps(info or {})})
+
+
+def load_probe_info(path):
+    """The `info` dict save_probe wrote."""
+    meta = read_metadata(path)
+    if meta.get("format") != "text2earth-probe":
+        raise WeightsError(f"{path}: not a probe file (no format 'text2earth-probe' in its safetensors metadata)")
+    return json.loads(meta.get("info", "{}"))
+
+
+def load_probe(path):
+    """A probe written by save_probe, in eval mode."""
+    load_probe_info(path)                                              # the format check
+    arch = json.loads(read_metadata(path)["probe"])
+    probe = Probe(arch["num_classes"], tuple(arch["levels"]), arch["width"])
+    load_state_strict(probe, read_tensors(path), path)
+    return probe.eval()

@@ -178,8 +178,8 @@ def set_key(cfg, key, text):
 
 
 def configure(cfg, argv):
-    """`--config FILE` (each, in order) then `--key=value ...` (a bare `--flag` sets a boolean) applied to the
-    dataclass `cfg`, in place. Unknown keys, in the file or on the command line, and values of the wrong type
+    """`--config FILE` (each, in order) then `--key=value ...` (a bare `--flag` sets a boolean; a hyphen in a key
+    is an underscore) applied to the dataclass `cfg`, in place. Unknown keys, in the file or on the command line, and values of the wrong type
     are ValueErrors."""
     argv = [part for a in argv for part in (a.split("=", 1) if a.startswith("--config=") else [a])]
     while "--config" in argv:                                        # config files first, in order
@@ -203,6 +203,7 @@ def configure(cfg, argv):
         if not arg.startswith("--"):
             raise ValueError(f"arguments are --config FILE and --key=value overrides; got {arg!r}")
         key, eq, text = arg[2:].partition("=")
+        key = key.replace("-", "_")                                  # --train-vae is --train_vae
         if not eq:                                                   # --flag: a boolean set to True
             text = "true"
             if not isinstance(_field_default(cfg, key), bool):

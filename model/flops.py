@@ -1,4 +1,5 @@
-"""FLOP bookkeeping for MFU: the accelerators' peak FLOP/s and the U-Net's training FLOPs per image.
+"""FLOP bookkeeping for MFU: the accelerators' peak FLOP/s and the U-Net's training FLOPs per image; the CPU's
+name for CPU timings (`cpu_name`).
 
     peak = peak_tflops(torch.cuda.get_device_name())            # 756.0 on an H100 PCIe, None if unknown
     flops = unet_train_flops(UNetConfig(), latent_size=32, context_len=77)   # per 256x256 image
@@ -7,6 +8,10 @@
 MFU (model FLOPs utilisation, as Chowdhery et al. define it in "PaLM", 2022) counts model FLOPs: forward +
 backward = 3 x forward, whatever gradient checkpointing recomputes.
 """
+import os
+import platform
+from pathlib import Path
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -34,6 +39,25 @@ PEAK_TFLOPS = [
     ("RTX 4090", 165.0),    # GeForce RTX 4090, fp32 accumulation (330 with fp16 accumulation)
     ("MI300X", 1307.0),     # AMD Instinct MI300X (ROCm)
 ]
+
+
+def cpu_name():
+    """The CPU as /proc/cpuinfo names it, with its family and model numbers and its widest vector unit (AVX-512 or
+    AVX2), since CPU timings depend on all three: "AMD EPYC (family 25 model 17, AVX-512)"."""
+    info = {}
+    if Path("/proc/cpuinfo").exists():
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            info.setdefault(key.strip(), value.strip())
+    flags = info.get("flags", "").split()
+    vector = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    name = info.get("model name") or platform.processor() or platform.machine()
+    return f"{name} (family {info.get('cpu family', '?')} model {info.get('model', '?')}, {vector})"
+
+
+def usable_cores():
+    """The CPU cores this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def peak_tflops(device_name):

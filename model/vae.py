@@ -181,6 +181,11 @@ class AutoencoderKL(nn.Module):
         z = posterior.sample(generator) if noise is None else posterior.mean + posterior.std * noise
         return self.decode(z), posterior
 
+    @torch.no_grad()
+    def reconstruct(self, x, batch=256):
+        """Images (N, 3, H, W) in [-1, 1] encoded and decoded (posterior means), clamped to [-1, 1]."""
+        return torch.cat([self.decode(self.encode(x[i:i + batch]).mean) for i in range(0, len(x), batch)]).clamp(-1, 1)
+
     def encode_latents(self, x, generator=None, sample=True):
         """Images -> scaled latents, the space diffusion runs in."""
         posterior = self.encode(x)

@@ -1,28 +1,36 @@
 """Loading and saving weights.
 
 - Our checkpoints: one safetensors file, the `ModelConfig` as JSON in its metadata, so a file rebuilds its
-  model with no other input (`save_model` / `load_model`).
+  model with no other input (`save_model` / `load_model`). A file may hold some parts only (`parts=("vae",)`:
+  a pretrained VAE to train a U-Net on, as Text2Earth trains on SD2's); `load_part` reads one part of it, and
+  `load_pretrained` starts a run from it.
 - The release (diffusers layout, read by model/release.py): `load_diffusers` builds the model it describes.
   The same code loads SD2-base, Text2Earth and Text2Earth-inpainting.
 - A run's starting point (`load_pretrained`): a release folder or one of our checkpoints loaded into the model
   the run's config describes, what the config adds initialised so that the model starts equal to its source.
 - An OpenCLIP checkpoint file for the text tower (`load_openclip_text`).
+- Files shipped in the repository (the demo's VAE and probe): their content hash and recipe in a manifest.json
+  beside them (`record_file`), checked before use (`check_recorded`).
 
 Loading is strict: a missing or unexpected key or a wrong shape is a `WeightsError` naming the file and
 the key. Nothing is unpickled except through `torch.load(weights_only=True)`.
 """
+import hashlib
 import json
 import os
 import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from model.config import ModelConfig
 from model.release import WeightsError, read_diffusers, read_tensors
+from model.text import TextEncoder
 from model.text2earth import Text2Earth
+from model.unet import UNet
+from model.vae import AutoencoderKL
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -61,23 +69,32 @@ def load_state_strict(module, state, source, original_names=None):
 PARTS = ("unet", "vae", "text_encoder")
 
 
-def save_model(model: Text2Earth, path, metadata=None, trained=PARTS):
-    """Write all weights plus the config to one safetensors file, atomically (temp file, then rename).
-    `trained` names the parts whose weights were ever trained (a part built from scratch and never trained is
-    left out), so that a run starting from this file can refuse to freeze an untrained VAE or text encoder."""
+def write_tensors(path, tensors, metadata):
+    """A safetensors file written atomically (a temp file, then rename): an interruption leaves the old file or
+    none, never half of one. metadata: str -> str."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    meta = {"format": "text2earth", "config": json.dumps(model.cfg.to_dict()),
-            "trained": json.dumps(sorted(set(trained)))}
-    meta.update({k: str(v) for k, v in (metadata or {}).items()})
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
     os.replace(tmp, path)
 
 
+def save_model(model: Text2Earth, path, metadata=None, trained=PARTS, parts=PARTS):
+    """Write the weights of `parts` (all by default) plus the config to one safetensors file, atomically.
+    `trained` names the parts whose weights were ever trained (a part built from scratch and never trained is
+    left out), so that a run starting from this file can refuse to freeze an untrained VAE or text encoder; a
+    part not written counts as untrained."""
+    unknown = set(parts) - set(PARTS)
+    if unknown or not parts:
+        raise ValueError(f"parts must be some of {PARTS}, got {parts}")
+    tensors = {k: v for k, v in model.state_dict().items() if k.split(".")[0] in parts}
+    meta = {"format": "text2earth", "config": json.dumps(model.cfg.to_dict()),
+            "trained": json.dumps(sorted(set(trained) & set(parts))), "parts": json.dumps(sorted(parts))}
+    meta.update({k: str(v) for k, v in (metadata or {}).items()})
+    write_tensors(path, tensors, meta)
+
+
 def read_metadata(path):
-    from safetensors import safe_open
     try:
         with safe_open(str(path), framework="pt") as f:
             return f.metadata() or {}
@@ -86,7 +103,7 @@ def read_metadata(path):
 
 
 def _our_config(path):
-    """(ModelConfig, trained parts) from the metadata of one of our checkpoints."""
+    """(ModelConfig, trained parts, parts held) from the metadata of one of our checkpoints."""
     meta = read_metadata(path)
     if meta.get("format") != "text2earth" or "config" not in meta:
         raise WeightsError(f"{path}: not a text2earth checkpoint (no 'config' in its safetensors metadata)")
@@ -94,7 +111,8 @@ def _our_config(path):
         cfg = ModelConfig.from_dict(json.loads(meta["config"]))
     except (ValueError, TypeError) as e:
         raise WeightsError(f"{path}: {e}") from None
-    return cfg, set(json.loads(meta.get("trained", json.dumps(PARTS))))
+    held = set(json.loads(meta.get("parts", json.dumps(PARTS))))
+    return cfg, set(json.loads(meta.get("trained", json.dumps(PARTS)))) & held, held
 
 
 def trained_parts(path):
@@ -104,12 +122,31 @@ def trained_parts(path):
     return set(PARTS) if path.is_dir() else _our_config(path)[1]
 
 
+def load_part(path, part, device="cpu"):
+    """One part (`"vae"`, `"unet"` or `"text_encoder"`) of one of our checkpoints, whole or partial, as its module
+    in eval mode; a VAE keeps the file's latent scaling factor in its config."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such file")
+    cfg, _, held = _our_config(path)
+    if part not in held:
+        raise WeightsError(f"{path}: holds no {part} (it holds {sorted(held)})")
+    module = {"unet": lambda: UNet(cfg.unet), "vae": lambda: AutoencoderKL(cfg.vae),
+              "text_encoder": lambda: TextEncoder(cfg.text)}[part]()
+    state = {k[len(part) + 1:]: v for k, v in read_tensors(path).items() if k.startswith(part + ".")}
+    load_state_strict(module, state, path)
+    return module.to(device).eval()
+
+
 def load_model(path, device="cpu") -> Text2Earth:
     """Rebuild a `Text2Earth` from one of our checkpoints, config included."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
-    cfg, _ = _our_config(path)
+    cfg, _, held = _our_config(path)
+    if held != set(PARTS):
+        raise WeightsError(f"{path}: holds only {sorted(held)}, not a whole model (model/weights.load_part reads a "
+                           "part; train.py --init_from starts a run from it)")
     with torch.device("meta"):
         model = Text2Earth(cfg)
     model.to_empty(device="cpu")
@@ -151,16 +188,17 @@ def load_diffusers(folder, device="cpu") -> Text2Earth:
 # Starting a run from pretrained weights: the model the config describes, what the source has loaded into it
 # ------------------------------------------------------------------------------------------------------
 def _read_source(path):
-    """A release folder or one of our checkpoints -> (ModelConfig, {part: (state, source, original names)})."""
+    """A release folder or one of our checkpoints -> (ModelConfig, {part: (state, source, original names)}) for
+    the parts it holds."""
     path = Path(path)
     if path.is_dir():
         return read_diffusers(path)
     if not path.is_file():
         raise WeightsError(f"{path}: does not exist (expected a diffusers-format folder or a text2earth .safetensors "
                            "file)")
-    cfg, _ = _our_config(path)
+    cfg, _, held = _our_config(path)
     tensors = read_tensors(path)
-    parts = {part: {k[len(part) + 1:]: v for k, v in tensors.items() if k.startswith(part + ".")} for part in PARTS}
+    parts = {part: {k[len(part) + 1:]: v for k, v in tensors.items() if k.startswith(part + ".")} for part in held}
     stray = [k for k in tensors if not k.startswith(tuple(p + "." for p in PARTS))]
     if stray:
         raise WeightsError(f"{path}: unexpected key '{stray[0]}' (not in unet, vae or text_encoder)")
@@ -170,11 +208,14 @@ def _read_source(path):
 RUN_TIME = {"unet.gradient_checkpointing", "vae.scaling_factor"}    # not architecture: the source's scaling wins
 
 
-def _check_architecture(cfg, source_cfg, path):
-    """Every architecture field of the run's config must equal the source's, except two that may grow, each
-    started so that the model equals its source (load_pretrained): unet.scalar_conditions (a condition the source
-    lacks) and unet.in_channels (more input channels)."""
-    for section in ("unet", "vae", "text"):
+SECTION = {"unet": "unet", "vae": "vae", "text_encoder": "text"}         # part -> its ModelConfig section
+
+
+def _check_architecture(cfg, source_cfg, path, parts=PARTS):
+    """Every architecture field of the run's config must equal the source's, for the parts the source holds,
+    except two that may grow, each started so that the model equals its source (load_pretrained):
+    unet.scalar_conditions (a condition the source lacks) and unet.in_channels (more input channels)."""
+    for section in (SECTION[p] for p in PARTS if p in parts):
         ours, theirs = getattr(cfg, section).__dict__, getattr(source_cfg, section).__dict__
         for key, value in ours.items():
             name = f"{section}.{key}"
@@ -194,10 +235,12 @@ def load_pretrained(model: Text2Earth, path):
     checkpoints) into `model`, which is built from the run's own config. What the config adds starts so that the
     model computes exactly what its source computes: a scalar condition the source lacks (Text2Earth's
     level on SD2-base) gets its embedding MLP with the last layer at zero, extra U-Net input channels (inpainting)
-    get zero conv_in weights. Everything else must match, key for key and shape for shape (WeightsError). The
-    latent scaling factor is the source's. Returns the parts of the source that were trained."""
+    get zero conv_in weights. Everything else must match, key for key and shape for shape (WeightsError). A
+    source that holds some parts only (save_model's `parts`) loads those; the others keep the model's own
+    initialisation. The latent scaling factor is the source's if it holds the VAE. Returns the parts of the
+    source that were trained."""
     source_cfg, parts = _read_source(path)
-    _check_architecture(model.cfg, source_cfg, path)
+    _check_architecture(model.cfg, source_cfg, path, parts)
     for part, (state, source, original) in parts.items():
         target = getattr(model, part)
         if part == "unet":
@@ -216,7 +259,8 @@ def load_pretrained(model: Text2Earth, path):
                 grown[:, :w.shape[1]] = w
                 state["conv_in.weight"] = grown
         load_state_strict(target, state, source, original)
-    model.cfg.vae.scaling_factor = source_cfg.vae.scaling_factor              # model.vae.cfg is the same object
+    if "vae" in parts:
+        model.cfg.vae.scaling_factor = source_cfg.vae.scaling_factor          # model.vae.cfg is the same object
     _restore_buffers(model)
     return trained_parts(path)
 
@@ -236,3 +280,39 @@ def load_openclip_text(path, text_encoder):
             continue
         kept["tower." + k] = v
     load_state_strict(text_encoder, kept, Path(path))
+
+
+# ------------------------------------------------------------------------------------------------------
+# Recorded files: content hash, recipe and measured figures in the manifest.json of their folder
+# ------------------------------------------------------------------------------------------------------
+def sha256(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def manifest_of(path):
+    """{file name: its record} from the manifest.json beside `path` ({} if there is none)."""
+    manifest = Path(path).with_name("manifest.json")
+    return json.loads(manifest.read_text()) if manifest.exists() else {}
+
+
+def record_file(path, entry):
+    """Enter `path`'s content hash and `entry` (its recipe, figures: JSON-able) in its folder's manifest.json."""
+    path = Path(path)
+    manifest = manifest_of(path)
+    manifest[path.name] = {"sha256": sha256(path), **entry}
+    tmp = path.with_name("manifest.json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path.with_name("manifest.json"))
+
+
+def check_recorded(path, remake="remake it"):
+    """WeightsError unless `path` exists and, when its folder's manifest records it, has the recorded hash.
+    Returns its record ({} if none). `remake` says how to make the file again."""
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path} does not exist: {remake}")
+    entry = manifest_of(path).get(path.name, {})
+    if entry and entry["sha256"] != sha256(path):
+        raise WeightsError(f"{path}: content hash {sha256(path)[:12]}... is not the one recorded in "
+                           f"{path.with_name('manifest.json')} ({entry['sha256'][:12]}...): {remake}")
+    return entry

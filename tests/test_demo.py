@@ -3,9 +3,12 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 
 import demo
-from evaluation.probe import Probe
+from data.shards import write_once
+from evaluation.probe import load_probe
+from model.weights import load_model, load_part
 
 
 @pytest.fixture(scope="module")
@@ -17,13 +20,16 @@ def fast_demo(tmp_path_factory):
 
 def test_fast_demo_writes_everything(fast_demo):
     out, summary = fast_demo
-    for name in ("model.safetensors", "grid.png", "overview.png", "results.json", "probe.pt"):
+    for name in ("model.safetensors", "grid.png", "overview.png", "results.json", "probe.safetensors"):
         assert (out / name).is_file(), name
     saved = json.loads((out / "results.json").read_text())
-    assert saved["fast"] is True and saved["probe_minutes"] > 0                       # the probe trained beside it
-    assert saved["unet_steps"] == 600 and saved["unet_minutes_budget"] is None      # --fast: fixed steps, no budget
-    probe = Probe()
-    probe.load_state_dict(torch.load(out / "probe.pt", weights_only=True)["probe"])   # the probe, reusable
+    assert saved["fast"] is True and saved["from_scratch"] is True                   # --fast trains everything
+    stages = saved["stages"]
+    assert stages["vae"]["steps"] == 600 and stages["unet"]["steps"] == 600        # fixed steps, no budget
+    assert saved["budget_minutes"] is None and "budget_minutes" not in stages["unet"]
+    assert stages["probe"]["steps"] == 1000 and stages["probe"]["seconds"] > 0     # trained beside the U-Net
+    assert saved["total_minutes"] * 60 > sum(s.get("seconds", 0) for s in stages.values() if s is not stages["probe"])
+    load_probe(out / "probe.safetensors")                                             # the probe, reusable
 
 
 def test_fast_demo_follows_the_prompt_and_the_level(fast_demo):
@@ -56,11 +62,31 @@ def test_demo_refuses_to_overwrite_a_finished_run(fast_demo):
 
 def test_unet_budget_is_what_is_left_and_kept_on_resume(tmp_path):
     unet = tmp_path / "unet"
-    assert demo.unet_budget(unet, 300 + demo.SAMPLING_SECONDS) == 5.0           # what the sampling leaves
-    assert demo.unet_budget(unet, 10.0) == demo.MIN_UNET_MINUTES                # spent: the minimum anyway
+    assert demo.unet_budget(unet, 300 + 40, 40) == 5.0                           # what the scoring leaves
+    assert demo.unet_budget(unet, 10.0, 40) == demo.MIN_UNET_MINUTES             # spent: the minimum anyway
     unet.mkdir()
     (unet / "config.json").write_text(json.dumps({"max_minutes": 4.25}))        # as train.py wrote it at the start
-    assert demo.unet_budget(unet, 999.0) == 4.25                                 # a resumed stage keeps its budget
+    assert demo.unet_budget(unet, 999.0, 40) == 4.25                             # a resumed stage keeps its budget
+
+
+def test_default_demo_trains_the_unet_on_the_shipped_vae_and_scores_with_the_shipped_probe(tmp_path):
+    """The default path, shortened: no VAE stage and no probe training; the U-Net stage starts from the shipped
+    VAE-only file; the overview shows the real render beside each sample, enlarged."""
+    out = tmp_path / "demo"
+    summary = demo.main([f"--out={out}", "--unet_steps=20", "--pool=216", "--eval_seeds=1", "--steps=3"])
+    stages = summary["stages"]
+    assert stages["vae"]["pretrained"].endswith("demo_vae.safetensors") and stages["vae"]["steps"] > 0
+    assert stages["probe"]["pretrained"].endswith("demo_probe.safetensors") and "seconds" not in stages["probe"]
+    assert stages["unet"]["steps"] == 20 and not (out / "vae").exists() and not (out / "probe.safetensors").exists()
+    assert stages["sampling"]["images"] == 216
+    shipped = load_part("configs/pretrained/demo_vae.safetensors", "vae").state_dict()
+    for k, v in load_model(out / "model.safetensors").vae.state_dict().items():
+        torch.testing.assert_close(v, shipped[k], rtol=0, atol=0)                # the VAE stayed frozen
+    r = summary["results"]
+    assert set(r) == {"real procedural images (ceiling)", "real images through the VAE",
+                      "generated, prompt + level (ours)", "unconditional samples (floor)"}
+    page = Image.open(out / "overview.png")
+    assert page.width > 8 * 128 and page.height > 12 * 128                       # 12 classes x 4 levels x 2, 4x
 
 
 def test_training_pools_are_reused_only_when_made_from_the_same_inputs(tmp_path):
@@ -91,10 +117,10 @@ def test_training_pools_are_reused_only_when_made_from_the_same_inputs(tmp_path)
     demo.encode_pool(tmp_path / "b.safetensors", images, latents)
     assert latent_shard.read_bytes() != kept                                     # other VAE weights: re-encoded
     demo.render_pool(images, {**spec, "size": 16})                               # other scenes: re-rendered
-    spec = json.loads((images / "made_from.json").read_text())
-    assert spec["size"] == 16 and demo._complete(images, spec)
-    demo._mark(images, None)                                                     # as at the start of a rewrite
-    assert not demo._complete(images, spec)
+    assert json.loads((images / "made_from.json").read_text())["size"] == 16
+    with pytest.raises(RuntimeError):                                            # a rewrite interrupted ...
+        write_once(images, spec, lambda: (_ for _ in ()).throw(RuntimeError("interrupted")))
+    assert not (images / "made_from.json").exists()                              # ... never passes as finished
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -103,6 +129,7 @@ def test_training_pools_are_reused_only_when_made_from_the_same_inputs(tmp_path)
     (["--minutes=abc"], "--minutes: expected float"),
     (["--vae_config=/nonexistent.py"], "stage config /nonexistent.py does not exist"),
     (["--out"], "--out needs a value"),
+    (["--vae=/nonexistent.safetensors"], "/nonexistent.safetensors does not exist: remake it with"),
 ])
 def test_demo_bad_input_is_one_line_exit_2(bad, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:

@@ -129,3 +129,34 @@ def test_inpainting_objective_trains_the_nine_channel_unet(tmp_path):
             "--model.text.width=64", "--model.text.heads=4", "--model.text.layers=2"]
     assert train.main(args) == 0
     assert load_model(tmp_path / "model.safetensors").cfg.unet.in_channels == 9
+
+
+def test_a_vae_only_file_starts_a_unet_of_any_architecture(tmp_path, capsys):
+    """save_model(parts=("vae",)) writes the VAE alone (as the demo ships it): load_part reads it back exactly,
+    load_model refuses it (not a whole model), and train.py trains a U-Net whose architecture the file says
+    nothing about on it, the VAE loaded and frozen, the U-Net and text tower from the config's initialisation."""
+    from model.release import read_tensors
+    from model.weights import load_part, save_model, trained_parts
+    cfg = train.parse_config(TINY).model
+    torch.manual_seed(0)
+    source = Text2Earth(cfg)
+    vae_file = tmp_path / "vae.safetensors"
+    save_model(source, vae_file, parts=("vae",), trained=("vae",))
+    assert {k.split(".")[0] for k in read_tensors(vae_file)} == {"vae"}
+    assert trained_parts(vae_file) == {"vae"}
+    vae = load_part(vae_file, "vae")
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(vae.reconstruct(x), source.vae.reconstruct(x), rtol=0, atol=0)
+    with pytest.raises(WeightsError, match="holds only"):
+        load_model(vae_file)
+    with pytest.raises(WeightsError, match="holds no unet"):
+        load_part(vae_file, "unet")
+    out = tmp_path / "unet"
+    other_unet = ["--model.unet.attention=(False, True, False)", "--model.unet.channels=(32, 48, 48)"]
+    assert train.main(TINY + [f"--out_dir={out}", "--max_steps=1", "--train=unet+text_encoder",
+                              f"--init_from={vae_file}"] + other_unet) == 0, capsys.readouterr().err
+    trained = load_model(out / "model.safetensors")
+    assert trained.cfg.unet.channels == (32, 48, 48)
+    for k, v in source.vae.state_dict().items():                                 # frozen, as loaded
+        torch.testing.assert_close(trained.vae.state_dict()[k], v, rtol=0, atol=0)
+    assert trained_parts(out / "model.safetensors") == {"unet", "text_encoder", "vae"}

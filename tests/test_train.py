@@ -43,6 +43,8 @@ def test_config_overrides_are_type_checked():
                               "--sample_levels=(12, 13.5)"])
     assert cfg.lr == 3e-4 and cfg.model.unet.gradient_checkpointing is True and cfg.sample_levels == (12, 13.5)
     assert cfg.model.unet.channels == (32, 64, 64)                     # from the config file
+    hyphens = train.parse_config(["--config", "configs/tiny.py", "--max-steps=7", "--allow-untrained"])
+    assert hyphens.max_steps == 7 and hyphens.allow_untrained is True  # a hyphen in a key is an underscore
     for bad, msg in [("--lrr=1", "unknown config key --lrr"), ("--max_steps=ten", "expected int"),
                      ("--model.unet.chanels=1", "unknown config key"), ("--resume=maybe", "expected a boolean")]:
         with pytest.raises(ValueError, match=msg):
