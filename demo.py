@@ -363,16 +363,16 @@ def main(argv=None):
     # 4. Outputs: the overview (every class, four levels, the real render beside each sample), the grid, results.
     per_class = len(range(10, 19))
     picks = [[c * per_class + (level - 10) for level in GRID_LEVELS] for c in range(len(CLASSES))]
-    rows = [(f"[{CLASSES[c]}] " + prompts[pick[0]], [(Image.fromarray(targets[i][3]), tensor_to_pil(images[i]))
-                                                    for i in pick]) for c, pick in enumerate(picks)]
-    image_grid([g for _, row in rows[::2] for _, g in row], cols=len(GRID_LEVELS)).save(out / "grid.png")
+    rows = [(CLASSES[c].replace("_", " "), [(Image.fromarray(targets[i][3]), tensor_to_pil(images[i]), prompts[i])
+                                            for i in pick]) for c, pick in enumerate(picks)]
+    image_grid([g for _, row in rows[::2] for _, g, _ in row], cols=len(GRID_LEVELS)).save(out / "grid.png")
     made = "the U-Net and text tower trained here; VAE and probe " + (
         "trained here too" if args.from_scratch else "from configs/pretrained (python demo.py --train-vae --train-probe)")
     header = [f"text2earth demo: a tiny Text2Earth on the procedural Earth, 32 px, CPU only ({cores} cores); {made}",
               "stages: " + ", ".join(f"{name} {s['steps']} steps" for name, s in stages.items() if s.get("steps")) +
               f"; whole run {(time.time() - t0) / 60:.1f} min; sampling: DPM-Solver++(2M) {args.steps} steps, guidance "
               f"text {args.cfg:g}, level {args.level_cfg:g}",
-              "rows: the prompt (the caption of the real render on the left of each pair); columns: Google map "
+              "each pair: a real render and a sample generated from its caption (beneath); columns: Google map "
               "level L, resolution_m = 2^(17-L)"]
     overview_page(out / "overview.png", header,
                   [f"L{level} ({resolution_from_level(level):g} m/px)" for level in GRID_LEVELS], rows, results)

@@ -13,6 +13,6 @@ max_steps = 6000                # a cap: under the demo's budget the measured pa
 batch_size = 32
 lr = 1e-3
 ema_decay = 0.995
-ckpt_every = 300
+ckpt_every = 1000                # and on SIGTERM: an interrupted run resumes from where it stopped
 timestep_power = 1.0
 min_snr_gamma = 5.0             # Hang et al. 2023

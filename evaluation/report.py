@@ -1,9 +1,9 @@
-"""One-page report of a conditioning evaluation: for each prompt, at each level, the real render the prompt was
-written from beside the generated image, enlarged for viewing; then the probe's table (evaluation/probe.py) with
-its ceiling and floor rows.
+"""One-page report of a conditioning evaluation: a row per class, a column per level, in each cell the real render a
+prompt was written from beside the image generated from that prompt, enlarged for viewing, the prompt beneath;
+then the probe's table (evaluation/probe.py) with its ceiling and floor rows.
 
     overview_page("overview.png", ["title", "a line of facts"], ["L11 (64 m)", ...],
-                  [(prompt, [(real, generated), ...]), ...], {"row name": {"class_acc": ..., ...}})
+                  [(row label, [(real, generated, prompt), ...]), ...], {"row name": {"class_acc": ..., ...}})
 """
 from PIL import Image, ImageDraw, ImageFont
 
@@ -29,16 +29,17 @@ def _wrap(text, width):
 
 
 def overview_page(path, header, columns, rows, table, cell=128):
-    """Write the page to `path`. header: lines of text at the top; columns: one label per level; rows: (prompt,
-    [(real PIL image, generated PIL image) per column]); table: {row name: evaluate_probe figures}. Images are
-    enlarged to `cell` pixels with nearest-neighbour sampling (every pixel the model made stays visible)."""
-    font, small = _font(15), _font(12)
-    label_w, gap, pad = 300, 14, 10
+    """Write the page to `path`. header: lines of text at the top; columns: one label per level; rows: (label,
+    [(real PIL image, generated PIL image, prompt) per column]); table: {row name: evaluate_probe figures}. Images
+    are enlarged to `cell` pixels with nearest-neighbour sampling (every pixel the model made stays visible)."""
+    font, small, tiny = _font(15), _font(12), _font(10)
+    label_w, gap, pad, text_h = 150, 14, 10, 52
     pair_w = 2 * cell + 4 + gap
+    row_h = cell + text_h + 8
     top = pad + 22 * len(header) + 44
     table_h = 30 + 22 * (len(table) + 1)
-    width = label_w + pair_w * len(columns) + pad
-    page = Image.new("RGB", (width, top + len(rows) * (cell + 8) + table_h), "white")
+    width = max(label_w + pair_w * len(columns), 300 + 130 * len(FIGURES)) + pad
+    page = Image.new("RGB", (width, top + len(rows) * row_h + table_h), "white")
     d = ImageDraw.Draw(page)
     for k, line in enumerate(header):
         d.text((pad, pad + 22 * k), line, fill="black", font=font)
@@ -47,16 +48,18 @@ def overview_page(path, header, columns, rows, table, cell=128):
         d.text((x, top - 40), name, fill="black", font=font)
         d.text((x, top - 18), "real render", fill="gray", font=small)
         d.text((x + cell + 4, top - 18), "generated", fill="gray", font=small)
-    for i, (prompt, pairs) in enumerate(rows):
-        y = top + i * (cell + 8)
-        for k, line in enumerate(_wrap(prompt, 40)[:8]):
+    for i, (label, cells) in enumerate(rows):
+        y = top + i * row_h
+        for k, line in enumerate(_wrap(label, 20)[:4]):
             d.text((pad, y + 4 + 15 * k), line, fill="black", font=small)
-        for j, (real, generated) in enumerate(pairs):
+        for j, (real, generated, prompt) in enumerate(cells):
             x = label_w + j * pair_w
             page.paste(real.resize((cell, cell), Image.NEAREST), (x, y))
             page.paste(generated.resize((cell, cell), Image.NEAREST), (x + cell + 4, y))
-    y = top + len(rows) * (cell + 8) + 14
-    cols_x = [label_w + 130 * k for k in range(len(FIGURES))]
+            for k, line in enumerate(_wrap(prompt, 2 * cell // 6)[:4]):
+                d.text((x, y + cell + 2 + 12 * k), line, fill="dimgray", font=tiny)
+    y = top + len(rows) * row_h + 14
+    cols_x = [300 + 130 * k for k in range(len(FIGURES))]
     d.text((pad, y), "probe (evaluation/probe.py)", fill="black", font=font)
     for x, (head, _, _) in zip(cols_x, FIGURES):
         d.text((x, y), head, fill="black", font=font)
