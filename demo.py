@@ -219,16 +219,19 @@ def scoring_seconds(model_cfg, args, size, batch=54):
                              args.steps, n, size=(size, size)))
 
 
+def started_budget(stage_dir):
+    """The budget (minutes) a stage started with (its config.json), or None: a resumed stage keeps it."""
+    started = Path(stage_dir) / "config.json"
+    return json.loads(started.read_text())["max_minutes"] if started.exists() else None
+
+
 def unet_budget(unet_dir, seconds_left, reserve):
     """Minutes of U-Net training: what is left of the demo's budget after `reserve` seconds (sampling and the
-    rest), at least MIN_UNET_MINUTES; a resumed stage keeps the budget it started with (its config.json)."""
-    started = Path(unet_dir) / "config.json"
-    if started.exists():
-        return json.loads(started.read_text())["max_minutes"]
+    rest), at least MIN_UNET_MINUTES; a resumed stage keeps the budget it started with."""
     minutes = (seconds_left - reserve) / 60
-    if minutes < MIN_UNET_MINUTES:
+    if started_budget(unet_dir) is None and minutes < MIN_UNET_MINUTES:
         print(f"demo.py: the time budget is spent before the U-Net; it trains {MIN_UNET_MINUTES:g} min anyway")
-    return max(minutes, MIN_UNET_MINUTES)
+    return started_budget(unet_dir) or max(minutes, MIN_UNET_MINUTES)
 
 
 def generate_all(model, prompts, levels, guidance, steps, size, batch=54):
@@ -294,29 +297,31 @@ def main(argv=None):
     budget = None if args.fast or args.unet_steps else args.minutes * 60        # None: fixed steps
     stages = {}
 
-    # 1. The model: training scenes; the VAE (the shipped one, or trained now) and their latents; U-Net + text
-    #    tower. Each step resumable. A from-scratch run trains its probe beside the U-Net, in its own process.
+    # 1. Scenes; the VAE (shipped, or trained now, the probe then beside the U-Net); latents; U-Net + text tower.
     spec = scenes(args.vae_config, args.pool, args.seed)
     unet_cfg = load_config(args.unet_config)
     size = unet_cfg.image_size
     out.mkdir(parents=True, exist_ok=True)
-    cores = usable_cores()
+    vae_file, probe_file, job, cores = Path(args.vae), Path(args.probe), None, usable_cores()
+    if args.from_scratch:                               # the probe's process, forked first, waits for the VAE
+        vae_file, probe_file = out / "vae" / "model.safetensors", out / "probe.safetensors"
+        fork = multiprocessing.get_context("fork")      # starts at once; the child runs torch on one thread only
+        vae_ready = fork.Event()
+        job = fork.Process(target=probe_job, daemon=True, args=(size, args.probe_train_images, args.probe_steps,
+                           vae_file, vae_ready, probe_file, None if budget is None else t0 + budget - 60))
+        job.start()
     print(f"rendering {args.pool} training scenes ...", flush=True)
     t = time.time()
     render_pool(out / "images", spec, processes=min(cores, 8))
     stages["render"] = {"scenes": args.pool, "seconds": time.time() - t}
-    vae_file, probe_file, job = Path(args.vae), Path(args.probe), None
+    reserve = None                                      # seconds kept for the scoring, timed while the CPU is free
+    if budget is not None:
+        reserve = scoring_seconds(unet_cfg.model, args, size) + SAMPLING_MARGIN
     if args.from_scratch:
-        vae_file, probe_file = out / "vae" / "model.safetensors", out / "probe.safetensors"
-        fork = multiprocessing.get_context("fork")      # starts at once; the child runs torch on one thread only
-        vae_ready = fork.Event()
-        deadline = None if budget is None else t0 + budget - 60
-        job = fork.Process(target=probe_job, daemon=True, args=(
-            size, args.probe_train_images, args.probe_steps, vae_file, vae_ready, probe_file, deadline))
-        job.start()
         vae_args = ["--data=shards", f"--data_path={out / 'images'}", f"--seed={args.seed}"]
         if budget is not None:                          # at most 40% of what is left, fewer steps if slower
-            vae_args.append(f"--max_minutes={0.4 * (budget - (time.time() - t0)) / 60}")
+            share = started_budget(out / "vae") or 0.4 * (budget - (time.time() - t0)) / 60
+            vae_args.append(f"--max_minutes={share}")
         seconds = run_stage(args.vae_config, out / "vae", args.vae_steps, *vae_args)
         stages["vae"] = {"steps": checkpoint_step(checkpoint_paths(out / "vae")[-1]), "seconds": seconds}
         vae_ready.set()
@@ -327,9 +332,7 @@ def main(argv=None):
     encode_pool(vae_file, out / "images", out / "latents")
     stages["encode"] = {"seconds": time.time() - t}
     unet_args = ["--data=shards", f"--data_path={out / 'latents'}", f"--init_from={vae_file}", f"--seed={args.seed}"]
-    reserve = None                                      # seconds kept for the scoring: timed, under a budget
     if budget is not None:
-        reserve = scoring_seconds(unet_cfg.model, args, size) + SAMPLING_MARGIN
         minutes = unet_budget(out / "unet", budget - (time.time() - t0), reserve)
         unet_args.append(f"--max_minutes={minutes}")
         stages["unet"] = {"budget_minutes": minutes}

@@ -66,6 +66,7 @@ def test_unet_budget_is_what_is_left_and_kept_on_resume(tmp_path):
     unet.mkdir()
     (unet / "config.json").write_text(json.dumps({"max_minutes": 4.25}))        # as train.py wrote it at the start
     assert demo.unet_budget(unet, 999.0, 40) == 4.25                             # a resumed stage keeps its budget
+    assert demo.started_budget(unet) == 4.25 and demo.started_budget(tmp_path / "vae") is None   # the VAE's too
 
 
 def test_sampling_time_is_extrapolated_from_two_short_runs(monkeypatch):
