@@ -228,10 +228,10 @@ def started_budget(stage_dir):
 def unet_budget(unet_dir, seconds_left, reserve):
     """Minutes of U-Net training: what is left of the demo's budget after `reserve` seconds (sampling and the
     rest), at least MIN_UNET_MINUTES; a resumed stage keeps the budget it started with."""
-    minutes = (seconds_left - reserve) / 60
-    if started_budget(unet_dir) is None and minutes < MIN_UNET_MINUTES:
+    minutes, started = (seconds_left - reserve) / 60, started_budget(unet_dir)
+    if started is None and minutes < MIN_UNET_MINUTES:
         print(f"demo.py: the time budget is spent before the U-Net; it trains {MIN_UNET_MINUTES:g} min anyway")
-    return started_budget(unet_dir) or max(minutes, MIN_UNET_MINUTES)
+    return started or max(minutes, MIN_UNET_MINUTES)
 
 
 def generate_all(model, prompts, levels, guidance, steps, size, batch=54):

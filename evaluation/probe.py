@@ -57,7 +57,7 @@ class Probe(nn.Module):
         lo, hi = int(levels[0]), int(levels[1])
         if lo != levels[0] or hi != levels[1] or lo > hi:
             raise ValueError(f"levels must be integers (min, max) with min <= max, got {levels}")
-        self.num_classes, self.levels = num_classes, (lo, hi)
+        self.num_classes, self.levels, self.width = num_classes, (lo, hi), width
         w = width
         self.features = nn.Sequential(
             # (B, w, H/2, W/2): a stride-2 3x3 stem still sees every pixel, at a quarter of the cost
@@ -284,7 +284,7 @@ def fit_probe(size, n_train, steps, through=None, n_held=540, seed=0, pace_deadl
 def save_probe(probe, path, info=None):
     """Write the probe atomically: its weights and BatchNorm statistics, its architecture, and `info` (a JSON-able
     dict: its recipe and measured figures), which load_probe_info reads back."""
-    arch = {"num_classes": probe.num_classes, "levels": list(probe.levels), "width": probe.class_head.in_features // 8}
+    arch = {"num_classes": probe.num_classes, "levels": list(probe.levels), "width": probe.width}
     write_tensors(path, probe.state_dict(), {"format": "text2earth-probe", "probe": json.dumps(arch),
                                              "info": json.dumps(info or {})})
 

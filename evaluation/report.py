@@ -5,6 +5,8 @@ then the probe's table (evaluation/probe.py) with its ceiling and floor rows.
     overview_page("overview.png", ["title", "a line of facts"], ["L11 (64 m)", ...],
                   [(row label, [(real, generated, prompt), ...]), ...], {"row name": {"class_acc": ..., ...}})
 """
+import textwrap
+
 from PIL import Image, ImageDraw, ImageFont
 
 FIGURES = (("class", "class_acc", "{:5.1%}"), ("level exact", "level_acc", "{:5.1%}"),
@@ -16,16 +18,6 @@ def _font(size):
         return ImageFont.load_default(size=size)                # a scalable font (Pillow >= 10.1 with FreeType)
     except (TypeError, OSError, ImportError):
         return ImageFont.load_default()
-
-
-def _wrap(text, width):
-    lines, line = [], ""
-    for word in text.split():
-        if line and len(line) + len(word) + 1 > width:
-            lines.append(line)
-            line = ""
-        line = f"{line} {word}" if line else word
-    return lines + [line]
 
 
 def overview_page(path, header, columns, rows, table, cell=128):
@@ -50,13 +42,13 @@ def overview_page(path, header, columns, rows, table, cell=128):
         d.text((x + cell + 4, top - 18), "generated", fill="gray", font=small)
     for i, (label, cells) in enumerate(rows):
         y = top + i * row_h
-        for k, line in enumerate(_wrap(label, 20)[:4]):
+        for k, line in enumerate(textwrap.wrap(label, 20)[:4]):
             d.text((pad, y + 4 + 15 * k), line, fill="black", font=small)
         for j, (real, generated, prompt) in enumerate(cells):
             x = label_w + j * pair_w
             page.paste(real.resize((cell, cell), Image.NEAREST), (x, y))
             page.paste(generated.resize((cell, cell), Image.NEAREST), (x + cell + 4, y))
-            for k, line in enumerate(_wrap(prompt, 2 * cell // 6)[:4]):
+            for k, line in enumerate(textwrap.wrap(prompt, 2 * cell // 6)[:4]):
                 d.text((x, y + cell + 2 + 12 * k), line, fill="dimgray", font=tiny)
     y = top + len(rows) * row_h + 14
     cols_x = [300 + 130 * k for k in range(len(FIGURES))]

@@ -123,18 +123,14 @@ def trained_parts(path):
 
 
 def load_part(path, part, device="cpu"):
-    """One part (`"vae"`, `"unet"` or `"text_encoder"`) of one of our checkpoints, whole or partial, as its module
-    in eval mode; a VAE keeps the file's latent scaling factor in its config."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such file")
-    cfg, _, held = _our_config(path)
-    if part not in held:
-        raise WeightsError(f"{path}: holds no {part} (it holds {sorted(held)})")
+    """One part (`"vae"`, `"unet"` or `"text_encoder"`) of a release folder or one of our checkpoints, whole or
+    partial, as its module in eval mode; a VAE keeps the source's latent scaling factor in its config."""
+    cfg, parts = _read_source(path)
+    if part not in parts:
+        raise WeightsError(f"{path}: holds no {part} (it holds {sorted(parts)})")
     module = {"unet": lambda: UNet(cfg.unet), "vae": lambda: AutoencoderKL(cfg.vae),
               "text_encoder": lambda: TextEncoder(cfg.text)}[part]()
-    state = {k[len(part) + 1:]: v for k, v in read_tensors(path).items() if k.startswith(part + ".")}
-    load_state_strict(module, state, path)
+    load_state_strict(module, *parts[part])
     return module.to(device).eval()
 
 
