@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 
 from data.levels import level_from_resolution, parse_level_prefix
 from data.transforms import image_grid, tensor_to_pil
-from model.pipeline import default_guidance, generate
+from model.pipeline import compile_problem, default_guidance, generate, prepare_for_sampling
 from model.samplers import SAMPLERS
 from model.weights import WeightsError, load_weights
 
@@ -54,6 +54,9 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
                    help="U-Net precision (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--batch", type=int, default=8, help="images sampled together")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the U-Net and VAE decoder (pays from a few images on; the first batch compiles)")
+    p.add_argument("--channels-last", action="store_true", help="U-Net and VAE decoder in the NHWC memory layout")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     args = p.parse_args(argv)
 
@@ -83,6 +86,13 @@ def parse_args(argv=None):
         p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     args.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
         args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
+    if device.type == "cuda" and args.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        p.error(f"--dtype bf16: {torch.cuda.get_device_name(device)} does not support bfloat16 (use fp16)")
+    if device.type == "cpu" and args.dtype == torch.float16:
+        p.error("--dtype fp16 is refused on the CPU (no fast half-precision kernels: several times slower than "
+                "fp32); use bf16 or fp32")
+    if args.compile and compile_problem(device):
+        p.error(f"--compile: {compile_problem(device)}; run without --compile")
 
     # One job per image: (text, level, seed). The release's "{L}_GOOGLE_LEVEL_" prefix overrides --level.
     args.jobs = []
@@ -110,8 +120,8 @@ def main(argv=None):
     existing = [out / n for n in names + ["grid.png"] if (out / n).exists()]
     if existing and not args.overwrite:
         p.error(f"{existing[0]} exists ({len(existing)} files would be overwritten); pass --overwrite or another --out")
-    try:
-        model = load_weights(args.weights, args.device)
+    try:    # the U-Net and text encoder in --dtype as they are read; the VAE decodes in fp32 (SD's overflows in fp16)
+        model = load_weights(args.weights, args.device, dtype={"unet": args.dtype, "text_encoder": args.dtype})
     except WeightsError as e:
         hint = " (train the demo model first: see README)" if args.weights == DEFAULT_WEIGHTS else ""
         p.error(f"--weights: {e}{hint}")
@@ -123,18 +133,24 @@ def main(argv=None):
         p.error(f"--weights {args.weights}: an inpainting U-Net ({model.cfg.unet.in_channels} input channels) "
                 "samples from an image and a mask, not from text alone")
     guidance = default_guidance(model, args.cfg, args.level_cfg)
-    model.unet.to(args.dtype)
-    model.text_encoder.to(args.dtype)
+    # Every prompt is encoded once, then the text encoder is freed (1.4 GB in fp32 for the release's).
+    texts = sorted({text for text, _, _ in args.jobs})
+    contexts = torch.cat([model.encode_text(texts[i:i + args.batch]) for i in range(0, len(texts), args.batch)])
+    context = dict(zip(texts, contexts))
+    null = model.encode_text([args.negative_prompt])
+    model.text_encoder = None
+    if args.compile or args.channels_last:
+        prepare_for_sampling(model, compile=args.compile, channels_last=args.channels_last)
 
     out.mkdir(parents=True, exist_ok=True)
     pils = []
     for start in tqdm(range(0, len(args.jobs), args.batch), desc="batches", disable=len(args.jobs) <= args.batch):
         jobs = args.jobs[start:start + args.batch]
-        cond = {"text": [j[0] for j in jobs]}
+        cond = {"text": torch.stack([context[j[0]] for j in jobs])}
         if has_level:
             cond["level"] = [j[1] for j in jobs]
         images = generate(model, cond, seeds=[j[2] for j in jobs], sampler=args.sampler, steps=args.steps,
-                          guidance=guidance, negative_prompt=args.negative_prompt, size=tuple(args.size),
+                          guidance=guidance, negative_prompt=null, size=tuple(args.size),
                           interval=args.cfg_interval, rescale=args.cfg_rescale, dtype=args.dtype, progress=True)
         for (text, level, seed), image, name in zip(jobs, images, names[start:start + args.batch]):
             info = PngInfo()

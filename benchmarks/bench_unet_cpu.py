@@ -1,11 +1,14 @@
 """Our U-Net forward vs diffusers' UNet2DConditionModel with the same weights, same process, alternating runs.
 
     python benchmarks/bench_unet_cpu.py [--config configs/text2earth.py] [--batch 2] [--latent 32] [--repeats 5]
+    python benchmarks/bench_unet_cpu.py --compile --channels-last     # also ours compiled / NHWC / both
 
-Prints time per forward and peak memory (RSS growth during the forward) for both, and their ratios.
-diffusers is a test-only dependency (requirements-dev.txt).
+Prints time per forward and peak memory (RSS growth during the forward) for both, and their ratios; with
+--compile, the compile time (the first call) too. Every variant shares ours' weights except NHWC, which holds a
+copy in that layout. diffusers is a test-only dependency (requirements-dev.txt).
 """
 import argparse
+import copy
 import gc
 import resource
 import sys
@@ -16,6 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.config import load_config  # noqa: E402
+from model.flops import cpu_name  # noqa: E402
 from model.unet import UNet  # noqa: E402
 from model.release import UNET_KEYS, rename_keys  # noqa: E402
 
@@ -68,6 +72,8 @@ def main():
     p.add_argument("--latent", type=int, default=32, help="latent side (32 = 256x256 images)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave torch's default)")
+    p.add_argument("--compile", action="store_true", help="add ours under torch.compile (nn.Module.compile)")
+    p.add_argument("--channels-last", action="store_true", help="add ours with NHWC weights and input")
     p.add_argument("--out", default="benchmarks/results/unet_cpu.md")
     p.add_argument("--peak-of", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -91,9 +97,24 @@ def main():
     level = torch.full((B,), 17.0)
     run = {"ours": lambda: ours(x, t, {"text": ctx, "level": level}),
            "diffusers": lambda: ref(x, t, encoder_hidden_states=ctx, class_labels=level).sample}
-
+    variants = []
+    if args.channels_last:
+        nhwc = copy.deepcopy(ours).to(memory_format=torch.channels_last)
+        x_nhwc = x.contiguous(memory_format=torch.channels_last)
+        variants.append(("ours NHWC", nhwc, x_nhwc))
+    if args.compile:
+        variants.append(("ours compiled", torch.compile(ours), x))
+        if args.channels_last:
+            variants.append(("ours NHWC compiled", torch.compile(nhwc), x_nhwc))
+    compile_s = {}
     with torch.no_grad():
         diff = (run["ours"]() - run["diffusers"]()).abs().max().item()     # also the warm-up
+        for name, net, inp in variants:
+            run[name] = lambda net=net, inp=inp: net(inp, t, {"text": ctx, "level": level})
+            t0 = time.perf_counter()
+            out = run[name]()                                             # compiles, if compiled
+            compile_s[name] = time.perf_counter() - t0
+            diff = max(diff, (out - run["diffusers"]()).abs().max().item())
         times = {k: [] for k in run}
         for _ in range(args.repeats):                                     # alternate to share machine noise
             for k, fn in run.items():
@@ -103,17 +124,21 @@ def main():
                 times[k].append(time.perf_counter() - t0)
 
     # Peak memory: one forward per model in a fresh child process, peak RSS growth over the RSS before it.
-    peaks = {k: peak_in_child(args, k) for k in run}
+    peaks = {k: peak_in_child(args, k) for k in ("ours", "diffusers")}
 
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     lines = ["# U-Net forward, CPU fp32: ours vs diffusers (same weights)",
              f"config {args.config}, batch {B}, latent {s}x{s}, {args.repeats} alternating repeats, "
-             f"torch {torch.__version__}, {torch.get_num_threads()} threads; max |ours - diffusers| = {diff:.2e}",
+             f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; max |ours - diffusers| = {diff:.2e}",
              "", "| | median s/forward | all runs (s) | peak RSS growth in forward (MB) |", "|---|---|---|---|"]
     for k in run:
-        lines.append(f"| {k} | {med[k]:.3f} | {', '.join(f'{v:.3f}' for v in times[k])} | {peaks[k]:.0f} |")
+        peak = f"{peaks[k]:.0f}" if k in peaks else ""
+        lines.append(f"| {k} | {med[k]:.3f} | {', '.join(f'{v:.3f}' for v in times[k])} | {peak} |")
     lines += ["", f"time ratio ours/diffusers: **{med['ours'] / med['diffusers']:.3f}x**; "
                   f"peak memory ratio: **{peaks['ours'] / peaks['diffusers']:.3f}x**"]
+    for name, _, _ in variants:
+        lines.append(f"- {name}: **{med[name] / med['diffusers']:.3f}x** diffusers' time; its first call "
+                     f"(compiling, if compiled) {compile_s[name]:.1f} s")
     text = "\n".join(lines)
     print(text)
     out = Path(args.out)

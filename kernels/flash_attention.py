@@ -38,6 +38,7 @@ except ImportError:  # e.g. macOS wheels of torch ship no Triton: only attention
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 MAX_HEAD_DIM = 128
+_PRE_BLOCK_M = 64  # query rows per program of _attn_bwd_preprocess on the GPU (16 in the interpreter)
 # The kernels write 1.44269504 = 1 / ln(2) = log2(e) inline: exp(x) == exp2(x * 1.44269504), and exp2 is the
 # GPU's native instruction (a Python global would have to be a tl.constexpr to be visible inside a kernel).
 
@@ -52,8 +53,8 @@ def is_available():
 
 if triton is not None:
 
-    def _fwd_configs():
-        if _INTERPRET:  # the interpreter is slow: one small config, no tuning
+    def _fwd_configs(interpret=_INTERPRET):
+        if interpret:  # the interpreter is slow: one small config, no tuning
             return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -65,9 +66,9 @@ if triton is not None:
             ]
         ]
 
-    def _bwd_configs():
+    def _bwd_configs(interpret=_INTERPRET):
         # BLOCK_M: query block, BLOCK_N: key block (the dK/dV kernel keeps a key block, the dQ kernel a query block)
-        if _INTERPRET:
+        if interpret:
             return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=1)]
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -390,7 +391,7 @@ class _FlashAttention(torch.autograd.Function):
         if do.dtype != q.dtype:
             do = do.to(q.dtype)
         delta = torch.empty_like(lse)  # (B * heads, Lq)
-        pre_block = 16 if _INTERPRET else 64
+        pre_block = 16 if _INTERPRET else _PRE_BLOCK_M
         _attn_bwd_preprocess[(triton.cdiv(Lq, pre_block), B * H)](
             o, do, delta, *o.stride(), *do.stride(), H, Lq,
             HEAD_DIM=const["HEAD_DIM"], HEAD_DIM_PAD=const["HEAD_DIM_PAD"], BLOCK_M=pre_block)

@@ -27,11 +27,14 @@ def from_batch(cfg, batch):
 
 
 def nulls(cfg, n, negative_prompt=None):
-    """The null conditions for n samples (the negative prompt, if given, is the text's null)."""
+    """The null conditions for n samples (the negative prompt, if given, is the text's null: a string, or its
+    encoded context (1, L, D))."""
     out = {}
     for name in cfg.condition_names():
         null = cfg.conditions[name].null
-        if name == "text":
+        if name == "text" and torch.is_tensor(negative_prompt):
+            out[name] = negative_prompt.expand(n, *negative_prompt.shape[1:])
+        elif name == "text":
             out[name] = [null if negative_prompt is None else negative_prompt] * n
         else:
             out[name] = torch.full((n,), float(null))

@@ -3,6 +3,7 @@ demo and evaluation; editing (img2img, inpainting, canvases) joins them here.
 
     images = generate(model, {"text": prompts, "level": levels}, seeds=[0, 1], guidance={"text": 4, "level": 4})
 """
+import shutil
 import time
 
 import torch
@@ -34,7 +35,8 @@ def generate(model, cond, *, seeds, sampler="dpmpp_2m", steps=20, guidance=None,
     The initial noise of image i is drawn on the CPU from `seeds[i]`, so a seed gives the same image on any
     device (up to the device's arithmetic). `noise` (B, C, h, w) overrides that, for tests.
     guidance: {condition: scale} (default: every condition at 4.0, jointly); the null branch is the negative
-    prompt (or "") with every other condition at its null (level 0). `unet` replaces model.unet (e.g. the EMA
+    prompt (or "") with every other condition at its null (level 0). The text and the negative prompt may be given
+    encoded (model.encode_text's contexts), and then the text encoder is not used. `unet` replaces model.unet (e.g. the EMA
     weights during training).
     """
     net = model.unet if unet is None else unet
@@ -73,6 +75,36 @@ def generate(model, cond, *, seeds, sampler="dpmpp_2m", steps=20, guidance=None,
                           spacing=spacing, steps_offset=offset, progress=progress)
     images = model.vae.decode_latents(z.to(next(model.vae.parameters()).dtype), tile=decode_tile)
     return images.float().clamp(-1, 1).cpu()
+
+
+def compile_problem(device):
+    """Why torch.compile cannot run on `device` here (one line), or None: Inductor needs a C++ compiler for the CPU
+    and Triton for CUDA."""
+    device = torch.device(device)
+    if device.type == "cpu" and not any(shutil.which(c) for c in ("g++", "clang++", "c++")):
+        return "torch.compile on the CPU needs a C++ compiler (g++ or clang++) on the PATH, and none was found"
+    if device.type == "cuda":
+        try:
+            import triton  # noqa: F401
+        except ImportError:
+            return "torch.compile on CUDA needs Triton, which is not installed (pip install triton)"
+    return None
+
+
+def prepare_for_sampling(model, compile=False, channels_last=False):
+    """Make sampling faster in place: the U-Net and the VAE decoder stored in the channels-last (NHWC) layout
+    and/or compiled (nn.Module.compile: weights, names and state dicts unchanged; the first call at each shape
+    compiles, tens of seconds for the full U-Net on a CPU). RuntimeError naming the problem when the compiler is
+    unavailable (compile_problem). benchmarks/results/ has what each pays on which machine."""
+    device = next(model.unet.parameters()).device
+    if compile and compile_problem(device):
+        raise RuntimeError(compile_problem(device))
+    for module in (model.unet, model.vae.decoder):
+        if channels_last:
+            module.to(memory_format=torch.channels_last)
+        if compile:
+            module.compile()
+    return model
 
 
 def preview(model, unet, prompts, levels, size, steps=20):

@@ -6,13 +6,11 @@ to ours, the HF CLIP text model's q/k/v are fused into open_clip's in_proj. Noth
 `torch.load(weights_only=True)`; every error is a `WeightsError` naming the file and the key.
 """
 import json
+import mmap
 import re
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
-
 from model.config import DiffusionConfig, ModelConfig, TextConfig, UNetConfig, VAEConfig
 
 
@@ -23,18 +21,69 @@ class WeightsError(ValueError):
 # ------------------------------------------------------------------------------------------------------
 # Reading tensors
 # ------------------------------------------------------------------------------------------------------
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+
+
+def _mapped_tensor(file, start, end, dtype, shape):
+    """The bytes [start, end) of an open file as a tensor over a private (copy-on-write) memory map of just those
+    pages: nothing is read until the tensor is used, the file is never written, and the pages go with the tensor."""
+    n = end - start
+    if n == 0 or start % dtype.itemsize:                 # empty, or misaligned for its dtype: an ordinary read
+        file.seek(start)
+        data = bytearray(file.read(n))
+        return (torch.frombuffer(data, dtype=dtype) if n else torch.empty(0, dtype=dtype)).reshape(shape)
+    page = start - start % mmap.ALLOCATIONGRANULARITY
+    buf = mmap.mmap(file.fileno(), end - page, offset=page, access=mmap.ACCESS_COPY)
+    return torch.frombuffer(buf, dtype=dtype, count=n // dtype.itemsize, offset=start - page).view(shape)
+
+
+def _read_safetensors(path):
+    """A safetensors file -> {key: tensor}, each tensor memory-mapped on its own (_mapped_tensor)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 2 <= n <= size - 8:
+            raise WeightsError(f"{path}: not a readable safetensors file (truncated or corrupt?): header size {n}")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise WeightsError(f"{path}: not a readable safetensors file (corrupt header: {e})") from None
+        header.pop("__metadata__", None)
+        state = {}
+        for key, info in header.items():
+            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+            if dtype is None:
+                raise WeightsError(f"{path}: key '{key}' has dtype {info.get('dtype')!r}, unknown to this reader")
+            start, end = (8 + n + o for o in info["data_offsets"])
+            numel = 1
+            for d in info["shape"]:
+                numel *= d
+            if end > size or end - start != numel * dtype.itemsize:
+                raise WeightsError(f"{path}: not a readable safetensors file (truncated or corrupt?): key '{key}' "
+                                   f"lies outside the file or disagrees with its shape {info['shape']}")
+            state[key] = _mapped_tensor(f, start, end, dtype, info["shape"])
+    return state
+
+
 def read_tensors(path):
-    """A safetensors file, or a PyTorch pickle read with weights_only=True -> {key: tensor}."""
+    """A safetensors file (memory-mapped, tensor by tensor: no copy is made until a tensor is changed or converted),
+    or a PyTorch file read with torch.load(weights_only=True), memory-mapped when it is in the zip format ->
+    {key: tensor}."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
     if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise WeightsError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from None
+        return _read_safetensors(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:                         # the legacy (pre-zip) format cannot be mapped
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises many types here (UnpicklingError, RuntimeError, EOFError, ...)
         raise WeightsError(f"{path}: not a readable PyTorch weights file: {e}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -44,11 +93,13 @@ def read_tensors(path):
     return state
 
 
-def _read_folder_tensors(folder):
-    """All weights of one diffusers component folder; prefers full precision over a `.fp16` variant."""
+def _read_folder_tensors(folder, fp16=False):
+    """All weights of one diffusers component folder: the full-precision files, or with `fp16` the `.fp16` variant
+    when there is one (either is used when the folder holds only it)."""
     files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    half = [f for f in files if ".fp16." in f.name]
     full = [f for f in files if ".fp16." not in f.name]
-    files = full or files
+    files = (half if fp16 else full) or files
     if not files:
         raise WeightsError(f"{folder}: no *.safetensors (or *.bin) weights file")
     state, origin = {}, {}
@@ -223,9 +274,10 @@ def config_from_diffusers(folder) -> ModelConfig:
                                                   folder / "scheduler" / "scheduler_config.json"))
 
 
-def read_diffusers(folder):
+def read_diffusers(folder, fp16_parts=()):
     """A diffusers-format folder -> (ModelConfig, {part: (state in our key names, source of each key, our key ->
-    the key in the file)}) for the parts unet, vae and text_encoder."""
+    the key in the file)}) for the parts unet, vae and text_encoder; the parts in `fp16_parts` read the `.fp16`
+    weights variant when the folder has one. The tensors are memory-mapped (read_tensors)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise WeightsError(f"{folder}: not a folder")
@@ -234,12 +286,12 @@ def read_diffusers(folder):
     cfg = config_from_diffusers(folder)
     parts = {}
     for part, rules in (("unet", UNET_KEYS), ("vae", VAE_KEYS)):
-        state, origin = _read_folder_tensors(folder / part)
+        state, origin = _read_folder_tensors(folder / part, part in fp16_parts)
         state, original = rename_keys(state, rules)
         if part == "vae":
             state = _import_vae(state)
         parts[part] = (state, {k: origin[original[k]] for k in state}, original)
-    state, origin = _read_folder_tensors(folder / "text_encoder")
+    state, origin = _read_folder_tensors(folder / "text_encoder", "text_encoder" in fp16_parts)
     files = ", ".join(sorted({str(f) for f in origin.values()}))
     state, original = _import_hf_text(state, origin, files)
     parts["text_encoder"] = (state, files, original)

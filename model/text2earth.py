@@ -29,11 +29,15 @@ class Text2Earth(nn.Module):
 
     def encode_conditions(self, cond, device=None):
         """Raw conditions (model/conditions.py: {"text": [B str], "level": (B,)}) -> what the U-Net reads: the
-        text through the text encoder (with grad if it trains), every scalar as a float tensor on `device`."""
+        text through the text encoder (with grad if it trains), every scalar as a float tensor on `device`. A text
+        given as a tensor is an encoded context already (B, 77, width) and is used as it is, so sampling can encode
+        its prompts once and then free the text encoder (sample.py)."""
         device = device or next(self.text_encoder.parameters()).device
         out = {}
         for name in self.cfg.condition_names():
-            if name == "text":
+            if name == "text" and torch.is_tensor(cond[name]):
+                out[name] = cond[name].to(device)                                                # B, 77, width
+            elif name == "text":
                 out[name] = self.text_encoder(self.tokenizer(list(cond[name])).to(device))      # B, 77, width
             else:
                 out[name] = torch.as_tensor(cond[name], dtype=torch.float32).to(device)          # B

@@ -36,11 +36,15 @@ from model.vae import AutoencoderKL
 # ------------------------------------------------------------------------------------------------------
 # Strict loading with clear errors
 # ------------------------------------------------------------------------------------------------------
-def load_state_strict(module, state, source, original_names=None):
+def load_state_strict(module, state, source, original_names=None, place=None):
     """Copy `state` into `module`; any missing/unexpected key or shape mismatch -> WeightsError naming them.
 
     `source` names where the tensors came from (a file, or a dict key -> file); `original_names` maps our
-    key -> the key as written in that file, so errors quote what the user can find in it.
+    key -> the key as written in that file, so errors quote what the user can find in it. With
+    `place=(device, dtype)` the tensors become the module's own instead of being copied (a module built on the
+    meta device is loaded without a second copy of its weights): each is moved to `device` and, if floating,
+    converted to `dtype`, one at a time, so a memory-mapped source tensor goes as its converted copy comes; one
+    already on `device` in `dtype` is used as it is.
     """
     original_names = original_names or {}
     where = (lambda k: source[k]) if isinstance(source, dict) else (lambda k: source)
@@ -60,7 +64,13 @@ def load_state_strict(module, state, source, original_names=None):
         if v.shape != expected[k].shape:
             raise WeightsError(f"{where(k)}: key '{original_names.get(k, k)}' has shape {tuple(v.shape)}, "
                                f"expected {tuple(expected[k].shape)}")
-    module.load_state_dict(state, strict=True)
+    if place is None:
+        module.load_state_dict(state, strict=True)
+        return
+    device, dtype = place
+    for k, v in state.items():                      # in place, key by key: the source tensor is dropped at once
+        state[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+    module.load_state_dict(state, strict=True, assign=True)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -122,20 +132,38 @@ def trained_parts(path):
     return set(PARTS) if path.is_dir() else _our_config(path)[1]
 
 
-def load_part(path, part, device="cpu"):
+def _dtype_of(dtype, part):
+    """A loader's `dtype`: one torch dtype for every part, or {part: dtype} (parts not named: float32)."""
+    return dtype.get(part, torch.float32) if isinstance(dtype, dict) else dtype
+
+
+def _built(cfg, parts, device, dtype):
+    """The model `cfg` describes, built on the meta device, the tensors of `parts` ({part: (state, source,
+    original names)}) made its own weights on `device` in their part's dtype (load_state_strict's `place`)."""
+    with torch.device("meta"):
+        model = Text2Earth(cfg)
+    for part, (state, source, original) in parts.items():
+        load_state_strict(getattr(model, part), state, source, original,
+                          place=(torch.device(device), _dtype_of(dtype, part)))
+    return model.eval()
+
+
+def load_part(path, part, device="cpu", dtype=torch.float32):
     """One part (`"vae"`, `"unet"` or `"text_encoder"`) of a release folder or one of our checkpoints, whole or
     partial, as its module in eval mode; a VAE keeps the source's latent scaling factor in its config."""
     cfg, parts = _read_source(path)
     if part not in parts:
         raise WeightsError(f"{path}: holds no {part} (it holds {sorted(parts)})")
-    module = {"unet": lambda: UNet(cfg.unet), "vae": lambda: AutoencoderKL(cfg.vae),
-              "text_encoder": lambda: TextEncoder(cfg.text)}[part]()
-    load_state_strict(module, *parts[part])
-    return module.to(device).eval()
+    with torch.device("meta"):
+        module = {"unet": lambda: UNet(cfg.unet), "vae": lambda: AutoencoderKL(cfg.vae),
+                  "text_encoder": lambda: TextEncoder(cfg.text)}[part]()
+    load_state_strict(module, *parts[part], place=(torch.device(device), dtype))
+    return module.eval()
 
 
-def load_model(path, device="cpu") -> Text2Earth:
-    """Rebuild a `Text2Earth` from one of our checkpoints, config included."""
+def load_model(path, device="cpu", dtype=torch.float32) -> Text2Earth:
+    """Rebuild a `Text2Earth` from one of our checkpoints, config included. `dtype`: a torch dtype for all parts
+    or {part: dtype}; the weights are memory-mapped from the file and used in place when device and dtype allow."""
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"{path}: no such file")
@@ -143,41 +171,24 @@ def load_model(path, device="cpu") -> Text2Earth:
     if held != set(PARTS):
         raise WeightsError(f"{path}: holds only {sorted(held)}, not a whole model (model/weights.load_part reads a "
                            "part; train.py --init_from starts a run from it)")
-    with torch.device("meta"):
-        model = Text2Earth(cfg)
-    model.to_empty(device="cpu")
-    load_state_strict(model, read_tensors(path), path)
-    _restore_buffers(model)
-    return model.to(device).eval()
+    return _built(*_read_source(path), device, dtype)
 
 
-def _restore_buffers(model):
-    """Non-persistent buffers (open_clip's causal mask) are not in state dicts: rebuild them after meta init."""
-    tower = model.text_encoder.tower
-    if getattr(tower, "attn_mask", None) is not None:
-        tower.attn_mask = tower.build_causal_mask()
-
-
-def load_weights(path, device="cpu") -> Text2Earth:
+def load_weights(path, device="cpu", dtype=torch.float32) -> Text2Earth:
     """Either a diffusers-format folder (the release) or one of our `.safetensors` checkpoints."""
     path = Path(path)
     if path.is_dir():
-        return load_diffusers(path, device)
+        return load_diffusers(path, device, dtype)
     if path.is_file():
-        return load_model(path, device)
+        return load_model(path, device, dtype)
     raise WeightsError(f"{path}: does not exist (expected a diffusers-format folder or a text2earth .safetensors file)")
 
 
-def load_diffusers(folder, device="cpu") -> Text2Earth:
-    """Build and load a `Text2Earth` from a diffusers-format folder (the released weights)."""
-    cfg, parts = read_diffusers(folder)
-    with torch.device("meta"):
-        model = Text2Earth(cfg)
-    model.to_empty(device="cpu")
-    for part, (state, source, original) in parts.items():
-        load_state_strict(getattr(model, part), state, source, original)
-    _restore_buffers(model)
-    return model.to(device).eval()
+def load_diffusers(folder, device="cpu", dtype=torch.float32) -> Text2Earth:
+    """Build and load a `Text2Earth` from a diffusers-format folder (the released weights). A part asked for in
+    float16 reads the folder's `.fp16` weights files when there are some (the release's fp16 variant)."""
+    fp16 = [part for part in PARTS if _dtype_of(dtype, part) == torch.float16]
+    return _built(*read_diffusers(folder, fp16_parts=fp16), device, dtype)
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -257,7 +268,6 @@ def load_pretrained(model: Text2Earth, path):
         load_state_strict(target, state, source, original)
     if "vae" in parts:
         model.cfg.vae.scaling_factor = source_cfg.vae.scaling_factor          # model.vae.cfg is the same object
-    _restore_buffers(model)
     return trained_parts(path)
 
 
