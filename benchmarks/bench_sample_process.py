@@ -1,7 +1,7 @@
 """Whole-process sampling from a release-format folder: `python sample.py` against the same computation written with
 diffusers + transformers parts, each in a fresh process, alternating; wall time and peak RSS of the whole process.
 
-    python benchmarks/bench_sample_process.py --make /tmp/t2e_full            # once: a full-shape folder, random weights
+    python benchmarks/bench_sample_process.py --make /tmp/t2e_full     # once: a full-shape folder, random weights
     python benchmarks/bench_sample_process.py --weights /tmp/t2e_full --repeats 3 [--compile]
 
 The folder is written by diffusers' and transformers' own `save_pretrained` (1.29 B parameters, 5.2 GB in fp32).
@@ -69,7 +69,8 @@ def reference(args):
         scheduler.set_timesteps(args.steps)
         x = torch.randn(1, 4, args.size // 8, args.size // 8, generator=torch.Generator().manual_seed(0))
         for t in scheduler.timesteps:
-            eps_c, eps_u = unet(torch.cat([x, x]), t, encoder_hidden_states=context, class_labels=levels).sample.chunk(2)
+            eps = unet(torch.cat([x, x]), t, encoder_hidden_states=context, class_labels=levels).sample
+            eps_c, eps_u = eps.chunk(2)
             x = scheduler.step(eps_u + 4.0 * (eps_c - eps_u), t, x).prev_sample
         image = vae.decode(x / vae.config.scaling_factor).sample.clamp(-1, 1)
     array = ((image[0].permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from model.config import load_config  # noqa: E402
 from model.flops import cpu_name  # noqa: E402
+from model.pipeline import freeze_compiled_weights  # noqa: E402
 from model.unet import UNet  # noqa: E402
 from model.release import UNET_KEYS, rename_keys  # noqa: E402
 
@@ -62,7 +63,9 @@ def measure_peak(cfg, args):
             model(x, t, encoder_hidden_states=ctx, class_labels=level)
         else:
             model(x, t, {"text": ctx, "level": level})
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - before)
+    # VmHWM, this process's own peak: ru_maxrss would start from the parent's peak (it survives fork and exec)
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+    print(int(hwm.split()[1]) / 1024 - before)
 
 
 def main():
@@ -72,7 +75,8 @@ def main():
     p.add_argument("--latent", type=int, default=32, help="latent side (32 = 256x256 images)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave torch's default)")
-    p.add_argument("--compile", action="store_true", help="add ours under torch.compile (nn.Module.compile)")
+    p.add_argument("--compile", action="store_true",
+                   help="add ours compiled as sampling compiles it (model/pipeline.prepare_for_sampling)")
     p.add_argument("--channels-last", action="store_true", help="add ours with NHWC weights and input")
     p.add_argument("--out", default="benchmarks/results/unet_cpu.md")
     p.add_argument("--peak-of", choices=["ours", "diffusers"], help=argparse.SUPPRESS)
@@ -103,6 +107,10 @@ def main():
         x_nhwc = x.contiguous(memory_format=torch.channels_last)
         variants.append(("ours NHWC", nhwc, x_nhwc))
     if args.compile:
+        ours.requires_grad_(False)                                        # as model/pipeline.prepare_for_sampling
+        if args.channels_last:
+            nhwc.requires_grad_(False)
+        freeze_compiled_weights("cpu")
         variants.append(("ours compiled", torch.compile(ours), x))
         if args.channels_last:
             variants.append(("ours NHWC compiled", torch.compile(nhwc), x_nhwc))
@@ -129,7 +137,8 @@ def main():
     med = {k: sorted(v)[len(v) // 2] for k, v in times.items()}
     lines = ["# U-Net forward, CPU fp32: ours vs diffusers (same weights)",
              f"config {args.config}, batch {B}, latent {s}x{s}, {args.repeats} alternating repeats, "
-             f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; max |ours - diffusers| = {diff:.2e}",
+             f"{cpu_name()}, torch {torch.__version__}, {torch.get_num_threads()} threads; "
+             f"max |ours - diffusers| = {diff:.2e}",
              "", "| | median s/forward | all runs (s) | peak RSS growth in forward (MB) |", "|---|---|---|---|"]
     for k in run:
         peak = f"{peaks[k]:.0f}" if k in peaks else ""

@@ -35,9 +35,9 @@ def generate(model, cond, *, seeds, sampler="dpmpp_2m", steps=20, guidance=None,
     The initial noise of image i is drawn on the CPU from `seeds[i]`, so a seed gives the same image on any
     device (up to the device's arithmetic). `noise` (B, C, h, w) overrides that, for tests.
     guidance: {condition: scale} (default: every condition at 4.0, jointly); the null branch is the negative
-    prompt (or "") with every other condition at its null (level 0). The text and the negative prompt may be given
-    encoded (model.encode_text's contexts), and then the text encoder is not used. `unet` replaces model.unet (e.g. the EMA
-    weights during training).
+    prompt (or "") with every other condition at its null (level 0). The text and the negative prompt may be
+    given encoded (model.encode_text's contexts), and then the text encoder is not used. `unet` replaces
+    model.unet (e.g. the EMA weights during training).
     """
     net = model.unet if unet is None else unet
     B = conditions.batch_size(cond)
@@ -91,18 +91,33 @@ def compile_problem(device):
     return None
 
 
+def freeze_compiled_weights(device):
+    """On the CPU, turn on Inductor's freezing: code compiled with gradients off takes the weights as constants,
+    so convolutions and matmuls run on weights packed once for oneDNN (benchmarks/results/unet_cpu.md: the
+    U-Net's forward goes from about diffusers' time to less). Dynamo reads the setting while tracing and applies it
+    only with gradients disabled, so compiles for training are unaffected; it is process-wide. A frozen module
+    must not have its weights changed afterwards, and holds a packed copy of them."""
+    if torch.device(device).type == "cpu":
+        from torch._inductor import config as inductor_config
+        inductor_config.freezing = True
+
+
 def prepare_for_sampling(model, compile=False, channels_last=False):
     """Make sampling faster in place: the U-Net and the VAE decoder stored in the channels-last (NHWC) layout
-    and/or compiled (nn.Module.compile: weights, names and state dicts unchanged; the first call at each shape
-    compiles, tens of seconds for the full U-Net on a CPU). RuntimeError naming the problem when the compiler is
-    unavailable (compile_problem). benchmarks/results/ has what each pays on which machine."""
+    and/or compiled for inference (nn.Module.compile, weights frozen on the CPU: freeze_compiled_weights; names
+    and state dicts unchanged; the first call at each shape compiles, ~1.5 min for the full U-Net on 2 CPU
+    cores). RuntimeError naming the problem when the compiler is unavailable (compile_problem).
+    benchmarks/results/ has what each pays on which machine."""
     device = next(model.unet.parameters()).device
     if compile and compile_problem(device):
         raise RuntimeError(compile_problem(device))
+    if compile:
+        freeze_compiled_weights(device)
     for module in (model.unet, model.vae.decoder):
         if channels_last:
             module.to(memory_format=torch.channels_last)
         if compile:
+            module.requires_grad_(False)
             module.compile()
     return model
 

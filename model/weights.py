@@ -271,11 +271,14 @@ def load_pretrained(model: Text2Earth, path):
     return trained_parts(path)
 
 
-def load_openclip_text(path, text_encoder):
+def load_openclip_text(path, text_encoder, device="cpu", dtype=torch.float32):
     """Load the text tower from an OpenCLIP checkpoint (e.g. ViT-H-14 laion2b): the vision tower, the
-    projection and the transformer blocks past `cfg.layers` (SD2 drops the last one) are ignored."""
+    projection and the transformer blocks past `cfg.layers` (SD2 drops the last one) are ignored. A text encoder
+    built on the meta device takes the file's (memory-mapped) tensors as its weights, on `device` in `dtype`; any
+    other is copied into."""
     state = read_tensors(path)
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    on_meta = any(p.is_meta for p in text_encoder.parameters())
     n = text_encoder.cfg.layers
     kept = {}
     for k, v in state.items():
@@ -285,7 +288,8 @@ def load_openclip_text(path, text_encoder):
         if m and int(m.group(1)) >= n:
             continue
         kept["tower." + k] = v
-    load_state_strict(text_encoder, kept, Path(path))
+    del state                                                   # what is not kept is unmapped now
+    load_state_strict(text_encoder, kept, Path(path), place=(torch.device(device), dtype) if on_meta else None)
 
 
 # ------------------------------------------------------------------------------------------------------
