@@ -53,7 +53,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default="out/samples", help="output folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                   help="U-Net precision (default: bf16 on GPU, fp32 on CPU)")
+                   help="U-Net and text encoder precision, read as such (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--batch", type=int, default=8, help="images sampled together")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the U-Net and VAE decoder (the first batch compiles: ~1.5 min on 2 CPU cores)")
