@@ -51,16 +51,22 @@ def _read_safetensors(path):
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise WeightsError(f"{path}: not a readable safetensors file (corrupt header: {e})") from None
+        if not isinstance(header, dict):
+            raise WeightsError(f"{path}: not a readable safetensors file (its header is not a JSON object)")
         header.pop("__metadata__", None)
         state = {}
         for key, info in header.items():
-            dtype = SAFETENSORS_DTYPES.get(info.get("dtype"))
+            try:
+                dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+                start, end = (8 + n + int(o) for o in info["data_offsets"])
+                numel = 1
+                for d in info["shape"]:
+                    numel *= int(d)
+            except (KeyError, TypeError, ValueError) as e:
+                raise WeightsError(f"{path}: not a readable safetensors file (corrupt header entry for key "
+                                   f"'{key}': {e!r})") from None
             if dtype is None:
-                raise WeightsError(f"{path}: key '{key}' has dtype {info.get('dtype')!r}, unknown to this reader")
-            start, end = (8 + n + o for o in info["data_offsets"])
-            numel = 1
-            for d in info["shape"]:
-                numel *= d
+                raise WeightsError(f"{path}: key '{key}' has dtype {info['dtype']!r}, unknown to this reader")
             if end > size or end - start != numel * dtype.itemsize:
                 raise WeightsError(f"{path}: not a readable safetensors file (truncated or corrupt?): key '{key}' "
                                    f"lies outside the file or disagrees with its shape {info['shape']}")

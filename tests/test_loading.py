@@ -171,3 +171,18 @@ def test_loading_peak_memory_is_the_weights(tmp_path):
     grown, weights, finite = int(out[0]), int(out[1]), out[2] == "True"
     assert finite and weights > 1e9
     assert grown <= 1.05 * weights + 64e6, f"peak grew {grown / 1e6:.0f} MB for {weights / 1e6:.0f} MB of weights"
+
+
+@pytest.mark.parametrize("header,message", [
+    ([1, 2], "its header is not a JSON object"),
+    ({"w": {"dtype": "F32", "shape": [2]}}, "corrupt header entry for key 'w'"),
+    ({"w": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 4]}}, "key 'w' has dtype 'Q9'"),
+    ({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, "lies outside the file"),
+])
+def test_corrupt_safetensors_header_is_named(tmp_path, header, message):
+    from model.release import WeightsError, read_tensors
+    raw = json.dumps(header).encode()
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(len(raw).to_bytes(8, "little") + raw + bytes(8))
+    with pytest.raises(WeightsError, match=f"{path.name}.*{message}"):
+        read_tensors(path)
