@@ -96,8 +96,9 @@ def parse_args(argv=None):
                 "fp32); use bf16 or fp32")
     if args.attention == "triton" and device.type != "cuda":
         p.error("--attention triton: the Triton kernel runs on CUDA devices (use sdpa on the CPU)")
-    if args.compile and compile_problem(device):
-        p.error(f"--compile: {compile_problem(device)}; run without --compile")
+    problem = compile_problem(device) if args.compile else None
+    if problem:
+        p.error(f"--compile: {problem}; run without --compile")
 
     # One job per image: (text, level, seed). The release's "{L}_GOOGLE_LEVEL_" prefix overrides --level.
     args.jobs = []

@@ -109,9 +109,10 @@ def prepare_for_sampling(model, compile=False, channels_last=False):
     cores). RuntimeError naming the problem when the compiler is unavailable (compile_problem).
     benchmarks/results/ has what each pays on which machine."""
     device = next(model.unet.parameters()).device
-    if compile and compile_problem(device):
-        raise RuntimeError(compile_problem(device))
     if compile:
+        problem = compile_problem(device)
+        if problem:
+            raise RuntimeError(problem)
         freeze_compiled_weights(device)
     for module in (model.unet, model.vae.decoder):
         if channels_last:

@@ -22,3 +22,15 @@ def tiny_release(tmp_path_factory):
     folder = tmp_path_factory.mktemp("release")
     refs = make_release(folder)
     return folder, refs
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory):
+    """One of our checkpoints of configs/tiny.py, random weights (seed 0), written by save_model."""
+    from model.config import load_config
+    from model.text2earth import Text2Earth
+    from model.weights import save_model
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    save_model(Text2Earth(load_config("configs/tiny.py").model), path)
+    return path

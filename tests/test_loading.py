@@ -11,10 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import sample
-from model.config import load_config
 from model.pipeline import generate, prepare_for_sampling
-from model.text2earth import Text2Earth
-from model.weights import load_model, load_weights, save_model
+from model.weights import load_model, load_weights
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,14 +28,6 @@ def test_start_up_imports_no_model_zoo():
     from open_clip.tokenizer import SimpleTokenizer
     assert json.loads(ids) == SimpleTokenizer()(["a river"])[0, :4].tolist()
     assert loaded == "[]"
-
-
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_model(Text2Earth(load_config("configs/tiny.py").model), path)
-    return path
 
 
 def test_loaded_weights_are_the_file_mapped_copy_on_write(tiny_ckpt):

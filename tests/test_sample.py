@@ -39,16 +39,6 @@ def test_end_to_end_matches_diffusers(tiny_release, sampler, scheduler_cls):
     assert (ours - ref).abs().max().item() <= 1e-4
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from model.config import load_config
-    from model.text2earth import Text2Earth
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
-    save_model(Text2Earth(load_config("configs/tiny.py").model), path)
-    return path
-
-
 def run(args):
     return sample.main([str(a) for a in args])
 
