@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from model import conditions
+from model.masks import random_masks
 
 
 def t2i_loss(model, unet, batch, *, diffusion, generator, idx, global_batch, autocast, train_text=False,
@@ -50,38 +51,21 @@ def t2i_loss(model, unet, batch, *, diffusion, generator, idx, global_batch, aut
 
 def inpaint_loss(model, unet, batch, **kw):
     """The inpainting U-Net's loss (Text2Earth-inpainting, SD2's inpainting recipe): t2i_loss with the U-Net also
-    given, on its input channels, a random mask (1 = regenerate) at latent size and the latent of the image with
-    the masked pixels set to 0 (image * (mask < 0.5)). Needs images in the batch, not pre-encoded latents."""
+    given, on its input channels, a random mask (1 = regenerate; model/masks.py) at latent size and the latent of
+    the image with the masked pixels set to 0 (image * (mask < 0.5)). Needs images in the batch, not pre-encoded
+    latents."""
     if "image" not in batch:
         raise ValueError("the inpainting objective needs images (it encodes the masked image): not latent-only data")
     return t2i_loss(model, unet, batch, inpaint=True, **kw)
 
 
-def random_masks(n, H, W, generator):
-    """n masks (n, 1, H, W) of 0 (keep) and 1 (regenerate): a quarter of them the whole image, the rest one to three
-    rectangles of 10-50% of each side at random places (the generator draws the same numbers whatever H, W)."""
-    full = torch.rand(n, generator=generator) < 0.25                              # n
-    count = torch.randint(1, 4, (n,), generator=generator)                         # n
-    boxes = torch.rand(n, 3, 4, generator=generator)                               # n, 3, (h, w, top, left)
-    ys, xs = torch.arange(H).div(H)[:, None], torch.arange(W).div(W)[None, :]      # H, 1 and 1, W in [0, 1)
-    masks = torch.zeros(n, 1, H, W)
-    for i in range(n):
-        if bool(full[i]):
-            masks[i] = 1
-            continue
-        for h, w, top, left in boxes[i, :int(count[i])].tolist():
-            h, w = 0.1 + 0.4 * h, 0.1 + 0.4 * w
-            top, left = top * (1 - h), left * (1 - w)
-            masks[i, 0] += ((ys >= top) & (ys < top + h) & (xs >= left) & (xs < left + w)).float()
-    return masks.clamp_(max=1)
-
-
 @torch.no_grad()
 def masked_inputs(model, images, generator, idx, global_batch):
     """The inpainting U-Net's extra input channels for images (B, 3, H, W): [mask at latent size (1), latent of
-    the masked image (4)] -> (B, 5, h, w). The masks are drawn for the global batch."""
+    the masked image (4)] -> (B, 5, h, w). The masks (model/masks.py) are drawn for the global batch; only this
+    process's are rendered."""
     f = model.vae.downsample
-    masks = random_masks(global_batch, images.shape[2], images.shape[3], generator)[idx].to(images.device)
+    masks = random_masks(global_batch, images.shape[2], images.shape[3], generator, idx=idx, device=images.device)
     masked = model.vae.encode(images * (masks < 0.5)).mean * model.cfg.vae.scaling_factor   # B, 4, h, w
     return torch.cat([F.interpolate(masks, scale_factor=1 / f, mode="nearest"), masked], dim=1)
 

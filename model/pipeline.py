@@ -47,34 +47,77 @@ def generate(model, cond, *, seeds, sampler="dpmpp_2m", steps=20, guidance=None,
     f = model.vae.downsample
     if H % f or W % f:
         raise ValueError(f"size {H}x{W}: height and width must be multiples of {f}")
-    device = next(net.parameters()).device
-    unet_dtype = next(net.parameters()).dtype
-    shape = (model.cfg.unet.out_channels, H // f, W // f)
     if noise is None:
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
-    x = noise.to(device, torch.float32)                                          # B, 4, h, w
+        noise = initial_noise(model, seeds, (H // f, W // f))
+    model_fn = guided_denoiser(model, cond, guidance=guidance, negative_prompt=negative_prompt, interval=interval,
+                               rescale=rescale, dtype=dtype, unet=net)
+    x = noise.to(next(net.parameters()).device, torch.float32)                   # B, 4, h, w
+    z = run_sampler(model, model_fn, x, sampler=sampler, steps=steps, seed=seeds[0], progress=progress)
+    return decode(model, z, decode_tile)
+
+
+def initial_noise(model, seeds, latent_size):
+    """N(0, I) latents (B, C, h, w), image i drawn on the CPU from seeds[i] (the same on any device)."""
+    shape = (model.cfg.unet.out_channels, *latent_size)
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds])
+
+
+def decode(model, z, tile=None):
+    """Latents -> images (B, 3, H, W) in [-1, 1], float32 on the CPU (tile: VAE decode tile, latent pixels)."""
+    images = model.vae.decode_latents(z.to(next(model.vae.parameters())), tile=tile)
+    return images.float().clamp(-1, 1).cpu()
+
+
+def guided_denoiser(model, cond, *, guidance=None, negative_prompt="", interval=None, rescale=0.0,
+                    dtype=torch.float32, unet=None, extra=None):
+    """The model_fn(x_t, t) the samplers call: the U-Net (or `unet`) in its own dtype under classifier-free
+    guidance (model/guidance.py) for the raw or encoded conditions `cond` (batch B). extra (B, E, h, w), if given,
+    is concatenated to x_t on the channels in every branch (the inpainting U-Net's mask and masked-image latent).
+    x_t may live on another device (a canvas on the CPU): the prediction comes back where x_t is."""
+    net = model.unet if unet is None else unet
+    device, unet_dtype = next(net.parameters()).device, next(net.parameters()).dtype
 
     def encoded(raw):                                                            # the U-Net's dtype for its context
         return {k: v.to(unet_dtype) if k == "text" else v for k, v in model.encode_conditions(raw, device).items()}
 
     c = encoded(cond)                                                            # text: B, 77, D
     null = encoded(conditions.nulls(model.cfg, 1, negative_prompt))              # text: 1, 77, D
+    if extra is not None:
+        extra = extra.to(device, torch.float32)
 
     def denoiser(x_t, t, cc):                                                    # the U-Net in its own dtype
+        if extra is not None:                                                    # the branches stack B-batches
+            x_t = torch.cat([x_t, extra.repeat(x_t.shape[0] // extra.shape[0], 1, 1, 1)], dim=1)
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             return net(x_t.to(unet_dtype), t, cc).float()
 
     model_fn = guided_model_fn(denoiser, c, null, guidance or default_guidance(model), interval=interval,
                                rescale=rescale)
+
+    def on_device(x, t):
+        return model_fn(x.to(device, torch.float32), t.to(device)).to(x.device)
+
+    return on_device
+
+
+def spacing_for(model, sampler):
+    """(spacing, steps_offset) the sampler runs with: DPM-Solver++(2M) is measurably better from t = T-1
+    ("trailing") than from the release's "leading" steps (benchmarks/results/samplers_cpu.md); the other samplers
+    follow the release's scheduler config."""
     dcfg = model.cfg.diffusion
-    # DPM-Solver++(2M) is measurably better from t = T-1 ("trailing") than from the release's "leading" steps
-    # (benchmarks/results/samplers_cpu.md); the other samplers follow the release's scheduler config.
-    spacing, offset = ("trailing", 0) if sampler == "dpmpp_2m" else (dcfg.spacing, dcfg.steps_offset)
-    z = SAMPLERS[sampler](model_fn, x, Diffusion.from_config(dcfg), steps,
-                          generator=torch.Generator(device).manual_seed(seeds[0]), prediction=dcfg.prediction,
-                          spacing=spacing, steps_offset=offset, progress=progress)
-    images = model.vae.decode_latents(z.to(next(model.vae.parameters()).dtype), tile=decode_tile)
-    return images.float().clamp(-1, 1).cpu()
+    return ("trailing", 0) if sampler == "dpmpp_2m" else (dcfg.spacing, dcfg.steps_offset)
+
+
+def run_sampler(model, model_fn, x, *, sampler="dpmpp_2m", steps=20, seed=0, progress=False, skip=0, replace=None):
+    """Run SAMPLERS[sampler] from x (noise, or a noisy latent at the skip-th timestep) with the model's noise
+    schedule; stochastic samplers draw from a generator seeded with `seed` on x's device. Returns latents."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler {sampler!r} is unknown; choose one of {sorted(SAMPLERS)}")
+    dcfg = model.cfg.diffusion
+    spacing, offset = spacing_for(model, sampler)
+    return SAMPLERS[sampler](model_fn, x, Diffusion.from_config(dcfg), steps,
+                             generator=torch.Generator(x.device).manual_seed(seed), prediction=dcfg.prediction,
+                             spacing=spacing, steps_offset=offset, progress=progress, skip=skip, replace=replace)
 
 
 def compile_problem(device):

@@ -186,9 +186,17 @@ class AutoencoderKL(nn.Module):
         """Images (N, 3, H, W) in [-1, 1] encoded and decoded (posterior means), clamped to [-1, 1]."""
         return torch.cat([self.decode(self.encode(x[i:i + batch]).mean) for i in range(0, len(x), batch)]).clamp(-1, 1)
 
-    def encode_latents(self, x, generator=None, sample=True):
-        """Images -> scaled latents, the space diffusion runs in."""
-        posterior = self.encode(x)
+    def encode_latents(self, x, generator=None, sample=True, tile=None):
+        """Images -> scaled latents, the space diffusion runs in. With `tile` (latent pixels), encode tile by tile."""
+        f = self.downsample
+        if tile is None or (x.shape[2] <= tile * f and x.shape[3] <= tile * f):
+            posterior = self.encode(x)
+        else:                                                   # the posterior's moments, cross-faded
+            def moments(piece):
+                q = self.encode(piece)
+                return torch.cat([q.mean, q.logvar], dim=1)                     # B, 8, th, tw
+            posterior = DiagonalGaussian(self.tiled(moments, x, tile * f, tile // 4 * f, 1 / f,
+                                                    2 * self.cfg.latent_channels, unit=f))
         z = posterior.sample(generator) if sample else posterior.mode()
         return z * self.cfg.scaling_factor
 
@@ -200,39 +208,47 @@ class AutoencoderKL(nn.Module):
         return self.decode_tiled(z, tile, overlap if overlap is not None else tile // 4)
 
     # ------------------------------------------------------------------------------------------------
-    # Tiled decoding, for canvases larger than memory allows in one pass (unbounded scenes).
-    # Overlapping latent tiles are decoded separately and cross-faded with weights that fall linearly to
-    # zero across the overlap, so every output pixel is a convex blend and no hard tile edge appears.
+    # Tiled encoding and decoding, for canvases larger than memory allows in one pass (unbounded scenes).
+    # Overlapping tiles are coded separately and cross-faded with weights that fall linearly to zero across
+    # the overlap, so every output value is a convex blend and no hard tile edge appears.
     # Limitation: each tile normalises with its own GroupNorm statistics and its own mid-block attention, so
-    # the result is close to, not equal to, a whole decode; larger tiles (64 latents = 512 px) bring it closer.
+    # the result is close to, not equal to, a whole pass; larger tiles (64 latents = 512 px) bring it closer.
     # ------------------------------------------------------------------------------------------------
     def decode_tiled(self, z, tile, overlap):
         """z: (B, 4, h, w) unscaled latents; tile and overlap in latent pixels, 0 <= overlap < tile."""
+        return self.tiled(self.decode, z, tile, overlap, self.downsample, self.cfg.in_channels)
+
+    @staticmethod
+    def tiled(fn, x, tile, overlap, scale, out_channels, unit=1):
+        """fn applied to overlapping tiles of x (B, C, h, w) (tile, overlap in x's pixels; tiles start at multiples
+        of `unit`), each result (scale times the tile's size, out_channels) cross-faded into one
+        (B, out_channels, h * scale, w * scale)."""
         if not 0 <= overlap < tile:
-            raise ValueError(f"decode_tiled: need 0 <= overlap ({overlap}) < tile ({tile})")
-        f = self.downsample
-        B, _, h, w = z.shape
-        out = torch.zeros(B, self.cfg.in_channels, h * f, w * f, device=z.device, dtype=z.dtype)
-        weight = torch.zeros(1, 1, h * f, w * f, device=z.device, dtype=z.dtype)
-        for y0 in _tile_starts(h, tile, overlap):
-            for x0 in _tile_starts(w, tile, overlap):
-                piece = self.decode(z[:, :, y0:y0 + tile, x0:x0 + tile])            # B, 3, th*f, tw*f
-                ramp_y = _ramp(piece.shape[2], overlap * f, y0 > 0, y0 + tile < h, z)
-                ramp_x = _ramp(piece.shape[3], overlap * f, x0 > 0, x0 + tile < w, z)
-                wgt = ramp_y[:, None] * ramp_x[None, :]                             # th*f, tw*f
-                ys, xs = slice(y0 * f, y0 * f + piece.shape[2]), slice(x0 * f, x0 * f + piece.shape[3])
+            raise ValueError(f"tiled VAE pass: need 0 <= overlap ({overlap}) < tile ({tile})")
+        B, _, h, w = x.shape
+        out = torch.zeros(B, out_channels, round(h * scale), round(w * scale), device=x.device, dtype=x.dtype)
+        weight = torch.zeros(1, 1, *out.shape[2:], device=x.device, dtype=x.dtype)
+        for y0 in tile_starts(h // unit, tile // unit, overlap // unit, unit):
+            for x0 in tile_starts(w // unit, tile // unit, overlap // unit, unit):
+                piece = fn(x[:, :, y0:y0 + tile, x0:x0 + tile])                  # B, out, th*scale, tw*scale
+                ramp_y = _ramp(piece.shape[2], round(overlap * scale), y0 > 0, y0 + tile < h, x)
+                ramp_x = _ramp(piece.shape[3], round(overlap * scale), x0 > 0, x0 + tile < w, x)
+                wgt = ramp_y[:, None] * ramp_x[None, :]                             # th*scale, tw*scale
+                oy, ox = round(y0 * scale), round(x0 * scale)
+                ys, xs = slice(oy, oy + piece.shape[2]), slice(ox, ox + piece.shape[3])
                 out[:, :, ys, xs] += piece * wgt
                 weight[:, :, ys, xs] += wgt
         return out / weight
 
 
-def _tile_starts(size, tile, overlap):
+def tile_starts(size, tile, overlap, unit=1):
     """Start offsets of the fewest tiles of length `tile` that cover `size` with at least `overlap` shared,
-    spread evenly so the first starts at 0 and the last ends flush with `size`."""
+    spread evenly so the first starts at 0 and the last ends flush with `size`; all three in units of `unit`
+    pixels, the offsets returned in pixels."""
     if size <= tile:
         return [0]
     n = 1 + math.ceil((size - tile) / (tile - overlap))
-    return [round(i * (size - tile) / (n - 1)) for i in range(n)]
+    return [unit * round(i * (size - tile) / (n - 1)) for i in range(n)]
 
 
 def _ramp(n, overlap, fade_in, fade_out, like):

@@ -114,21 +114,86 @@ def test_untrained_frozen_parts_are_refused(tmp_path, capsys):
 
 
 def test_inpainting_objective_trains_the_nine_channel_unet(tmp_path):
-    """configs/text2earth_inpaint.py's objective: random masks, the masked image's latent beside x_t."""
-    from model.objectives import random_masks
-    g = torch.Generator().manual_seed(0)
-    masks = random_masks(400, 16, 16, g)
-    full = masks.flatten(1).mean(1) == 1
-    assert set(masks.unique().tolist()) == {0.0, 1.0} and 0.15 < full.float().mean() < 0.35
-    assert (masks[~full].flatten(1).mean(1) > 0).all()                       # every other mask covers something
-    args = ["--config", "configs/text2earth_inpaint.py", "--data=synthetic", "--image_size=32",
-            "--synthetic_samples=8", "--num_workers=0", "--batch_size=2", "--max_steps=1", "--allow_untrained",
-            f"--out_dir={tmp_path}", "--model.unet.channels=(32, 64, 64)", "--model.unet.attention=(True, True, False)",
-            "--model.unet.heads=(2, 4, 4)", "--model.unet.context_dim=64", "--model.unet.norm_groups=8",
-            "--model.vae.channels=(32, 64)", "--model.vae.layers_per_level=1", "--model.vae.norm_groups=8",
-            "--model.text.width=64", "--model.text.heads=4", "--model.text.layers=2"]
+    """configs/text2earth_inpaint.py is a run from the text-to-image model on Git-10M, and one step of its objective
+    (random masks, the masked image's latent beside x_t) trains the 9-channel U-Net."""
+    cfg = train.parse_config(["--config", "configs/text2earth_inpaint.py"])
+    assert (cfg.objective, cfg.train, cfg.data, cfg.image_size, cfg.model.unet.in_channels) == \
+        ("inpaint", "unet", "git10m", 256, 9)
+    assert cfg.init_from.endswith(".safetensors")
+    args = ["--config", "configs/text2earth_inpaint.py", "--data=synthetic", "--image_size=32", "--init_from=",
+            "--synthetic_samples=8", "--num_workers=0", "--batch_size=2", "--grad_accum=1", "--max_steps=1",
+            "--warmup_steps=0", "--allow_untrained", f"--out_dir={tmp_path}", "--model.unet.channels=(32, 64, 64)",
+            "--model.unet.attention=(True, True, False)", "--model.unet.heads=(2, 4, 4)",
+            "--model.unet.context_dim=64", "--model.unet.norm_groups=8", "--model.vae.channels=(32, 64)",
+            "--model.vae.layers_per_level=1", "--model.vae.norm_groups=8", "--model.text.width=64",
+            "--model.text.heads=4", "--model.text.layers=2"]
     assert train.main(args) == 0
     assert load_model(tmp_path / "model.safetensors").cfg.unet.in_channels == 9
+
+
+@pytest.fixture(scope="module")
+def inpainting_masks():
+    """400 masks (400, 1, 32, 48) of model/masks.py's mixture, their kinds (400,) and coverages (400,)."""
+    from model import masks
+    params = masks.draw_params(400, torch.Generator().manual_seed(0))
+    m = masks.render(params, 32, 48)
+    return m, [list(masks.KINDS)[k] for k in masks.kinds_of(params)], m.flatten(1).mean(1)
+
+
+def test_inpainting_masks_mix_every_kind_in_its_share(inpainting_masks):
+    """Every kind appears with about its share of MIX; masks are exactly 0 or 1; the whole image is masked in
+    15-25% of them, and only by the full kind."""
+    from model.masks import MIX
+    m, kinds, coverage = inpainting_masks
+    assert m.shape == (400, 1, 32, 48) and m.dtype == torch.float32 and set(m.unique().tolist()) == {0.0, 1.0}
+    total = sum(MIX.values())
+    for kind, share in MIX.items():
+        assert abs(kinds.count(kind) / 400 - share / total) < 0.06, kind
+    full = coverage == 1
+    assert 0.15 <= full.float().mean() <= 0.25
+    assert full.tolist() == [k == "full" for k in kinds]
+
+
+def test_each_kind_of_inpainting_mask_has_its_shape(inpainting_masks):
+    """Boxes, strokes and clouds cover something but not everything, clouds 20-70% of the image; an outpainting
+    mask is a band of 25-75% of the image along exactly one side."""
+    m, kinds, coverage = inpainting_masks
+    for kind in ("rectangles", "strokes", "clouds"):
+        c = coverage[[k == kind for k in kinds]]
+        assert len(c) and (c > 0).all() and (c < 1).all(), kind
+    c = coverage[[k == "clouds" for k in kinds]]
+    assert (c >= 0.2 - 1e-3).all() and (c <= 0.7 + 1e-3).all()
+    sides = set()
+    for mask in m[[k == "outpaint" for k in kinds], 0].bool():
+        full_edge = [bool(mask[0].all()), bool(mask[-1].all()), bool(mask[:, 0].all()), bool(mask[:, -1].all())]
+        assert sum(full_edge) == 1
+        side = full_edge.index(True)
+        sides.add(side)
+        band = [mask, mask.flip(0), mask.T, mask.T.flip(0)][side]                 # the band at the top
+        depth = int(band.all(1).sum())
+        assert (band == (torch.arange(band.shape[0])[:, None] < depth)).all()
+        assert 0.25 * band.shape[0] - 1 <= depth <= 0.75 * band.shape[0] + 1
+    assert sides == {0, 1, 2, 3}
+
+
+def test_inpainting_masks_draw_the_same_numbers_whatever_the_size_kind_and_split(monkeypatch):
+    """n masks take the same numbers from the generator whatever H, W and the mixture: the first 4 of a global
+    batch of 8 are a draw of 4, a process's positions (idx) are those of the whole batch, and the generator ends
+    in the same state."""
+    from model import masks
+    from model.objectives import random_masks
+
+    def draw(n, H, W, **kw):
+        g = torch.Generator().manual_seed(1)
+        return random_masks(n, H, W, g, **kw), g.get_state()
+
+    batch, state = draw(8, 16, 16)
+    assert torch.equal(draw(4, 16, 16)[0], batch[:4])
+    assert torch.equal(draw(8, 16, 16, idx=torch.tensor([1, 3, 5, 7]))[0], batch[1::2])
+    assert torch.equal(draw(8, 40, 24)[1], state)
+    monkeypatch.setattr(masks, "MIX", {"strokes": 1.0})
+    strokes, other = draw(8, 24, 40)
+    assert torch.equal(other, state) and (strokes.flatten(1).mean(1) < 1).all()
 
 
 def test_a_vae_only_file_starts_a_unet_of_any_architecture(tmp_path, capsys):
