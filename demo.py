@@ -14,10 +14,10 @@ shards, encodes them into latent shards, trains a tiny U-Net with a small text t
 timed before training, is reserved (`--unet_steps=N` fixes the steps instead), then samples 108 prompts (12
 classes x 9 levels) x `eval_seeds` and measures with the probe how often a sample shows the class its prompt
 asked for (text adherence) and the level asked for (resolution control), beside the same figures for real
-renders (the ceiling) and unconditional samples (the floor). Every stage is resumable: rerun the command after
-an interruption. OUT/ gets model.safetensors (for `sample.py --weights`), overview.png (each sample beside the
-real render of its prompt, the figures), grid.png and results.json (figures, each stage's steps and seconds,
-the true total time).
+renders (the ceiling) and unconditional samples (the floor). Every stage resumes: rerun the command after an
+interruption. OUT/ gets model.safetensors (for `sample.py --weights`), overview.png (samples beside the real
+renders of their prompts, the figures, then an inpainting, a cloud removal and a canvas by edit.py's procedures),
+grid.png and results.json (figures, each stage's steps and seconds, the true total time).
 
 Options are `--key=value` for the fields of DemoConfig below (a bare `--flag` sets a boolean), type-checked.
 """
@@ -39,7 +39,8 @@ from data.shards import ShardDataset, write_once, write_shards
 from data.synthetic import CLASSES, InOrder, ProceduralEarth, sample as procedural_sample
 from data.transforms import image_grid, tensor_to_pil
 from evaluation.probe import evaluate_probe, fit_probe, load_probe, load_probe_info, make_probe_data, save_probe
-from evaluation.report import overview_page
+from evaluation.report import overview_page, results_table
+from evaluation.showcase import editing_strip
 from model.checkpoint import checkpoint_paths, checkpoint_step, finished
 from model.config import configure, load_config, usage
 from model.flops import cpu_name, usable_cores
@@ -203,7 +204,7 @@ def probe_job(size, n_train, steps, vae_file, vae_ready, out_file, deadline):
                                  "vae_sha256": made_on})
 
 
-SAMPLING_MARGIN = 25       # s kept beyond the timed sampling: the U-Net process's start and save, scoring, outputs
+SAMPLING_MARGIN = 40       # s kept beyond the timed sampling: U-Net start and save, scoring, editing examples, outputs
 MIN_UNET_MINUTES = 1.0     # the U-Net trains at least this long, budget or not
 
 
@@ -377,17 +378,16 @@ def main(argv=None):
               f"text {args.cfg:g}, level {args.level_cfg:g}",
               "each pair: a real render and a sample generated from its caption (beneath); columns: Google map "
               "level L, resolution_m = 2^(17-L)"]
-    overview_page(out / "overview.png", header,
-                  [f"L{level} ({resolution_from_level(level):g} m/px)" for level in GRID_LEVELS], rows, results)
+    t, strip = time.time(), editing_strip(model, size, {"text": args.cfg, "level": args.level_cfg}, args.steps)
+    stages["editing"] = {"seconds": time.time() - t}    # inpainting, cloud removal, a canvas: evaluation/showcase.py
+    overview_page(out / "overview.png", header, [f"L{level} ({resolution_from_level(level):g} m/px)"
+                                                 for level in GRID_LEVELS], rows, results, footer=strip)
     elapsed = time.time() - t0
     summary = {"results": results, "total_minutes": elapsed / 60, "budget_minutes": args.minutes if budget else None,
                "stages": stages, "unet_steps": stages["unet"]["steps"], "cpu": cpu_name(), "cores": cores,
                **vars(args)}
     (out / "results.json").write_text(json.dumps(summary, indent=1))
-    print(f"\n{'':36s} class   level  level+-1  level corr.")
-    for name, r in results.items():
-        print(f"{name:36s} " + "  ".join(f"{100 * r[k]:5.1f}%" for k in ("class_acc", "level_acc", "level_acc_pm1"))
-              + f"  {r['level_corr']:5.2f}")
+    print(results_table(results))
     print(f"done in {elapsed / 60:.1f} min (U-Net {stages['unet']['steps']} steps): {out / 'overview.png'}, "
           f"{out / 'grid.png'}, weights {out / 'model.safetensors'}")
     print(f"try: python sample.py --weights {out / 'model.safetensors'} --size {size} {size} --level 16 "

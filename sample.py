@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from data.levels import level_from_resolution, parse_level_prefix
 from data.transforms import image_grid, tensor_to_pil
 from model import attention
-from model.pipeline import compile_problem, default_guidance, generate, prepare_for_sampling
+from model.pipeline import compile_problem, default_guidance, device_and_dtype, generate, prepare_for_sampling
 from model.samplers import SAMPLERS
 from model.weights import WeightsError, load_weights
 
@@ -80,20 +80,9 @@ def parse_args(argv=None):
     if args.size[0] % 8 or args.size[1] % 8 or min(args.size) < 8:
         p.error(f"--size {args.size[0]} {args.size[1]}: both must be positive multiples of 8")
     try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        p.error(f"--device {args.device!r} is not a device (cpu, cuda, cuda:N)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        p.error(f"--device {args.device}: this machine has no CUDA GPU (use --device cpu)")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        p.error(f"--device {args.device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
-    args.dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
-        args.dtype or ("bf16" if args.device.startswith("cuda") else "fp32")]
-    if device.type == "cuda" and args.dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        p.error(f"--dtype bf16: {torch.cuda.get_device_name(device)} does not support bfloat16 (use fp16)")
-    if device.type == "cpu" and args.dtype == torch.float16:
-        p.error("--dtype fp16 is refused on the CPU (no fast half-precision kernels: several times slower than "
-                "fp32); use bf16 or fp32")
+        device, args.dtype = device_and_dtype(args.device, args.dtype)
+    except ValueError as e:
+        p.error(str(e))
     if args.attention == "triton" and device.type != "cuda":
         p.error("--attention triton: the Triton kernel runs on CUDA devices (use sdpa on the CPU)")
     problem = compile_problem(device) if args.compile else None

@@ -280,7 +280,7 @@ def _loop(cfg, run, stop):
                 "model_config": model.cfg.to_dict(), "trained": trained, "data": datas,
                 "train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
                 "train_seconds": seconds(), "planned_steps": total, "finished": step >= total}, cfg.keep_last)
-            export(model, ema, averaged, out_dir / "model.safetensors", step, trained)
+            export(model, ema, averaged, out_dir / "model.safetensors", step, trained, cfg.image_size)
             log.info("saved %s", path)
 
     step_ends = collections.deque([t_run], maxlen=PACE_WINDOW + 1)

@@ -13,25 +13,26 @@ FIGURES = (("class", "class_acc", "{:5.1%}"), ("level exact", "level_acc", "{:5.
            ("level +-1", "level_acc_pm1", "{:5.1%}"), ("level corr.", "level_corr", "{:5.2f}"))
 
 
-def _font(size):
+def load_font(size):
     try:
         return ImageFont.load_default(size=size)                # a scalable font (Pillow >= 10.1 with FreeType)
     except (TypeError, OSError, ImportError):
         return ImageFont.load_default()
 
 
-def overview_page(path, header, columns, rows, table, cell=128):
+def overview_page(path, header, columns, rows, table, cell=128, footer=None):
     """Write the page to `path`. header: lines of text at the top; columns: one label per level; rows: (label,
     [(real PIL image, generated PIL image, prompt) per column]); table: {row name: evaluate_probe figures}. Images
-    are enlarged to `cell` pixels with nearest-neighbour sampling (every pixel the model made stays visible)."""
-    font, small, tiny = _font(15), _font(12), _font(10)
+    are enlarged to `cell` pixels with nearest-neighbour sampling (every pixel the model made stays visible).
+    footer: a PIL image added beneath the table (the demo's editing examples, evaluation/showcase.py)."""
+    font, small, tiny = load_font(15), load_font(12), load_font(10)
     label_w, gap, pad, text_h = 150, 14, 10, 52
     pair_w = 2 * cell + 4 + gap
     row_h = cell + text_h + 8
     top = pad + 22 * len(header) + 44
     table_h = 30 + 22 * (len(table) + 1)
-    width = max(label_w + pair_w * len(columns), 300 + 130 * len(FIGURES)) + pad
-    page = Image.new("RGB", (width, top + len(rows) * row_h + table_h), "white")
+    width = max(label_w + pair_w * len(columns), 300 + 130 * len(FIGURES), footer.width if footer else 0) + pad
+    page = Image.new("RGB", (width, top + len(rows) * row_h + table_h + (footer.height if footer else 0)), "white")
     d = ImageDraw.Draw(page)
     for k, line in enumerate(header):
         d.text((pad, pad + 22 * k), line, fill="black", font=font)
@@ -60,4 +61,16 @@ def overview_page(path, header, columns, rows, table, cell=128):
         d.text((pad, row_y), name, fill="black", font=small)
         for x, (_, key, fmt) in zip(cols_x, FIGURES):
             d.text((x, row_y), fmt.format(figures[key]), fill="black", font=small)
+    if footer is not None:
+        page.paste(footer, (0, top + len(rows) * row_h + table_h))
     page.save(path)
+
+
+def results_table(results):
+    """The probe's figures {row name: evaluate_probe figures} as a text table (what demo.py prints)."""
+    lines = [f"\n{'':36s} class   level  level+-1  level corr."]
+    for name, r in results.items():
+        lines.append(f"{name:36s} " + "  ".join(f"{100 * r[k]:5.1f}%" for k in ("class_acc", "level_acc",
+                                                                                   "level_acc_pm1"))
+                     + f"  {r['level_corr']:5.2f}")
+    return "\n".join(lines)

@@ -47,12 +47,14 @@ def finished(out_dir, max_steps):
     return bool(torch.load(ckpts[-1], map_location="cpu", weights_only=True, mmap=True).get("finished", False))
 
 
-def export(model, ema, parts, path, step, trained):
+def export(model, ema, parts, path, step, trained, image_size=None):
     """The whole model with the EMA weights in `parts` (the ModuleDict the EMA copies) as one of our safetensors
-    checkpoints; `trained` names the model's parts whose weights have been trained (model/weights.save_model)."""
+    checkpoints; `trained` names the model's parts whose weights have been trained (model/weights.save_model).
+    image_size, the training images' size, goes in the metadata (editing's default tile: weights.trained_size)."""
     live = copy.deepcopy(parts.state_dict())
     parts.load_state_dict(ema.state_dict())
     try:
-        save_model(model, path, metadata={"step": step}, trained=trained)
+        meta = {"step": step} if image_size is None else {"step": step, "image_size": image_size}
+        save_model(model, path, metadata=meta, trained=trained)
     finally:
         parts.load_state_dict(live)

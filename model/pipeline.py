@@ -120,6 +120,29 @@ def run_sampler(model, model_fn, x, *, sampler="dpmpp_2m", steps=20, seed=0, pro
                              spacing=spacing, steps_offset=offset, progress=progress, skip=skip, replace=replace)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def device_and_dtype(device, dtype=None):
+    """Check a device name ("cpu", "cuda", "cuda:N") and a precision name (DTYPES; default bf16 on a GPU, fp32 on
+    the CPU) for sampling on this machine: (torch.device, torch.dtype), or ValueError naming the problem."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device (cpu, cuda, cuda:N)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: this machine has no CUDA GPU (use --device cpu)")
+    if dev.type == "cuda" and (dev.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    dt = DTYPES[dtype or ("bf16" if dev.type == "cuda" else "fp32")]
+    if dev.type == "cuda" and dt == torch.bfloat16 and not torch.cuda.is_bf16_supported():
+        raise ValueError(f"--dtype bf16: {torch.cuda.get_device_name(dev)} does not support bfloat16 (use fp16)")
+    if dev.type == "cpu" and dt == torch.float16:
+        raise ValueError("--dtype fp16 is refused on the CPU (no fast half-precision kernels: several times slower "
+                         "than fp32); use bf16 or fp32")
+    return dev, dt
+
+
 def compile_problem(device):
     """Why torch.compile cannot run on `device` here (one line), or None: Inductor needs a C++ compiler for the CPU
     and Triton for CUDA."""

@@ -104,6 +104,16 @@ def save_model(model: Text2Earth, path, metadata=None, trained=PARTS, parts=PART
     write_tensors(path, tensors, meta)
 
 
+def trained_size(path):
+    """The image size a checkpoint of ours was trained at (its metadata, written by train.py), or None (a release
+    folder, or a file without it)."""
+    path = Path(path)
+    if path.is_dir() or not path.is_file():
+        return None
+    size = read_metadata(path).get("image_size")
+    return int(size) if size and size.isdigit() else None
+
+
 def read_metadata(path):
     try:
         with safe_open(str(path), framework="pt") as f:

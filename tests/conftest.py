@@ -34,3 +34,13 @@ def tiny_ckpt(tmp_path_factory):
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_model(Text2Earth(load_config("configs/tiny.py").model), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def fast_demo(tmp_path_factory):
+    """The shortened from-scratch demo (demo.py --fast), run once for every test that reads it: (out folder, the
+    summary demo.main returns); out holds model.safetensors and its own probe.safetensors."""
+    import demo
+    out = tmp_path_factory.mktemp("demo")
+    summary = demo.main(["--fast", f"--out={out}"])
+    return out, summary

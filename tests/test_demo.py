@@ -11,13 +11,6 @@ from evaluation.probe import load_probe
 from model.weights import load_model, load_part
 
 
-@pytest.fixture(scope="module")
-def fast_demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    summary = demo.main(["--fast", f"--out={out}"])
-    return out, summary
-
-
 def test_fast_demo_writes_everything(fast_demo):
     out, summary = fast_demo
     for name in ("model.safetensors", "grid.png", "overview.png", "results.json", "probe.safetensors"):

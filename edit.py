@@ -1,0 +1,284 @@
+"""Edit remote-sensing images: inpaint, remove clouds, img2img (super-resolution, dehazing), unbounded canvases.
+
+    python edit.py inpaint  --weights W --image IMG --mask MASK --prompt "a dense forest" --level 16
+    python edit.py declouds --weights W --image IMG [--mask MASK] [--cloud-threshold 0.75]
+    python edit.py img2img  --weights W --image IMG --strength 0.5 --prompt P --level 15 [--preset sr|dehaze]
+    python edit.py extend   --weights W --prompts FILE --size 1024 4096 --level 16 [--method multidiffusion]
+
+Masks: white (>= 128) = regenerate, black = keep (the release's convention); a mask of another size is resized
+when its aspect ratio matches the image's. Pixels outside the mask are kept exactly beyond a feathered band of
+--feather pixels. A 9-channel inpainting model (Text2Earth-inpainting) inpaints with its own U-Net; a
+text-to-image model by replacing the known latents at every step (--resample N for RePaint's resampling).
+`--preset sr` upsamples the input --scale times and generates at the finer level (--level is the input's),
+`--preset dehaze` regenerates at the same level from the prompt of the clear scene. `extend` builds a canvas
+tile by tile: --prompts FILE holds one prompt per line in row-major tile order (or one for every tile); it prints
+the grid. Every PNG carries the command, inputs and settings in its text chunks; files are never overwritten
+unless --overwrite. docs/editing.md has what each reaches on the procedural Earth.
+"""
+import argparse
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from PIL.PngImagePlugin import PngInfo
+
+from data.levels import parse_level_prefix
+from data.transforms import tensor_to_pil
+from model import editing
+from model.pipeline import default_guidance, device_and_dtype
+from model.samplers import SAMPLERS
+from model.weights import WeightsError, load_weights, trained_size
+
+DEFAULT_WEIGHTS = "out/demo/model.safetensors"   # what the README's demo command trains
+COMMANDS = ("inpaint", "declouds", "img2img", "extend")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--weights", default=DEFAULT_WEIGHTS, help="diffusers-format folder or our .safetensors")
+    common.add_argument("--prompt", action="append", default=None, help="text prompt (extend: repeat, one a tile)")
+    common.add_argument("--level", type=float, default=None, help="Google map level, 0 (none) or 1..20")
+    common.add_argument("--negative-prompt", default="", help="replaces the empty prompt in the null branch")
+    common.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
+    common.add_argument("--steps", type=int, default=20)
+    common.add_argument("--cfg", type=float, default=4.0, help="guidance scale (1 = none)")
+    common.add_argument("--level-cfg", type=float, default=None, help="guidance scale of the level on its own")
+    common.add_argument("--seed", type=int, default=0, help="output i uses seed + i")
+    common.add_argument("--n", type=int, default=1, help="outputs (seeds) per input")
+    common.add_argument("--out", default="out/edits", help="output folder")
+    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    common.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                        help="U-Net and text encoder precision (default: bf16 on GPU, fp32 on CPU)")
+    common.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    images = argparse.ArgumentParser(add_help=False)
+    images.add_argument("--image", required=True, help="the input image (PNG, JPEG, TIFF, ...)")
+    masked = argparse.ArgumentParser(add_help=False)
+    masked.add_argument("--method", default=None, choices=editing.METHODS,
+                        help="model: a 9-channel inpainting U-Net; replace: any text-to-image U-Net "
+                             "(default: what the weights are)")
+    masked.add_argument("--resample", type=int, default=1, help="RePaint resampling passes a step (replace method)")
+    masked.add_argument("--feather", type=int, default=3, help="paste-back band outside the mask, pixels")
+    for name, parents, help_ in (("inpaint", [common, images, masked], "regenerate the white part of --mask"),
+                                 ("declouds", [common, images, masked], "inpaint the clouds (mask given or found)"),
+                                 ("img2img", [common, images], "SDEdit: re-noise the image and denoise it"),
+                                 ("extend", [common], "a canvas of any size, tile by tile")):
+        s = sub.add_parser(name, parents=parents, help=help_, description=help_)
+        if name == "inpaint":
+            s.add_argument("--mask", required=True, help="white = regenerate, black = keep")
+        if name == "declouds":
+            s.add_argument("--mask", default=None, help="the cloud mask (default: estimated from the image)")
+            s.add_argument("--cloud-threshold", type=float, default=0.75, help="brightness a cloud exceeds, 0-1")
+            s.add_argument("--cloud-saturation", type=float, default=0.12, help="colour spread a cloud stays below")
+            s.add_argument("--dilate", type=int, default=2, help="pixels the estimated mask grows by")
+        if name == "img2img":
+            s.add_argument("--strength", type=float, default=None, help="how far the input is re-noised, (0, 1]")
+            s.add_argument("--preset", default=None, choices=sorted(editing.PRESETS))
+            s.add_argument("--scale", type=int, default=2, choices=(2, 4), help="super-resolution factor")
+        if name == "extend":
+            s.add_argument("--prompts", default=None, help="file: one prompt per line, row-major tile order")
+            s.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"), help="multiples of 8")
+            s.add_argument("--tile", type=int, default=None, help="tile pixels (default: the training size or 256)")
+            s.add_argument("--overlap", type=int, default=None, help="tile overlap pixels (default: tile / 4)")
+            s.add_argument("--method", default="outpaint", choices=editing.CANVAS_METHODS)
+            s.add_argument("--resample", type=int, default=1, help="RePaint passes a step (outpaint, text-to-image)")
+            s.add_argument("--batch", type=int, default=4, help="tiles run together (multidiffusion)")
+    args = p.parse_args(argv)
+    args.parser = p
+    check_args(args, p)
+    return args
+
+
+def check_args(args, p):
+    """Everything that can be checked before the weights load, each problem one line (exit 2)."""
+    if args.steps < 1 or args.n < 1:
+        p.error(f"--steps and --n must be >= 1, got {args.steps} and {args.n}")
+    if args.cfg < 0 or (args.level_cfg is not None and args.level_cfg < 0):
+        p.error("--cfg and --level-cfg must be >= 0")
+    try:
+        args.device, args.dtype = device_and_dtype(args.device, args.dtype)
+    except ValueError as e:
+        p.error(str(e))
+    if getattr(args, "resample", 1) < 1 or getattr(args, "feather", 0) < 0:
+        p.error("--resample must be >= 1 and --feather >= 0")
+    if args.command == "extend":
+        if args.prompts:
+            try:
+                lines = Path(args.prompts).read_text().splitlines()
+            except (OSError, UnicodeDecodeError) as e:
+                p.error(f"--prompts {args.prompts}: cannot read it as text ({e})")
+            args.prompt = (args.prompt or []) + [ln.strip() for ln in lines if ln.strip()]
+        if not args.prompt:
+            p.error("extend needs prompts: --prompts FILE (one per line) or --prompt (repeatable); none given"
+                    + (f" ({args.prompts} has no non-empty line)" if args.prompts else ""))
+        for name, v in (("--size", args.size[0]), ("--size", args.size[1]), ("--tile", args.tile),
+                        ("--overlap", args.overlap)):
+            if v is not None and (v % 8 or v < (0 if name == "--overlap" else 8)):
+                p.error(f"{name} {v}: canvas sizes, tiles and overlaps must be multiples of 8 "
+                        f"(got --size {args.size[0]} {args.size[1]})")
+    elif args.command == "img2img":
+        preset = editing.PRESETS.get(args.preset, {})
+        args.strength = args.strength if args.strength is not None else preset.get("strength")
+        if args.strength is None:
+            p.error("img2img needs --strength (0, 1] or a --preset")
+        if not 0 < args.strength <= 1:
+            p.error(f"--strength must lie in (0, 1], got {args.strength}")
+        if args.preset == "sr" and not args.level:
+            p.error("--preset sr needs the input's --level (> 0): the output is generated at level + log2(scale)")
+    if args.command != "extend" and len(args.prompt or []) > 1:
+        p.error(f"{args.command} takes one --prompt, got {len(args.prompt)}")
+    if args.command in ("inpaint", "img2img") and not args.prompt:
+        p.error(f"{args.command} needs --prompt (the scene wanted; \"\" for none)")
+    prompts = []
+    for prompt in args.prompt or [""]:
+        try:
+            level, text = parse_level_prefix(prompt, strict=True)
+        except ValueError as e:
+            p.error(str(e))
+        prompts.append(text)
+        if text == prompt:
+            level = args.level if args.level is not None else 0.0
+        if not 0.0 <= level <= 20.0:
+            p.error(f"level {level:g} (prompt {prompt!r}) is outside [0, 20]")
+        args.level = level
+    args.prompt = prompts
+
+
+def read_image(path, p, what="--image"):
+    """An image file -> PIL image, or exit 2 with what is wrong."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.copy()
+    except FileNotFoundError:
+        p.error(f"{what} {path}: no such file")
+    except (UnidentifiedImageError, OSError) as e:
+        p.error(f"{what} {path}: not an image file ({e})")
+
+
+def load_inputs(args, p):
+    """(image (1, 3, H, W) in [-1, 1], mask (1, 1, H, W) of 0 and 1 or None) from the files, checked."""
+    im = read_image(args.image, p).convert("RGB")
+    W, H = im.size
+    if H % 8 or W % 8:
+        p.error(f"--image {args.image} is {W}x{H}: width and height must be multiples of 8 (crop or pad it)")
+    image = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    if getattr(args, "mask", None) is None:
+        return image, None
+    m = read_image(args.mask, p, "--mask").convert("L")
+    if m.size != im.size:
+        if abs(m.size[0] * H - m.size[1] * W) > max(H, W):            # aspect ratios differ by more than a pixel
+            p.error(f"--mask {args.mask} is {m.size[0]}x{m.size[1]} and --image {W}x{H}: sizes and aspect ratios "
+                    "differ")
+        warnings.warn(f"--mask {args.mask} is {m.size[0]}x{m.size[1]}: resized to the image's {W}x{H}")
+        m = m.resize((W, H), Image.NEAREST)
+    mask = (torch.from_numpy(np.asarray(m).copy()) >= 128).float()[None, None]
+    if not mask.any():
+        p.error(f"--mask {args.mask} is all black: nothing to regenerate")
+    return image, mask
+
+
+def save(image, path, info):
+    meta = PngInfo()
+    for k, v in info.items():
+        meta.add_text(k, str(v))
+    tensor_to_pil(image[0]).save(path, pnginfo=meta)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    p = args.parser
+    out = Path(args.out)
+    seeds = [args.seed + i for i in range(args.n)]
+    stem = "canvas" if args.command == "extend" else Path(args.image).stem
+    names = [out / f"{stem}_{args.command}_seed{s}.png" for s in seeds]
+    if args.command == "declouds":
+        names.append(out / f"{stem}_cloudmask.png")
+    existing = [n for n in names if n.exists()]
+    if existing and not args.overwrite:
+        p.error(f"{existing[0]} exists ({len(existing)} files would be overwritten); pass --overwrite or another --out")
+    image = mask = None
+    if args.command != "extend":
+        image, mask = load_inputs(args, p)
+    try:
+        model = load_weights(args.weights, args.device, dtype={"unet": args.dtype, "text_encoder": args.dtype})
+    except WeightsError as e:
+        hint = " (train the demo model first: see README)" if args.weights == DEFAULT_WEIGHTS else ""
+        p.error(f"--weights: {e}{hint}")
+    model.eval()
+    has_level = "level" in model.cfg.condition_names()
+    if not has_level and (args.level or args.level_cfg is not None):
+        p.error(f"--level / --level-cfg: the U-Net of {args.weights} has no level embedding")
+    f = model.vae.downsample
+    if image is not None and (image.shape[2] % f or image.shape[3] % f):
+        p.error(f"--image {args.image}: width and height must be multiples of {f}")
+    level = args.level
+    if args.command == "img2img" and args.preset == "sr":
+        level = args.level + math.log2(args.scale)
+        print(f"super-resolution x{args.scale}: input level {args.level:g}, output level {level:g}")
+    sampling = dict(sampler=args.sampler, steps=args.steps, guidance=default_guidance(model, args.cfg, args.level_cfg),
+                    negative_prompt=args.negative_prompt, dtype=args.dtype, progress=True)
+    info = {"command": args.command, "weights": args.weights, "prompt": " | ".join(args.prompt), "level": f"{level:g}",
+            "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "level_cfg": args.level_cfg,
+            "negative_prompt": args.negative_prompt}
+    try:
+        outputs = run(args, model, image, mask, level, seeds, sampling, info, out)
+    except ValueError as e:                                           # a combination the library refuses
+        p.error(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    for (picture, extra), name in zip(outputs, names):
+        save(picture, name, {**info, **extra})
+    print(f"wrote {len(outputs)} image(s) to {out}: {', '.join(n.name for n in names[:len(outputs)])}")
+    return 0
+
+
+def run(args, model, image, mask, level, seeds, sampling, info, out):
+    """The edit itself: [(image (1, 3, H, W), extra text chunks)] in the order of main's file names."""
+    cond = {"text": args.prompt[:1], "level": [level]}
+    cond = {k: v for k, v in cond.items() if k in model.cfg.condition_names()}
+    if args.command == "extend":
+        tile = args.tile or trained_size(args.weights) or 256
+        overlap = args.overlap if args.overlap is not None else tile // 4 // 8 * 8
+        origins, (rows, cols) = editing.canvas_tiles(tuple(args.size), tile, overlap, model.vae.downsample)
+        print(f"canvas {args.size[0]}x{args.size[1]}: {rows} x {cols} tiles of {tile} px overlapping {overlap} px "
+              f"({len(origins)} prompts, row-major, or one for all; given {len(args.prompt)})")
+        info.update(size=f"{args.size[0]}x{args.size[1]}", tile=tile, overlap=overlap, method=args.method,
+                    resample=args.resample)
+        return [(editing.extend(model, args.prompt, tuple(args.size), level=level, tile=tile, overlap=overlap,
+                                method=args.method, seed=s, batch=args.batch, resample=args.resample, **sampling),
+                 {"seed": s}) for s in seeds]
+    info["image"] = args.image
+    if args.command == "img2img":
+        info.update(strength=args.strength, preset=args.preset or "")
+        if args.preset == "sr":
+            info["scale"] = args.scale
+            return [(editing.super_resolve(model, cond, image, args.scale, seeds=[s], strength=args.strength,
+                                           **sampling), {"seed": s}) for s in seeds]
+        return [(editing.img2img(model, cond, image, args.strength, seeds=[s], **sampling), {"seed": s})
+                for s in seeds]
+    info.update(method=editing.inpaint_method(model, args.method), resample=args.resample, feather=args.feather)
+    if args.command == "declouds" and mask is None:
+        mask = editing.cloud_mask(image, args.cloud_threshold, args.cloud_saturation, args.dilate)
+        if not mask.any():
+            raise ValueError(f"--image {args.image}: no cloud found (no pixel brighter than --cloud-threshold "
+                             f"{args.cloud_threshold} and whiter than --cloud-saturation {args.cloud_saturation}); "
+                             "lower the threshold or give --mask")
+        print(f"estimated cloud cover: {mask.mean().item():.1%} of the image")
+    if args.command == "declouds":
+        info["mask"] = args.mask or f"estimated (threshold {args.cloud_threshold}, dilate {args.dilate})"
+    else:
+        info["mask"] = args.mask
+    results = [(editing.inpaint(model, cond, image, mask, seeds=[s], method=args.method, resample=args.resample,
+                                feather=args.feather, **sampling), {"seed": s}) for s in seeds]
+    if args.command == "declouds":
+        results.append((mask.expand(-1, 3, -1, -1) * 2 - 1, {"seed": ""}))
+    return results
+
+
+if __name__ == "__main__":
+    sys.exit(main())
