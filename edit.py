@@ -26,7 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
-from data.levels import parse_level_prefix
+from data.levels import level_from_resolution, parse_level_prefix
 from data.transforms import tensor_to_pil
 from model import editing
 from model.pipeline import default_guidance, device_and_dtype
@@ -38,16 +38,19 @@ COMMANDS = ("inpaint", "declouds", "img2img", "extend")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="edit.py", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--weights", default=DEFAULT_WEIGHTS, help="diffusers-format folder or our .safetensors")
     common.add_argument("--prompt", action="append", default=None, help="text prompt (extend: repeat, one a tile)")
     common.add_argument("--level", type=float, default=None, help="Google map level, 0 (none) or 1..20")
+    common.add_argument("--resolution-m", type=float, default=None, help="metres per pixel (instead of --level)")
     common.add_argument("--negative-prompt", default="", help="replaces the empty prompt in the null branch")
     common.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
     common.add_argument("--steps", type=int, default=20)
-    common.add_argument("--cfg", type=float, default=4.0, help="guidance scale (1 = none)")
+    common.add_argument("--cfg", type=float, default=None,
+                        help="guidance scale (1 = none; default: the release's, 3.5 for the inpainting model, else 4)")
     common.add_argument("--level-cfg", type=float, default=None, help="guidance scale of the level on its own")
     common.add_argument("--seed", type=int, default=0, help="output i uses seed + i")
     common.add_argument("--n", type=int, default=1, help="outputs (seeds) per input")
@@ -98,8 +101,14 @@ def check_args(args, p):
     """Everything that can be checked before the weights load, each problem one line (exit 2)."""
     if args.steps < 1 or args.n < 1:
         p.error(f"--steps and --n must be >= 1, got {args.steps} and {args.n}")
-    if args.cfg < 0 or (args.level_cfg is not None and args.level_cfg < 0):
+    if (args.cfg is not None and args.cfg < 0) or (args.level_cfg is not None and args.level_cfg < 0):
         p.error("--cfg and --level-cfg must be >= 0")
+    if args.level is not None and args.resolution_m is not None:
+        p.error("give --level or --resolution-m, not both")
+    if args.resolution_m is not None:
+        if args.resolution_m <= 0:
+            p.error(f"--resolution-m must be > 0, got {args.resolution_m}")
+        args.level = level_from_resolution(args.resolution_m)
     try:
         args.device, args.dtype = device_and_dtype(args.device, args.dtype)
     except ValueError as e:
@@ -217,9 +226,13 @@ def main(argv=None):
     f = model.vae.downsample
     if image is not None and (image.shape[2] % f or image.shape[3] % f):
         p.error(f"--image {args.image}: width and height must be multiples of {f}")
+    if args.cfg is None:
+        args.cfg = 3.5 if editing.is_inpainting_model(model) else 4.0
     level = args.level
     if args.command == "img2img" and args.preset == "sr":
         level = args.level + math.log2(args.scale)
+        if level > 20:
+            p.error(f"--preset sr: input level {args.level:g} x{args.scale} asks for level {level:g}, beyond 20")
         print(f"super-resolution x{args.scale}: input level {args.level:g}, output level {level:g}")
     sampling = dict(sampler=args.sampler, steps=args.steps, guidance=default_guidance(model, args.cfg, args.level_cfg),
                     negative_prompt=args.negative_prompt, dtype=args.dtype, progress=True)

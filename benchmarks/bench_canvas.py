@@ -23,13 +23,15 @@ from data.synthetic import CLASSES, sample  # noqa: E402
 from evaluation.canvas import seam_ratio  # noqa: E402
 from model import editing  # noqa: E402
 from model.flops import cpu_name  # noqa: E402
+from model.pipeline import generate  # noqa: E402
 from model.weights import load_weights  # noqa: E402
 
-VARIANTS = {   # name: (method, extend keywords)
-    "independent tiles (stitched)": ("outpaint", dict(overlap=0)),
+VARIANTS = {   # name: (method, extend keywords; "share": the overlap as a share of the tile, else --overlap)
+    "independent tiles (stitched)": ("outpaint", dict(share=0.0)),
     "outpaint": ("outpaint", {}),
     "outpaint + RePaint x3 (ddim)": ("outpaint", dict(resample=3, sampler="ddim")),
     "multidiffusion": ("multidiffusion", {}),
+    "multidiffusion, 3/4 overlap": ("multidiffusion", dict(share=0.75)),
 }
 
 
@@ -42,9 +44,12 @@ def seams(model, args):
     same = [sample(7, level, args.tile, cls=CLASSES.index("farmland"))["caption"]]
     mixed = [sample(11 + i, level, args.tile, cls=i % len(CLASSES))["caption"] for i in range(args.tiles)]
     guidance = {"text": args.cfg, "level": args.level_cfg}
-    rows = []
+    f = model.vae.downsample
+    rows = [floor(model, args, same, mixed, guidance)]
     for name, (method, kw) in VARIANTS.items():
-        overlap = kw.get("overlap", args.overlap)
+        kw = dict(kw)
+        share = kw.pop("share", None)
+        overlap = args.overlap if share is None else round(share * args.tile / 8) * 8
         size = (args.tile, row_width(args.tiles, args.tile, overlap))
         origins, grid = editing.canvas_tiles(size, args.tile, overlap, model.vae.downsample)
         assert grid == (1, args.tiles), grid
@@ -52,12 +57,30 @@ def seams(model, args):
         for prompts_name, prompts in (("one prompt", same), ("mixed classes", mixed)):
             t = time.perf_counter()
             ratios = [seam_ratio(editing.extend(model, prompts, size, level=level, tile=args.tile, method=method,
-                                                seed=s, **kw), origins, args.tile) for s in range(args.seeds)]
+                                                seed=s, **kw), origins, args.tile, f) for s in range(args.seeds)]
             rows.append((name, prompts_name, sum(ratios) / len(ratios), min(ratios), max(ratios),
                          (time.perf_counter() - t) / args.seeds))
             print(f"{name:32s} {prompts_name:14s} seam ratio {rows[-1][2]:.2f} ({rows[-1][3]:.2f}-{rows[-1][4]:.2f})"
                   f"  {rows[-1][5]:.1f} s a canvas", flush=True)
     return rows
+
+
+def floor(model, args, same, mixed, guidance):
+    """The control: one pass of the model at the canvas's size (a convolutional U-Net runs at any size; no tiles,
+    so no seams), measured at the borders the tiled canvas would have: what 'invisible' reads."""
+    size = (args.tile, row_width(args.tiles, args.tile, args.overlap))
+    origins, _ = editing.canvas_tiles(size, args.tile, args.overlap, model.vae.downsample)
+    unit = model.vae.downsample * 2 ** (len(model.cfg.unet.channels) - 1)        # the U-Net's size granularity
+    width = -(-size[1] // unit) * unit
+    t = time.perf_counter()
+    images = generate(model, {"text": same * args.seeds, "level": [args.level] * args.seeds},
+                      seeds=list(range(args.seeds)), steps=args.steps, guidance=guidance,
+                      size=(size[0], width))[..., :size[1]]
+    ratios = [seam_ratio(im[None], origins, args.tile, model.vae.downsample) for im in images]
+    row = ("one pass at the canvas's size (no tiles)", "one prompt", sum(ratios) / len(ratios), min(ratios),
+           max(ratios), (time.perf_counter() - t) / args.seeds)
+    print(f"{row[0]:32s} {row[1]:14s} seam ratio {row[2]:.2f}", flush=True)
+    return row
 
 
 def peak_mb(args, tiles, method):

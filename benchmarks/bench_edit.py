@@ -42,7 +42,8 @@ def main(argv=None):
     sampling = dict(steps=args.steps, guidance=GUIDANCE)
     t0 = time.perf_counter()
     fr = frames(args.n, seed=args.seed)
-    results = run_all(model, probe, fr, seed=args.seed, **sampling)
+    results = run_all(model, probe, fr, seed=args.seed, log=lambda task, s: print(f"{task}: {s:.0f} s", file=sys.stderr),
+                      **sampling)
     seconds = time.perf_counter() - t0
     settings = (f"{args.n} frames (seed {args.seed}), DPM-Solver++(2M) {args.steps} steps, guidance text "
                 f"{GUIDANCE['text']:g} / level {GUIDANCE['level']:g}, img2img strengths: dehaze "
@@ -50,7 +51,8 @@ def main(argv=None):
                 f"inpainting: the replace method, feather 3")
     text = [f"# Editing against the truth ({cpu_name()}, {torch.get_num_threads()} threads, torch "
             f"{torch.__version__})", "", f"Model `{args.weights}`, probe `{args.probe}`.", f"{settings}; "
-            f"{seconds:.0f} s.", "", markdown(results, fr)]
+            f"{seconds:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in results["seconds"].items()) + ").", "",
+            markdown(results, fr)]
     out = {"settings": settings, "results": results}
     if args.sweep:
         t0 = time.perf_counter()

@@ -21,6 +21,7 @@ half the Nyquist frequency over the truth's (1 = as much fine detail, < 1 blurri
 Metrics take images in [0, 1] (to_unit); the editing library's images are in [-1, 1].
 """
 import math
+import time
 
 import numpy as np
 import torch
@@ -186,6 +187,7 @@ def _batched(edit, fr, seed, batch, *images, text="caption"):
     return torch.cat(outs)
 
 
+@torch.no_grad()
 def run_reference(model, probe, fr):
     """The truth as rendered and through the VAE (encode, decode): the most any latent edit can reach."""
     through = decode(model, encode(model, fr["truth"]))
@@ -193,21 +195,23 @@ def run_reference(model, probe, fr):
             "truth through the VAE": figures(probe, through, fr["truth"], fr["label"])}
 
 
-def run_cloud(model, probe, fr, *, seed=0, batch=96, **sampling):
-    """Cloud removal by inpainting the estimated (editing.cloud_mask) and the true cloud mask, against the cloudy
-    input and a mean-colour fill. Returns (rows, the estimated mask's cover, precision and recall)."""
-    est = cloud_mask(fr["cloud"])
+def run_cloud(model, probe, fr, *, true_mask=True, seed=0, batch=96, **sampling):
+    """Cloud removal by inpainting the estimated (editing.cloud_mask) and, with true_mask, the true cloud mask,
+    against the cloudy input and a mean-colour fill of the same mask. Returns (rows, the estimated mask's cover,
+    precision and recall)."""
+    est, true = cloud_mask(fr["cloud"]), fr["cloud_mask"]
 
     def fill(cond, seeds, image, mask):
         return inpaint(model, cond, image, mask, seeds=seeds, **sampling)
 
     outs = {"cloudy input": fr["cloud"],
             "mean-colour fill, estimated mask": mean_fill(fr["cloud"], est),
-            "inpainting, estimated mask": _batched(fill, fr, seed, batch, fr["cloud"], est),
-            "mean-colour fill, true mask": mean_fill(fr["cloud"], fr["cloud_mask"]),
-            "inpainting, true mask": _batched(fill, fr, seed, batch, fr["cloud"], fr["cloud_mask"])}
-    true = fr["cloud_mask"]
+            "inpainting, estimated mask": _batched(fill, fr, seed, batch, fr["cloud"], est)}
+    if true_mask:
+        outs["mean-colour fill, true mask"] = mean_fill(fr["cloud"], true)
+        outs["inpainting, true mask"] = _batched(fill, fr, seed, batch, fr["cloud"], true)
     mask = dict(cover_true=true.mean().item(), cover_estimated=est.mean().item(),
+                cover_clear=cloud_mask(fr["truth"]).mean().item(),              # marked on the cloud-free frames
                 precision=((est * true).sum() / est.sum().clamp_min(1)).item(),
                 recall=((est * true).sum() / true.sum().clamp_min(1)).item())
     return {k: figures(probe, v, fr["truth"], fr["label"]) for k, v in outs.items()}, mask
@@ -225,21 +229,33 @@ def _super_resolved(model, fr, scale, strength, seed, batch, sampling):
     return _batched(edit, fr, seed, batch, area_downsample(fr["truth"], scale))
 
 
-def run_haze(model, probe, fr, *, strength=PRESETS["dehaze"]["strength"], seed=0, batch=96, **sampling):
+CAPTION_ALONE = "caption alone (img2img strength 1)"
+
+
+def run_haze(model, probe, fr, *, strength=PRESETS["dehaze"]["strength"], caption_alone=True, seed=0, batch=96,
+             **sampling):
     """Dehazing by img2img at `strength` under the clean caption, against the hazy input and the dark channel
-    prior."""
+    prior; caption_alone adds strength 1, a sample of the caption that keeps next to nothing of the input."""
     outs = {"hazy input": fr["haze"],
             "dark channel prior": dark_channel_dehaze(to_unit(fr["haze"])) * 2 - 1,
             f"img2img, strength {strength:g}": _dehazed(model, fr, strength, seed, batch, sampling)}
+    if caption_alone:
+        outs[CAPTION_ALONE] = _dehazed(model, fr, 1.0, seed, batch, sampling)
     return {k: figures(probe, v, fr["truth"], fr["label"]) for k, v in outs.items()}
 
 
 def run_sr(model, probe, fr, scale, *, strength=PRESETS["sr"]["strength"], seed=0, batch=96, **sampling):
-    """Super-resolution x`scale` of the area-averaged truth back to its size and level, against bicubic."""
-    outs = {f"bicubic x{scale}": upsample(area_downsample(fr["truth"], scale), scale),
-            f"super_resolve x{scale}, strength {strength:g}":
-                _super_resolved(model, fr, scale, strength, seed, batch, sampling)}
-    return {k: figures(probe, v, fr["truth"], fr["label"]) for k, v in outs.items()}
+    """Super-resolution x`scale` of the area-averaged truth back to its size and level, against bicubic. The SR
+    row also holds level_gain: the mean over the images of the level read on its output minus the level read
+    on the bicubic input, with its standard error level_gain_se (a paired difference)."""
+    bicubic = upsample(area_downsample(fr["truth"], scale), scale)
+    sr = _super_resolved(model, fr, scale, strength, seed, batch, sampling)
+    rows = {f"bicubic x{scale}": figures(probe, bicubic, fr["truth"], fr["label"]),
+            f"super_resolve x{scale}, strength {strength:g}": figures(probe, sr, fr["truth"], fr["label"])}
+    gain = (probe.predict(sr)[1] - probe.predict(bicubic)[1]).float()
+    rows[f"super_resolve x{scale}, strength {strength:g}"].update(
+        level_gain=gain.mean().item(), level_gain_se=(gain.std() / math.sqrt(len(gain))).item())
+    return rows
 
 
 def centre_mask(n, size, border):
@@ -256,9 +272,13 @@ def left_mask(n, size, share=0.75):
     return m
 
 
-def run_forest(model, probe, fr, *, seed=0, batch=96, **sampling):
-    """Scenes of the other 11 classes, a large region inpainted under a forest frame's caption (and, as a control,
-    under their own caption): the share the probe reads as forest and as their own class, whole image."""
+REGIONS = ("centre 24x24", "left 3/4")     # of a 32 px frame: 56% and 75% of it
+
+
+def run_forest(model, probe, fr, *, regions=REGIONS, own_caption=True, seed=0, batch=96, **sampling):
+    """Scenes of the other 11 classes, a large region (REGIONS) inpainted under a forest frame's caption and, with
+    own_caption, as a control, under their own caption: the share the probe reads as forest and as their own
+    class, whole image."""
     other = fr["label"] != FOREST
     sub = {k: v[other] if torch.is_tensor(v) else [x for x, o in zip(v, other.tolist()) if o] for k, v in fr.items()}
     n, size = len(sub["label"]), sub["truth"].shape[-1]
@@ -268,9 +288,11 @@ def run_forest(model, probe, fr, *, seed=0, batch=96, **sampling):
         return inpaint(model, cond, image, mask, seeds=seeds, **sampling)
 
     outs = {"as rendered": sub["truth"]}
-    for name, m in masks.items():
-        outs[f"{name}, own caption"] = _batched(fill, sub, seed, batch, sub["truth"], m)
-        outs[f"{name}, forest caption"] = _batched(fill, sub, seed, batch, sub["truth"], m, text="forest_caption")
+    for name in regions:
+        if own_caption:
+            outs[f"{name}, own caption"] = _batched(fill, sub, seed, batch, sub["truth"], masks[name])
+        outs[f"{name}, forest caption"] = _batched(fill, sub, seed, batch, sub["truth"], masks[name],
+                                                   text="forest_caption")
     rows = {}
     for k, v in outs.items():
         cls, _ = probe.predict(v)
@@ -279,17 +301,25 @@ def run_forest(model, probe, fr, *, seed=0, batch=96, **sampling):
     return rows
 
 
-def run_all(model, probe, fr, *, seed=0, batch=96, strengths=None, **sampling):
-    """Every task on the frames: {"reference", "cloud", "cloud_mask", "haze", "sr2", "sr4", "forest"}; strengths:
-    {"dehaze": s, "sr": s} replacing PRESETS' for the img2img tasks."""
+def run_all(model, probe, fr, *, seed=0, batch=96, strengths=None, log=None, **sampling):
+    """Every task on the frames: {"reference", "cloud", "cloud_mask", "haze", "sr2", "sr4", "forest", "seconds"};
+    strengths: {"dehaze": s, "sr": s} replacing PRESETS' for the img2img tasks; log(task, seconds) after each."""
     s = {"dehaze": PRESETS["dehaze"]["strength"], "sr": PRESETS["sr"]["strength"], **(strengths or {})}
     kw = dict(seed=seed, batch=batch, **sampling)
-    cloud, mask = run_cloud(model, probe, fr, **kw)
-    return {"reference": run_reference(model, probe, fr), "cloud": cloud, "cloud_mask": mask,
-            "haze": run_haze(model, probe, fr, strength=s["dehaze"], **kw),
-            "sr2": run_sr(model, probe, fr, 2, strength=s["sr"], **kw),
-            "sr4": run_sr(model, probe, fr, 4, strength=s["sr"], **kw),
-            "forest": run_forest(model, probe, fr, **kw)}
+    tasks = {"reference": lambda: run_reference(model, probe, fr), "cloud": lambda: run_cloud(model, probe, fr, **kw),
+             "haze": lambda: run_haze(model, probe, fr, strength=s["dehaze"], **kw),
+             "sr2": lambda: run_sr(model, probe, fr, 2, strength=s["sr"], **kw),
+             "sr4": lambda: run_sr(model, probe, fr, 4, strength=s["sr"], **kw),
+             "forest": lambda: run_forest(model, probe, fr, **kw)}
+    out = {"seconds": {}}
+    for name, task in tasks.items():
+        t0 = time.perf_counter()
+        out[name] = task()
+        out["seconds"][name] = time.perf_counter() - t0
+        if log is not None:
+            log(name, out["seconds"][name])
+    out["cloud"], out["cloud_mask"] = out["cloud"]
+    return out
 
 
 def sweep(model, probe, fr, strengths=STRENGTHS, *, seed=0, batch=96, **sampling):
@@ -341,14 +371,24 @@ def markdown(results, fr):
              "", "### Reference", "", table(ref, "images"),
              "### Cloud removal", "",
              f"Cloud cover {m['cover_true']:.1%} (true mask, alpha > 1/2); the estimated mask covers "
-             f"{m['cover_estimated']:.1%}, precision {m['precision']:.1%}, recall {m['recall']:.1%}.", "",
+             f"{m['cover_estimated']:.1%}, precision {m['precision']:.1%}, recall {m['recall']:.1%}; on the same frames "
+             f"without cloud it marks {m['cover_clear']:.1%} (white roofs, tanks, surf, runways).", "",
              table(results["cloud"]), "### Dehazing (prompt: the clean caption)", "", table(results["haze"]),
              "### Super-resolution (asked at the truth's level, input 1 or 2 levels coarser)", "",
-             table({**results["sr2"], **results["sr4"]}),
+             table({**results["sr2"], **results["sr4"]}), _gains(results, truth),
              f"### Inpainting as forest ({next(iter(forest.values()))['n']} frames of the 11 other classes; "
              "chance 1/12)", "", "| region, prompt | read as forest | read as own class |", "|---|---|---|"]
     lines += [f"| {k} | {f['forest']:.1%} | {f['own_class']:.1%} |" for k, f in forest.items()]
     return "\n".join(lines) + "\n"
+
+
+def _gains(results, truth):
+    parts = []
+    for k in ("sr2", "sr4"):
+        f = next(f for f in results[k].values() if "level_gain" in f)
+        parts.append(f"x{k[2:]} {f['level_gain']:+.2f} ± {f['level_gain_se']:.2f}")
+    return (f"Level read on the SR output minus that on its bicubic input, per image (mean ± s.e.): "
+            f"{', '.join(parts)}; the truth reads {truth['level_read']:.2f}.\n")
 
 
 def sweep_markdown(swept):

@@ -28,7 +28,7 @@ from model import conditions
 from model.diffusion import Diffusion
 from model.pipeline import decode, guided_denoiser, initial_noise, run_sampler, spacing_for
 from model.samplers import SAMPLERS, ddim_step, make_timesteps
-from model.vae import tile_starts
+from model.vae import blend_ramp, tile_starts
 
 METHODS = ("model", "replace")
 CANVAS_METHODS = ("outpaint", "multidiffusion")
@@ -240,6 +240,9 @@ def img2img(model, cond, image, strength, *, seeds, encode_tile=None, decode_til
     `image`, on the CPU."""
     sampling = _kw(sampling)
     _check_images(model, image)
+    if is_inpainting_model(model):
+        raise ValueError("img2img needs a text-to-image U-Net; this one is a 9-channel inpainting U-Net (inpaint "
+                         "with it, or use the text-to-image weights)")
     if len(seeds) != image.shape[0] or conditions.batch_size(cond) != image.shape[0]:
         raise ValueError(f"{image.shape[0]} images need as many seeds and conditions")
     sampler, steps = sampling.pop("sampler", "dpmpp_2m"), sampling.pop("steps", 20)
@@ -346,18 +349,30 @@ def extend(model, prompts, size, *, level=None, tile=256, overlap=64, method="ou
     windows = [(y // f, x // f) for y, x in origins]
     x = initial_noise(model, [seed], (h, w))                                     # 1, 4, h, w on the CPU
     if method == "multidiffusion":
-        z = _multidiffusion(model, x, windows, t, cond, guide, batch, seed, sampling)
+        z = _multidiffusion(model, x, windows, t, overlap // f, cond, guide, batch, seed, sampling)
     else:
         z = _outpaint(model, x, windows, t, cond, guide, seed, resample, sampling)
     return z if latents else vae_tiled(model, z, t, overlap // f, decode_=True)
 
 
-def _multidiffusion(model, x, windows, t, cond, guide, batch, seed, sampling):
+def tile_weight(t, overlap, top, bottom, left, right):
+    """A tile's (t, t) weight in the canvas's mean: 1 inside, rising linearly across the `overlap` latent pixels
+    along each side another tile shares (top, bottom, left, right: whether one does), never 0 (the VAE's tile
+    blend). With equal weights (MultiDiffusion's) the mean jumps where a tile's edge lies inside another tile;
+    with weights that fade to nearly 0 at the edges (Jimenez 2023, "Mixture of Diffusers", with Gaussians) it
+    stays continuous: benchmarks/results/canvas_cpu.md has the seams of both."""
+    like = torch.zeros(())
+    return blend_ramp(t, overlap, top, bottom, like)[:, None] * blend_ramp(t, overlap, left, right, like)[None, :]
+
+
+def _multidiffusion(model, x, windows, t, overlap, cond, guide, batch, seed, sampling):
     groups = [list(range(i, min(i + batch, len(windows)))) for i in range(0, len(windows), batch)]
     fns = [guided_denoiser(model, _rows(cond, idx), **guide) for idx in groups]
-    cover = torch.zeros(1, 1, *x.shape[2:])
-    for y, x0 in windows:
-        cover[:, :, y:y + t, x0:x0 + t] += 1
+    h, w = x.shape[2:]
+    weights = [tile_weight(t, overlap, y > 0, y + t < h, x0 > 0, x0 + t < w) for y, x0 in windows]
+    cover = torch.zeros(1, 1, h, w)
+    for (y, x0), wt in zip(windows, weights):
+        cover[:, :, y:y + t, x0:x0 + t] += wt
 
     def canvas_fn(x_t, tt):                                                      # x_t: 1, 4, h, w (CPU)
         out = torch.zeros_like(x_t)
@@ -366,7 +381,7 @@ def _multidiffusion(model, x, windows, t, cond, guide, batch, seed, sampling):
             pred = fn(tiles, tt.expand(len(idx)))                                # n, 4, t, t
             for k, i in enumerate(idx):
                 y, x0 = windows[i]
-                out[:, :, y:y + t, x0:x0 + t] += pred[k:k + 1]
+                out[:, :, y:y + t, x0:x0 + t] += pred[k:k + 1] * weights[i]
         return out / cover
 
     return run_sampler(model, canvas_fn, x, seed=seed, **sampling)

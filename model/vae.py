@@ -231,8 +231,8 @@ class AutoencoderKL(nn.Module):
         for y0 in tile_starts(h // unit, tile // unit, overlap // unit, unit):
             for x0 in tile_starts(w // unit, tile // unit, overlap // unit, unit):
                 piece = fn(x[:, :, y0:y0 + tile, x0:x0 + tile])                  # B, out, th*scale, tw*scale
-                ramp_y = _ramp(piece.shape[2], round(overlap * scale), y0 > 0, y0 + tile < h, x)
-                ramp_x = _ramp(piece.shape[3], round(overlap * scale), x0 > 0, x0 + tile < w, x)
+                ramp_y = blend_ramp(piece.shape[2], round(overlap * scale), y0 > 0, y0 + tile < h, x)
+                ramp_x = blend_ramp(piece.shape[3], round(overlap * scale), x0 > 0, x0 + tile < w, x)
                 wgt = ramp_y[:, None] * ramp_x[None, :]                             # th*scale, tw*scale
                 oy, ox = round(y0 * scale), round(x0 * scale)
                 ys, xs = slice(oy, oy + piece.shape[2]), slice(ox, ox + piece.shape[3])
@@ -251,7 +251,7 @@ def tile_starts(size, tile, overlap, unit=1):
     return [unit * round(i * (size - tile) / (n - 1)) for i in range(n)]
 
 
-def _ramp(n, overlap, fade_in, fade_out, like):
+def blend_ramp(n, overlap, fade_in, fade_out, like):
     """Per-pixel blend weight along one axis: rises over the first `overlap` pixels (if a tile precedes)
     and falls over the last `overlap` pixels (if a tile follows); 1 elsewhere. Never exactly 0."""
     wgt = torch.ones(n, device=like.device, dtype=like.dtype)

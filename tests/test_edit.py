@@ -124,6 +124,8 @@ def test_methods_refuse_the_wrong_model(models):
         inpaint(models["replace"], cond, image, mask, seeds=[0], method="model", **STEPS)
     with pytest.raises(ValueError, match="needs a text-to-image U-Net"):
         inpaint(models["model"], cond, image, mask, seeds=[0], method="replace", **STEPS)
+    with pytest.raises(ValueError, match="img2img needs a text-to-image U-Net"):
+        editing.img2img(models["model"], cond, image, 0.5, seeds=[0], **STEPS)
     with pytest.raises(ValueError, match="multidiffusion needs a text-to-image U-Net"):
         editing.extend(models["model"], ["x"], (32, 64), level=15, tile=32, overlap=16, method="multidiffusion")
 
