@@ -26,7 +26,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
-from data.levels import level_from_resolution, parse_level_prefix
+from data.levels import asked_level, parse_level_prefix
 from data.transforms import tensor_to_pil
 from model import editing
 from model.pipeline import default_guidance, device_and_dtype
@@ -103,12 +103,10 @@ def check_args(args, p):
         p.error(f"--steps and --n must be >= 1, got {args.steps} and {args.n}")
     if (args.cfg is not None and args.cfg < 0) or (args.level_cfg is not None and args.level_cfg < 0):
         p.error("--cfg and --level-cfg must be >= 0")
-    if args.level is not None and args.resolution_m is not None:
-        p.error("give --level or --resolution-m, not both")
-    if args.resolution_m is not None:
-        if args.resolution_m <= 0:
-            p.error(f"--resolution-m must be > 0, got {args.resolution_m}")
-        args.level = level_from_resolution(args.resolution_m)
+    try:
+        args.level = asked_level(args.level, args.resolution_m)
+    except ValueError as e:
+        p.error(str(e))
     try:
         args.device, args.dtype = device_and_dtype(args.device, args.dtype)
     except ValueError as e:

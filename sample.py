@@ -18,7 +18,7 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from data.levels import level_from_resolution, parse_level_prefix
+from data.levels import asked_level, parse_level_prefix
 from data.transforms import image_grid, tensor_to_pil
 from model import attention
 from model.pipeline import compile_problem, default_guidance, device_and_dtype, generate, prepare_for_sampling
@@ -71,12 +71,10 @@ def parse_args(argv=None):
         p.error(f"--cfg and --level-cfg must be >= 0, got {args.cfg} and {args.level_cfg}")
     if args.n < 1 or args.batch < 1:
         p.error("--n and --batch must be >= 1")
-    if args.level is not None and args.resolution_m is not None:
-        p.error("give --level or --resolution-m, not both")
-    if args.resolution_m is not None:
-        if args.resolution_m <= 0:
-            p.error(f"--resolution-m must be > 0, got {args.resolution_m}")
-        args.level = level_from_resolution(args.resolution_m)
+    try:
+        args.level = asked_level(args.level, args.resolution_m)
+    except ValueError as e:
+        p.error(str(e))
     if args.size[0] % 8 or args.size[1] % 8 or min(args.size) < 8:
         p.error(f"--size {args.size[0]} {args.size[1]}: both must be positive multiples of 8")
     try:

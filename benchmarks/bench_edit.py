@@ -30,7 +30,8 @@ def main(argv=None):
     p.add_argument("--weights", default="out/demo/model.safetensors", help="a whole model (demo.py's output)")
     p.add_argument("--probe", default=str(ROOT / "configs/pretrained/demo_probe.safetensors"),
                    help="the conditioning probe that reads class and level (a --fast demo: its own probe.safetensors)")
-    p.add_argument("--n", type=int, default=96, help="frames (class i %% 12, level 10 + (i // 12) %% 9)")
+    p.add_argument("--n", type=int, default=108,
+                   help="frames: blocks of the 12 classes, a block at one level; 108 hold every class at levels 10-18")
     p.add_argument("--steps", type=int, default=20, help="DPM-Solver++(2M) steps")
     p.add_argument("--seed", type=int, default=0, help="the frames and the noise")
     p.add_argument("--sweep", action="store_true", help=f"also run the img2img tasks at strengths {STRENGTHS}")
@@ -42,8 +43,8 @@ def main(argv=None):
     sampling = dict(steps=args.steps, guidance=GUIDANCE)
     t0 = time.perf_counter()
     fr = frames(args.n, seed=args.seed)
-    results = run_all(model, probe, fr, seed=args.seed, log=lambda task, s: print(f"{task}: {s:.0f} s", file=sys.stderr),
-                      **sampling)
+    results = run_all(model, probe, fr, seed=args.seed, **sampling,
+                      log=lambda task, s: print(f"{task}: {s:.0f} s", file=sys.stderr))
     seconds = time.perf_counter() - t0
     settings = (f"{args.n} frames (seed {args.seed}), DPM-Solver++(2M) {args.steps} steps, guidance text "
                 f"{GUIDANCE['text']:g} / level {GUIDANCE['level']:g}, img2img strengths: dehaze "

@@ -19,6 +19,18 @@ def level_from_resolution(resolution_m):
     return 17.0 - math.log2(m)
 
 
+def asked_level(level=None, resolution_m=None):
+    """The level a command line asks for with --level or --resolution-m (metres per pixel), not both; None if
+    neither. ValueError naming the problem."""
+    if level is not None and resolution_m is not None:
+        raise ValueError("give --level or --resolution-m, not both")
+    if resolution_m is not None:
+        if not resolution_m > 0:
+            raise ValueError(f"--resolution-m must be > 0, got {resolution_m}")
+        return level_from_resolution(resolution_m)
+    return level
+
+
 def resolution_from_level(level):
     """Google map level -> metres per pixel, 2 ** (17 - L)."""
     return 2.0 ** (17.0 - float(level))

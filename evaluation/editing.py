@@ -130,16 +130,19 @@ def _image(u8):
 
 
 def frames(n, seed=0, size=32, levels=(10, 18)):
-    """n frames, class i % 12 and integer level lo + (i // 12) % 9 (every 108 hold each pair once), each scene
-    seeded from (seed, i): truth, cloud, haze (N, 3, H, W) in [-1, 1], cloud_mask (N, 1, H, W) of 0 and 1,
+    """n frames in blocks of 12, one of each class (i % 12); block b at integer level lo + 4 b % 9 (10, 14, 18,
+    13, ...: the first blocks already spread over the range, every 108 frames hold each pair once); each scene
+    seeded from (seed, i). Returns truth, cloud, haze (N, 3, H, W) in [-1, 1], cloud_mask (N, 1, H, W) of 0 and 1,
     caption (N captions of the clean frame), forest_caption (a forest frame's caption at the same level), level,
     label (N,)."""
     lo, hi = levels
+    span = hi - lo + 1
+    stride = next(k for k in range(max(1, span // 2), span + 1) if math.gcd(k, span) == 1)   # 4 for 9 levels
     out = {k: [] for k in ("truth", "cloud", "haze", "cloud_mask", "caption", "forest_caption", "level", "label")}
     for i in range(n):
         rng = np.random.default_rng([int(seed), i, 11])
         scene_seed, forest_seed = (int(s) for s in rng.integers(1 << 62, size=2))
-        cls, level = i % len(CLASSES), float(lo + (i // len(CLASSES)) % (hi - lo + 1))
+        cls, level = i % len(CLASSES), float(lo + (i // len(CLASSES)) * stride % span)
         s = sample(scene_seed, level, size, cls=cls)
         views = modalities(make_scene(scene_seed, cls), level, size, seed=scene_seed)
         out["truth"].append(_image(s["image"]))
@@ -195,7 +198,7 @@ def run_reference(model, probe, fr):
             "truth through the VAE": figures(probe, through, fr["truth"], fr["label"])}
 
 
-def run_cloud(model, probe, fr, *, true_mask=True, seed=0, batch=96, **sampling):
+def run_cloud(model, probe, fr, *, true_mask=True, seed=0, batch=108, **sampling):
     """Cloud removal by inpainting the estimated (editing.cloud_mask) and, with true_mask, the true cloud mask,
     against the cloudy input and a mean-colour fill of the same mask. Returns (rows, the estimated mask's cover,
     precision and recall)."""
@@ -232,7 +235,7 @@ def _super_resolved(model, fr, scale, strength, seed, batch, sampling):
 CAPTION_ALONE = "caption alone (img2img strength 1)"
 
 
-def run_haze(model, probe, fr, *, strength=PRESETS["dehaze"]["strength"], caption_alone=True, seed=0, batch=96,
+def run_haze(model, probe, fr, *, strength=PRESETS["dehaze"]["strength"], caption_alone=True, seed=0, batch=108,
              **sampling):
     """Dehazing by img2img at `strength` under the clean caption, against the hazy input and the dark channel
     prior; caption_alone adds strength 1, a sample of the caption that keeps next to nothing of the input."""
@@ -244,18 +247,31 @@ def run_haze(model, probe, fr, *, strength=PRESETS["dehaze"]["strength"], captio
     return {k: figures(probe, v, fr["truth"], fr["label"]) for k, v in outs.items()}
 
 
-def run_sr(model, probe, fr, scale, *, strength=PRESETS["sr"]["strength"], seed=0, batch=96, **sampling):
-    """Super-resolution x`scale` of the area-averaged truth back to its size and level, against bicubic. The SR
-    row also holds level_gain: the mean over the images of the level read on its output minus the level read
-    on the bicubic input, with its standard error level_gain_se (a paired difference)."""
+def _gain(probe, a, b):
+    """The mean over the images of the level read on a minus that on b, and its standard error (paired)."""
+    d = (probe.predict(a)[1] - probe.predict(b)[1]).float()
+    return dict(mean=d.mean().item(), se=(d.std() / math.sqrt(len(d))).item() if len(d) > 1 else 0.0)
+
+
+def run_sr(model, probe, fr, scale, *, strength=PRESETS["sr"]["strength"], coarse_ask=True, seed=0, batch=108,
+           **sampling):
+    """Super-resolution x`scale` of the area-averaged truth back to its size and level, against bicubic and
+    bicubic through the VAE (super_resolve's limit at strength 0). coarse_ask adds the same edit asked at the
+    input's coarser level (the level condition's own effect). Returns (rows, gains): gains holds the paired level
+    differences (_gain) of the SR output over the bicubic input, over its VAE round trip, and over the coarse ask."""
     bicubic = upsample(area_downsample(fr["truth"], scale), scale)
     sr = _super_resolved(model, fr, scale, strength, seed, batch, sampling)
-    rows = {f"bicubic x{scale}": figures(probe, bicubic, fr["truth"], fr["label"]),
-            f"super_resolve x{scale}, strength {strength:g}": figures(probe, sr, fr["truth"], fr["label"])}
-    gain = (probe.predict(sr)[1] - probe.predict(bicubic)[1]).float()
-    rows[f"super_resolve x{scale}, strength {strength:g}"].update(
-        level_gain=gain.mean().item(), level_gain_se=(gain.std() / math.sqrt(len(gain))).item())
-    return rows
+    with torch.no_grad():
+        through = decode(model, encode(model, bicubic))
+    outs = {f"bicubic x{scale}": bicubic, f"bicubic x{scale} through the VAE": through,
+            f"super_resolve x{scale}, strength {strength:g}": sr}
+    gains = {"bicubic": _gain(probe, sr, bicubic), "bicubic through the VAE": _gain(probe, sr, through)}
+    if coarse_ask:
+        coarse = {**fr, "level": fr["level"] - math.log2(scale)}
+        low = _super_resolved(model, coarse, scale, strength, seed, batch, sampling)
+        outs[f"super_resolve x{scale}, asked at the input's level"] = low
+        gains["asked at the input's level"] = _gain(probe, sr, low)
+    return {k: figures(probe, v, fr["truth"], fr["label"]) for k, v in outs.items()}, gains
 
 
 def centre_mask(n, size, border):
@@ -275,7 +291,7 @@ def left_mask(n, size, share=0.75):
 REGIONS = ("centre 24x24", "left 3/4")     # of a 32 px frame: 56% and 75% of it
 
 
-def run_forest(model, probe, fr, *, regions=REGIONS, own_caption=True, seed=0, batch=96, **sampling):
+def run_forest(model, probe, fr, *, regions=REGIONS, own_caption=True, seed=0, batch=108, **sampling):
     """Scenes of the other 11 classes, a large region (REGIONS) inpainted under a forest frame's caption and, with
     own_caption, as a control, under their own caption: the share the probe reads as forest and as their own
     class, whole image."""
@@ -301,7 +317,7 @@ def run_forest(model, probe, fr, *, regions=REGIONS, own_caption=True, seed=0, b
     return rows
 
 
-def run_all(model, probe, fr, *, seed=0, batch=96, strengths=None, log=None, **sampling):
+def run_all(model, probe, fr, *, seed=0, batch=108, strengths=None, log=None, **sampling):
     """Every task on the frames: {"reference", "cloud", "cloud_mask", "haze", "sr2", "sr4", "forest", "seconds"};
     strengths: {"dehaze": s, "sr": s} replacing PRESETS' for the img2img tasks; log(task, seconds) after each."""
     s = {"dehaze": PRESETS["dehaze"]["strength"], "sr": PRESETS["sr"]["strength"], **(strengths or {})}
@@ -319,10 +335,11 @@ def run_all(model, probe, fr, *, seed=0, batch=96, strengths=None, log=None, **s
         if log is not None:
             log(name, out["seconds"][name])
     out["cloud"], out["cloud_mask"] = out["cloud"]
+    (out["sr2"], out["sr2_gains"]), (out["sr4"], out["sr4_gains"]) = out["sr2"], out["sr4"]
     return out
 
 
-def sweep(model, probe, fr, strengths=STRENGTHS, *, seed=0, batch=96, **sampling):
+def sweep(model, probe, fr, strengths=STRENGTHS, *, seed=0, batch=108, **sampling):
     """The img2img tasks at each strength: {"dehaze" | "sr2" | "sr4": {strength: figures}}."""
     out = {"dehaze": {}, "sr2": {}, "sr4": {}}
     for s in strengths:
@@ -375,20 +392,19 @@ def markdown(results, fr):
              f"without cloud it marks {m['cover_clear']:.1%} (white roofs, tanks, surf, runways).", "",
              table(results["cloud"]), "### Dehazing (prompt: the clean caption)", "", table(results["haze"]),
              "### Super-resolution (asked at the truth's level, input 1 or 2 levels coarser)", "",
-             table({**results["sr2"], **results["sr4"]}), _gains(results, truth),
+             table({**results["sr2"], **results["sr4"]}), _gains(results),
              f"### Inpainting as forest ({next(iter(forest.values()))['n']} frames of the 11 other classes; "
              "chance 1/12)", "", "| region, prompt | read as forest | read as own class |", "|---|---|---|"]
     lines += [f"| {k} | {f['forest']:.1%} | {f['own_class']:.1%} |" for k, f in forest.items()]
     return "\n".join(lines) + "\n"
 
 
-def _gains(results, truth):
-    parts = []
-    for k in ("sr2", "sr4"):
-        f = next(f for f in results[k].values() if "level_gain" in f)
-        parts.append(f"x{k[2:]} {f['level_gain']:+.2f} ± {f['level_gain_se']:.2f}")
-    return (f"Level read on the SR output minus that on its bicubic input, per image (mean ± s.e.): "
-            f"{', '.join(parts)}; the truth reads {truth['level_read']:.2f}.\n")
+def _gains(results):
+    lines = ["| level read on the SR output minus on | x2 | x4 |", "|---|---|---|"]
+    for k in results["sr2_gains"]:
+        g2, g4 = results["sr2_gains"][k], results["sr4_gains"][k]
+        lines.append(f"| {k} | {g2['mean']:+.2f} ± {g2['se']:.2f} | {g4['mean']:+.2f} ± {g4['se']:.2f} |")
+    return "\n".join(lines) + "\n"
 
 
 def sweep_markdown(swept):

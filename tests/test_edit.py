@@ -1,5 +1,6 @@
 """Editing (model/editing.py, edit.py): what stays, what changes, the samplers' editing hooks, canvases, bad input.
 Tiny random models: these check the procedures; tests/test_edit_truth.py checks what a trained model reaches."""
+import math
 import re
 
 import numpy as np
@@ -320,3 +321,22 @@ def test_cli_resizes_a_mask_of_the_same_aspect_with_a_warning(files, tmp_path, c
         code, _ = run(files, capsys, "inpaint", "--image", str(files / "in.png"), "--mask",
                       str(files / "mask_half.png"), "--prompt", "x", "--out", str(tmp_path))
     assert code == 0
+
+
+def test_seam_ratio_reads_stitching_and_not_texture():
+    """evaluation/canvas.py: tiles of independent textures side by side read far above 1; one texture with the same
+    borders drawn on it reads ~1; on the period-4 grid, a texture whose every 4th line jumps (a VAE's upsampling)
+    still reads ~1, while all lines would read it as a seam."""
+    from evaluation.canvas import seam_ratio
+    g = torch.Generator().manual_seed(0)
+    origins, _ = canvas_tiles((32, 144), 32, 16, 4)
+    smooth = torch.nn.functional.avg_pool2d(torch.randn(3, 36, 148, generator=g), 5, stride=1)   # one texture
+    stitched = smooth.clone()
+    for k, (_, x) in enumerate(origins[::2]):
+        stitched[:, :, x:x + 32] += torch.randn(3, 1, 1, generator=g)            # each tile its own offset
+    assert seam_ratio(stitched, origins, 32) > 3 and 0.8 < seam_ratio(smooth, origins, 32) < 1.2
+    grid = smooth.clone()
+    grid[:, ::4] += 0.3                                                           # every 4th line stands out
+    grid[:, :, ::4] += 0.3
+    assert seam_ratio(grid, origins, 32) > 1.5 and 0.8 < seam_ratio(grid, origins, 32, period=4) < 1.2
+    assert math.isnan(seam_ratio(smooth[:, :, :32], [(0, 0)], 32))
