@@ -107,30 +107,39 @@ def test_frames_are_pixel_aligned_views_of_the_truth():
 # The fast demo's model against the truth
 # ----------------------------------------------------------------------------------------------
 
-N = 36            # 3 frames of each class, levels 10-12 (test measured, docstring below)
+N = 72            # 6 blocks of the 12 classes, at levels 10, 14, 18, 13, 17, 12
+
+
+def measure(out, n=N):
+    """The figures the test checks, for the demo output folder `out` (its model and its own probe)."""
+    model, probe = load_model(out / "model.safetensors"), load_probe(out / "probe.safetensors")
+    fr = ev.frames(n, seed=0)
+    kw = dict(steps=20, guidance=ev.GUIDANCE)
+    cloud, _ = ev.run_cloud(model, probe, fr, true_mask=False, **kw)
+    sr, gains = ev.run_sr(model, probe, fr, 4, strength=0.8, **kw)
+    return dict(cloud=cloud, haze=ev.run_haze(model, probe, fr, caption_alone=False, **kw), sr=sr, sr_gains=gains,
+                forest=ev.run_forest(model, probe, fr, regions=("left 3/4",), own_caption=False, **kw))
 
 
 @pytest.fixture(scope="module")
 def measured(fast_demo):
-    out, _ = fast_demo
-    model, probe = load_model(out / "model.safetensors"), load_probe(out / "probe.safetensors")
-    fr = ev.frames(N, seed=0, levels=(10, 18))
-    kw = dict(steps=20, guidance=ev.GUIDANCE)
-    cloud, _ = ev.run_cloud(model, probe, fr, **kw)
-    return dict(cloud=cloud, haze=ev.run_haze(model, probe, fr, **kw), sr=ev.run_sr(model, probe, fr, 2, **kw),
-                forest=ev.run_forest(model, probe, fr, **kw))
+    return measure(fast_demo[0])
 
 
 def test_fast_model_removes_clouds_and_haze_super_resolves_and_inpaints_forest(measured):
-    """On the fast demo's model (from scratch, U-Net 600 steps) and its probe, 36 frames, 20 DPM-Solver++ steps,
-    guidance text 3 / level 6: inpainting the estimated cloud mask and dehazing by img2img beat their inputs on
-    PSNR; super-resolution x2 is read at a finer level than its bicubic input; a forest caption over the centre
-    24x24 makes the probe read forest far above chance (1/12). Measured on 2 CPU cores (Zen 4): see below."""
+    """On the fast demo's model (from scratch, U-Net 600 steps) and its probe, 72 frames, 20 DPM-Solver++ steps,
+    guidance text 3 / level 6. Measured (Intel Xeon, AVX-512, 2 cores; 11 s): cloud removal 21.99 dB vs the cloudy
+    input 11.89; dehazing at 0.8 19.18 vs hazy 13.72; super-resolution x4 at 0.8 read 0.38 +- 0.11 levels finer
+    than the same edit asked at the input's level, high-frequency energy 0.040 of the truth's (bicubic 0.001);
+    the left 3/4 inpainted under a forest caption read as forest 42% (as rendered 0%, chance 8.3%).
+    The probe reads bicubic inputs finer than the truth itself (14.32 vs 14.0: blur looks like a closer view), so
+    "finer than bicubic" is not what it can tell; the level asked against the input's level is."""
     cloud, haze, sr, forest = (measured[k] for k in ("cloud", "haze", "sr", "forest"))
-    assert cloud["inpainting, estimated mask"]["psnr"] > cloud["cloudy input"]["psnr"] + 1.0, cloud
+    assert cloud["inpainting, estimated mask"]["psnr"] > cloud["cloudy input"]["psnr"] + 5, cloud
     dehazed = next(v for k, v in haze.items() if k.startswith("img2img"))
-    assert dehazed["psnr"] > haze["hazy input"]["psnr"] + 0.5, haze
-    (bicubic, ours) = sr.values()
-    assert ours["level_read"] > bicubic["level_read"] + 0.3, sr
-    assert forest["centre 24x24, forest caption"]["forest"] > 0.4, forest
-    assert forest["as rendered"]["forest"] < 0.1, forest
+    assert dehazed["psnr"] > haze["hazy input"]["psnr"] + 2, haze
+    bicubic, _, ours, _ = sr.values()
+    assert measured["sr_gains"]["asked at the input's level"]["mean"] > 0.1, measured["sr_gains"]
+    assert ours["hf"] > 10 * bicubic["hf"] and ours["class_kept"] > 0.4, sr      # detail bicubic x4 cannot hold
+    assert forest["left 3/4, forest caption"]["forest"] > 0.2, forest
+    assert forest["as rendered"]["forest"] < 0.05, forest
