@@ -74,3 +74,49 @@ def results_table(results):
                                                                                    "level_acc_pm1"))
                      + f"  {r['level_corr']:5.2f}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate.py's Markdown report
+# ----------------------------------------------------------------------------------------------
+
+# (column, metric key, field, format): the paper's three columns first, then the rest
+PAPER_COLUMNS = (("FID (lower)", "fid", "value", "{:.2f}"), ("zero-shot Cls-OA", "cls_oa", "value", "{:.2%}"),
+                 ("CLIP score", "clip_score", "value", "{:.2f}"))
+MORE_COLUMNS = (("KID x1000", "kid", "value", "{:.2f}", 1000), ("CMMD", "cmmd", "value", "{:.3f}", 1),
+                ("precision", "precision", "value", "{:.3f}", 1), ("recall", "recall", "value", "{:.3f}", 1),
+                ("Cls-AA", "cls_oa", "aa", "{:.2%}", 1), ("level exact", "level", "value", "{:.1%}", 1),
+                ("level +-1", "level", "within_one", "{:.1%}", 1), ("level corr.", "level", "corr", "{:.2f}", 1),
+                ("probe class", "probe_class", "value", "{:.1%}", 1))
+
+
+def _cell(metrics, key, field, fmt, scale=1):
+    v = metrics.get(key, {}).get(field)
+    return "-" if v is None else fmt.format(v * scale)
+
+
+def evaluation_table(report):
+    """Markdown: the paper's table (FID, zero-shot Cls-OA, CLIP score) for this model, the other figures, and the
+    settings that define every number (implementation, resize, N, sampler, steps, guidance, seed)."""
+    m, g = report["metrics"], report.get("generation", {})
+    name = report.get("weights") or "generated images"
+    lines = [f"# Evaluation of {name} on {report['test']} ({report['split']})", "",
+             "| method | " + " | ".join(c[0] for c in PAPER_COLUMNS) + " |", "|---" * (len(PAPER_COLUMNS) + 1) + "|",
+             f"| {name} | " + " | ".join(_cell(m, *c[1:]) for c in PAPER_COLUMNS) + " |", "",
+             "| " + " | ".join(c[0] for c in MORE_COLUMNS) + " |", "|---" * len(MORE_COLUMNS) + "|",
+             "| " + " | ".join(_cell(m, *c[1:]) for c in MORE_COLUMNS) + " |", "", "Settings:",
+             f"- test set: {report['test']}, split {report['split']}, {report['n_test']} images, "
+             f"{len(report['classes'] or [])} classes; {report['n_generated']} generated ({g.get('n', '?')} per test "
+             f"image, from its first caption)",
+             f"- generation: {g.get('size', ['?'])[0]} px, sampler {g.get('sampler')}, {g.get('steps')} steps, "
+             f"guidance {g.get('cfg')} (level {g.get('level_cfg')}), negative prompt {g.get('negative_prompt')!r}, "
+             f"seed {g.get('seed')} + n * i + k"]
+    for key, r in m.items():
+        extra = "".join(f", {k} {r[k]}" for k in ("n_real", "n_fake", "subset_size", "k", "n_train", "n_test", "n")
+                        if k in r)
+        lines.append(f"- {key}: {r.get('implementation', '')}{extra}")
+        if key == "clip_score" and r.get("real_images") is not None:
+            lines.append(f"- clip_score of the real test images with their captions: {r['real_images']:.2f}")
+        lines += [f"- {key}: note: {n}" for n in r.get("notes", [])]
+    lines += [f"- not measured: {k} ({why})" for k, why in report.get("skipped", {}).items()]
+    return "\n".join(lines) + "\n"

@@ -44,3 +44,43 @@ def fast_demo(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo")
     summary = demo.main(["--fast", f"--out={out}"])
     return out, summary
+
+
+@pytest.fixture(scope="session")
+def random_fid_inception(tmp_path_factory):
+    """A seeded random FIDInception saved as pytorch-fid's file is (torch.save of the state dict), and the net.
+
+    He-normal convs keep the features image-dependent through the ~95 layers (PyTorch's default init makes them
+    constant); BatchNorm weight, bias and running statistics are random, so eval-mode BN is not an identity."""
+    import torch.nn as nn
+    from evaluation.inception import INCEPTION_FILE, FIDInception
+    torch.manual_seed(0)
+    net = FIDInception()
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2)
+                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0)
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILE
+    torch.save(net.state_dict(), path)
+    return path, net.eval()
+
+TINY_CLIP = {"embed_dim": 16,
+             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory):
+    """A registered tiny open_clip architecture 'tiny-clip-test' and a random checkpoint of it (its path)."""
+    import json
+    import open_clip
+    d = tmp_path_factory.mktemp("clip")
+    (d / "tiny-clip-test.json").write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(d / "tiny-clip-test.json")
+    torch.manual_seed(0)
+    model = open_clip.create_model("tiny-clip-test")
+    torch.save(model.state_dict(), d / "tiny.pt")
+    return d / "tiny.pt"

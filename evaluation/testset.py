@@ -1,0 +1,177 @@
+"""Test sets for evaluation: each image with its first caption, its scene class and its level.
+
+    images, classes = load_testset("data/rsicd/dataset_rsicd.json", split="test")   # Karpathy json (RSICD, UCM)
+    images, classes = load_testset("rsicd_sample/captions.json")                    # {file name: caption}
+    images, classes = load_testset("procedural:120", out="eval/real")              # procedural Earth renders
+
+RSICD's classes are its file names' prefix (`<class>_<n>.jpg`; numeric names have none); UCM-Captions gives a
+`class_id` per image into its `classes` list. Levels come from the json's dataset-wide `gsd_m` (or --level).
+"""
+import json
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data.levels import level_from_resolution
+from data.synthetic import CLASSES as PROCEDURAL_CLASSES, sample
+
+
+@dataclass
+class EvalImage:
+    key: str                    # unique name (the file name's stem), the generated images' prefix
+    path: Path
+    caption: str                # the first caption
+    label: str = None           # scene class name, None when the set has none
+    level: float = None         # Google map level, None when unknown
+
+
+_RSICD_NAME = re.compile(r"^([a-z]+(?:[a-z_]*[a-z])?)_\d+$")
+
+
+def class_from_name(filename):
+    """RSICD's class of a file name: 'denseresidential_12.jpg' -> 'denseresidential'; None for '00012.jpg'."""
+    m = _RSICD_NAME.match(Path(filename).stem)
+    return m.group(1) if m else None
+
+
+def _read_json(path):
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"test set {path} does not exist")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"test set {path}: not valid json ({e})") from None
+
+
+def karpathy(path, split="test", image_root=None):
+    """The `split` images of a Karpathy-format json ({"images": [{"filename", "split", "sentences", "class_id"?}],
+    "classes"?, "gsd_m"?}); images in image_root (default: `images` beside the json)."""
+    meta = _read_json(path)
+    root = Path(image_root) if image_root else Path(path).parent / "images"
+    names = meta.get("classes")
+    level = level_from_resolution(meta["gsd_m"]) if meta.get("gsd_m") else None
+    out = []
+    for n, im in enumerate(meta.get("images", [])):
+        if split is not None and im.get("split") != split:
+            continue
+        if "filename" not in im or not im.get("sentences"):
+            raise ValueError(f"{path}: images[{n}] lacks 'filename' or 'sentences'")
+        label = names[im["class_id"]] if names is not None and "class_id" in im else class_from_name(im["filename"])
+        out.append(EvalImage(Path(im["filename"]).stem, root / im.get("filepath", "") / im["filename"],
+                             im["sentences"][0].get("raw", "").strip(), label, level))
+    if not out:
+        found = sorted({str(im.get("split")) for im in meta.get("images", [])})
+        raise ValueError(f"{path}: no images in split {split!r} (splits present: {', '.join(found) or 'none'})")
+    return out
+
+
+def caption_map(path, image_root=None):
+    """A json {file name: caption} (RSICD's naming gives the classes), images in image_root (default: an `images`
+    folder beside the json, else the json's folder)."""
+    meta = _read_json(path)
+    root = Path(image_root) if image_root else Path(path).parent
+    if not image_root and (root / "images").is_dir():
+        root = root / "images"
+    return [EvalImage(Path(f).stem, root / f, str(c).strip(), class_from_name(f)) for f, c in sorted(meta.items())]
+
+
+def procedural(n, out, size=32, seed=0, levels=(10, 18)):
+    """n procedural Earth renders written once to out/{key}.png: class i % 12, integer level lo + 4 b % 9 for block
+    b = i // 12 (every 108 images hold each pair once), scenes seeded from (seed, i, 23), disjoint from training's."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    lo, hi = levels
+    span = hi - lo + 1
+    stride = next(k for k in range(max(1, span // 2), span + 1) if math.gcd(k, span) == 1)
+    images = []
+    for i in range(n):
+        level = float(lo + (i // len(PROCEDURAL_CLASSES)) * stride % span)
+        s = sample(int(np.random.default_rng([int(seed), i, 23]).integers(1 << 62)), level, size,
+                   cls=i % len(PROCEDURAL_CLASSES))
+        path = out / f"scene{i:05d}.png"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp.png")
+            Image.fromarray(s["image"]).save(tmp)
+            tmp.replace(path)
+        images.append(EvalImage(path.stem, path, s["caption"], PROCEDURAL_CLASSES[s["label"]], level))
+    return images
+
+
+def load_testset(spec, split="test", image_root=None, out=None, size=32, seed=0):
+    """(test images, sorted class names or None) for a test-set spec: "procedural:N", a Karpathy json, or a
+    {file name: caption} json. Every image file must exist, keys must be unique."""
+    if str(spec).startswith("procedural:"):
+        try:
+            n = int(str(spec).split(":", 1)[1])
+        except ValueError:
+            raise ValueError(f"test set {spec!r}: expected procedural:N with N a whole number") from None
+        if n < 2:
+            raise ValueError(f"test set {spec!r}: needs at least 2 images")
+        images = procedural(n, out, size=size, seed=seed)
+    else:
+        meta = _read_json(spec)
+        is_karpathy = isinstance(meta, dict) and isinstance(meta.get("images"), list)
+        if not is_karpathy and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+            raise ValueError(f"test set {spec}: neither a Karpathy json (an 'images' list) nor {{file name: caption}}")
+        images = karpathy(spec, split, image_root) if is_karpathy else caption_map(spec, image_root)
+    missing = [im.path for im in images if not im.path.is_file()]
+    if missing:
+        raise ValueError(f"test set {spec}: {len(missing)} image files are missing, e.g. {missing[0]}")
+    keys = [im.key for im in images]
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise ValueError(f"test set {spec}: image name {dup!r} appears more than once")
+    labels = [im.label for im in images if im.label is not None]
+    return images, (sorted(set(labels)) if labels else None)
+
+
+def check_classes(found, given):
+    """The class list to use: `given` (a list of names) must hold exactly the classes found in the test set;
+    otherwise a ValueError names the ones on either side only."""
+    if given is None:
+        return found
+    extra, absent = sorted(set(found or []) - set(given)), sorted(set(given) - set(found or []))
+    if extra or absent:
+        raise ValueError("--classes does not match the test set's classes: "
+                         + "; ".join(s for s in (f"in the test set only: {', '.join(extra)}" if extra else "",
+                                                  f"in --classes only: {', '.join(absent)}" if absent else "") if s))
+    return list(given)
+
+
+# ----------------------------------------------------------------------------------------------
+# Image files as tensors
+# ----------------------------------------------------------------------------------------------
+
+def read_image(path, size=None):
+    """An image file -> (3, H, W) float32 in [-1, 1] (RGB), resized to size x size (bilinear, antialiased) if given."""
+    with Image.open(path) as im:
+        u8 = np.asarray(im.convert("RGB"))
+    x = torch.from_numpy(u8.copy()).permute(2, 0, 1).float() / 127.5 - 1
+    if size is not None and tuple(x.shape[1:]) != (size, size):
+        x = torch.nn.functional.interpolate(x[None], (size, size), mode="bilinear", antialias=True,
+                                            align_corners=False)[0].clamp(-1, 1)
+    return x
+
+
+class ImageFiles(torch.utils.data.Dataset):
+    """Image files read lazily: item i is read_image(paths[i], size)."""
+
+    def __init__(self, paths, size=None):
+        self.paths, self.size = [Path(p) for p in paths], size
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        return read_image(self.paths[i], self.size)
+
+    def batches(self, batch_size):
+        """Lists of (3, H, W) tensors, batch_size at a time (sizes may differ between files when size is None)."""
+        for i in range(0, len(self), batch_size):
+            yield [self[j] for j in range(i, min(i + batch_size, len(self)))]
