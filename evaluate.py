@@ -17,7 +17,8 @@ Metrics, each run when the network it needs is given (nothing is downloaded):
   CLIP score, CMMD               --clip ARCH:FILE, an open_clip checkpoint (RemoteCLIP, GeoRSCLIP, OpenAI CLIP)
   zero-shot Cls-OA / AA          a ResNet-18 trained on the generated images labelled with their test image's class,
                                  tested on the real ones (Txt2Img-MHN's protocol); ImageNet init from --resnet-init
-  resolution accuracy            --level-net: a level net (evaluation/classifier.py) or a probe (evaluation/probe.py)
+  resolution accuracy            --level-net: a level net (evaluation/classifier.py) or a probe (evaluation/probe.py),
+                                 or --fit-level-net DATA trains one on images of known levels (procedural:N, Git-10M)
 Writes OUT/report.json and OUT/report.md (the paper's table and the settings that define each number).
 """
 import argparse
@@ -32,12 +33,13 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
+from data.datasets import CaptionFolder, Git10M
 from data.levels import asked_level
 from data.synthetic import CLASSES as PROCEDURAL_CLASSES
-from data.transforms import tensor_to_pil
+from data.transforms import eval_transform, tensor_to_pil
 from evaluation import classifier, clip as clipnet, metrics
 from evaluation.inception import RESIZE_MODES, load_fid_inception, resize_for_fid
-from evaluation.probe import load_probe
+from evaluation.probe import load_probe, make_probe_data
 from evaluation.report import evaluation_table
 from evaluation.testset import ImageFiles, check_classes, load_testset
 from model.pipeline import default_guidance, device_and_dtype, generate
@@ -81,6 +83,10 @@ def parse_args(argv=None):
     p.add_argument("--cls-batch", type=int, default=64)
     p.add_argument("--cls-lr", type=float, default=1e-4)
     p.add_argument("--level-net", default=None, help="a level net or probe .safetensors, for resolution accuracy")
+    p.add_argument("--fit-level-net", default=None, metavar="DATA",
+                   help="train a level net (OUT/level_net.safetensors) on images of known levels: procedural:N, a "
+                        "Git-10M folder or a caption manifest (.jsonl / .csv) with levels")
+    p.add_argument("--level-images", type=int, default=5000, help="at most this many images for --fit-level-net")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="U-Net / text encoder precision")
     p.add_argument("--overwrite", action="store_true", help="regenerate under new settings, rewrite the report")
@@ -184,11 +190,13 @@ def distribution_metrics(args, real, fake, cache):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fid = metrics.fid(fr, ff)
+    cross = metrics.frechet_distance_eigvals(*metrics.stats(fr), *metrics.stats(ff))     # another route to the same
     kid = metrics.kernel_distance(fr, ff)
     pr = metrics.precision_recall(fr, ff)
     impl = f"pytorch-fid Inception-v3 weights ({Path(args.inception).name}), resize {args.resize}"
     notes = [str(w.message) for w in caught]
-    return {"fid": dict(value=fid, implementation=impl, n_real=len(fr), n_fake=len(ff), notes=notes),
+    return {"fid": dict(value=fid, eigvals_form=cross, implementation=impl, n_real=len(fr), n_fake=len(ff),
+                        notes=notes),
             "kid": dict(value=kid["mean"], std=kid["std"], subset_size=kid["subset_size"], subsets=100,
                         implementation=impl),
             "precision": dict(value=pr["precision"], k=pr["k"], implementation=impl),
@@ -242,6 +250,38 @@ def level_metrics(args, fake, asked, fake_names):
     return out
 
 
+def level_training_set(spec, size, limit):
+    """(images (N, 3, size, size) in [-1, 1], levels (N,)) of known levels from a --fit-level-net spec."""
+    if spec.startswith("procedural:"):
+        n = int(spec.split(":", 1)[1]) if spec.split(":", 1)[1].isdigit() else 0
+        if n < 2:
+            raise ValueError(f"--fit-level-net {spec!r}: expected procedural:N, N >= 2")
+        images, _, levels = make_probe_data(min(n, limit), size=size, seed=7)   # scenes apart from the test set's
+        return images, levels
+    path, transform = Path(spec), eval_transform(size)
+    if path.is_dir():
+        data = Git10M(path, split="train", transform=transform)
+    elif path.is_file():
+        data = CaptionFolder(path, transform=transform)
+    else:
+        raise ValueError(f"--fit-level-net {spec}: no such folder or manifest")
+    items = [x for x in (data[i] for i in range(min(len(data), limit))) if x is not None and x["level"] > 0]
+    if len(items) < 2:
+        raise ValueError(f"--fit-level-net {spec}: fewer than 2 images with a known level (> 0)")
+    return torch.stack([x["image"] for x in items]), torch.tensor([x["level"] for x in items])
+
+
+def fit_level_net(args, path):
+    """Train the level net on --fit-level-net's images (ResNet-18 over integer levels, --cls-* settings), save it."""
+    images, levels = level_training_set(args.fit_level_net, args.cls_size, args.level_images)
+    print(f"level net: {len(images)} images of levels {levels.min():g}..{levels.max():g} from {args.fit_level_net}")
+    net = classifier.train_level_net(list(images), levels, epochs=args.cls_epochs, batch_size=args.cls_batch,
+                                     lr=args.cls_lr, size=args.cls_size, seed=args.seed, progress=True,
+                                     device=args.device)
+    classifier.save_net(net.cpu(), path, {"trained_on": args.fit_level_net, "images": len(images)})
+    return path
+
+
 # ----------------------------------------------------------------------------------------------
 # The protocol
 # ----------------------------------------------------------------------------------------------
@@ -266,16 +306,19 @@ def main(argv=None):
     jobs = [(gen / f"{im.key}_{k}.png", im.caption, lv, args.seed + args.n * i + k)
             for i, (im, lv) in enumerate(zip(images, levels)) for k in range(args.n)]
     if args.weights is not None:
-        settings = settings_of(args, size)
-        check_resume(gen, settings, args.overwrite, p)
         try:
             model = load_weights(args.weights, args.device, dtype={"unet": args.dtype, "text_encoder": args.dtype})
         except WeightsError as e:
             p.error(f"--weights: {e}")
+        if model.cfg.unet.in_channels != model.cfg.unet.out_channels:
+            p.error(f"--weights {args.weights}: an inpainting U-Net ({model.cfg.unet.in_channels} input channels) "
+                    "does not generate from text alone")
         if "level" in model.cfg.condition_names() and any(lv is None for lv in levels):
             p.error(f"{args.test} gives no level for its images: pass --level or --resolution-m (0 = none)")
         if size[0] % model.vae.downsample or size[1] % model.vae.downsample:
             p.error(f"--size {size[0]} {size[1]}: must be multiples of {model.vae.downsample}")
+        settings = settings_of(args, size)
+        check_resume(gen, settings, args.overwrite, p)
         generate_missing(model.eval(), jobs, args, size)
         del model
     else:
@@ -285,6 +328,12 @@ def main(argv=None):
                     f"e.g. {missing[0]}")
         settings = json.loads((gen / "generation.json").read_text()) if (gen / "generation.json").is_file() else {}
 
+    if args.fit_level_net:
+        net_path = out / "level_net.safetensors"
+        try:
+            args.level_net = str(net_path if net_path.is_file() and not args.overwrite else fit_level_net(args, net_path))
+        except ValueError as e:
+            p.error(str(e))
     real, fake = ImageFiles([im.path for im in images]), ImageFiles([j[0] for j in jobs])
     index = {c: i for i, c in enumerate(classes or [])}
     real_labels = [index[im.label] for im in images] if classes and all(im.label for im in images) else None

@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import evaluate
-from evaluation import clip as clipnet, metrics
+from evaluation import classifier, clip as clipnet, metrics
 from evaluation.inception import fid_features
 from evaluation.probe import Probe, blur, make_probe_data, save_probe
 
 ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -126,6 +127,40 @@ def test_without_weights_the_images_in_place_are_evaluated(tiny_ckpt, nets, tmp_
     assert code == 2 and "36 missing" in text
 
 
+def test_a_level_net_is_fitted_on_known_levels_and_used(tiny_ckpt, nets, tmp_path, capsys):
+    out = tmp_path / "eval"
+    args = tiny_args(tiny_ckpt, nets, out, "--n", 1, "--fit-level-net", "procedural:48")
+    args.remove("--inception"), args.remove(nets["inception"]), args.remove("--clip"), args.remove(nets["clip"])
+    code, text = run(args, capsys)
+    assert code == 0 and "level net: 48 images of levels 10..13" in text, text
+    net, info = classifier.load_net(out / "level_net.safetensors")
+    assert info["kind"] == "levels" and info["trained_on"] == "procedural:48" and net.levels == (10, 13)
+    report = json.loads((out / "report.json").read_text())
+    assert "level net level_net.safetensors" in report["metrics"]["level"]["implementation"]
+    assert set(report["skipped"]) == {"fid", "clip"}
+    code, text = run(tiny_args(tiny_ckpt, nets, tmp_path / "x", "--fit-level-net", "nowhere"), capsys)
+    assert code == 2 and "--fit-level-net nowhere: no such folder or manifest" in text
+
+
+@pytest.mark.skipif(not (SHARED / "ucm_captions").is_dir(), reason="../shared/data/ucm_captions is absent")
+def test_ucm_captions_end_to_end_with_a_tiny_model(tiny_ckpt, tmp_path, capsys):
+    """The real test set through the whole command: its first captions, its class_id classes, its gsd level."""
+    out = tmp_path / "eval"
+    code, text = run(["--weights", tiny_ckpt, "--test", SHARED / "ucm_captions" / "dataset.json", "--limit", 30,
+                      "--n", 2, "--size", 32, 32, "--steps", 2, "--out", out, "--cls-size", 32, "--cls-epochs", 1],
+                     capsys)
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["classes"]) == 21 and report["n_test"] == 30 and report["n_generated"] == 60
+    cls = report["metrics"]["cls_oa"]
+    assert cls["n_train"] == 60 and cls["n_test"] == 30 and 0 <= cls["value"] <= 1
+    first = json.loads((SHARED / "ucm_captions" / "dataset.json").read_text())["images"]
+    first = next(im for im in first if im["split"] == "test")
+    from PIL import Image
+    info = Image.open(out / "generated" / f"{Path(first['filename']).stem}_0.png").text
+    assert info["prompt"] == first["sentences"][0]["raw"].strip() and info["level"] == "18.7141"
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--inception", "nowhere/pt_inception.pth"], "--inception nowhere/pt_inception.pth: no such file (expected "
                                                   "pytorch-fid's pt_inception-2015-12-05-6726825d.pth there)"),
@@ -133,6 +168,7 @@ def test_without_weights_the_images_in_place_are_evaluated(tiny_ckpt, nets, tmp_
     (["--clip", "ViT-B-32"], "expected ARCH:FILE"),
     (["--classes", "forest,lake"], "--classes does not match the test set's classes: in the test set only: airport"),
     (["--test", "procedural:x"], "procedural:N"),
+    (["--weights", "nowhere.safetensors"], "--weights: nowhere.safetensors: does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_ckpt, nets, tmp_path, extra, message):
     args = tiny_args(tiny_ckpt, nets, tmp_path / "e")
