@@ -215,15 +215,23 @@ def clip_metrics(args, real, fake, captions, real_captions, cache):
             "cmmd": dict(value=metrics.clip_mmd(er, ef), implementation=f"RBF sigma 10 x1000, {net.name}")}
 
 
-def cls_metrics(args, real, fake_paths, real_labels, fake_labels, classes):
-    gen = ImageFiles(fake_paths, size=args.cls_size)
-    test = ImageFiles(real.paths, size=args.cls_size)
-    r = classifier.zero_shot_cls(gen, fake_labels, test, real_labels, classes, epochs=args.cls_epochs,
-                                 batch_size=args.cls_batch, lr=args.cls_lr, size=args.cls_size,
-                                 init=args.resnet_init, seed=args.seed, progress=True, device=args.device)
+def cls_metrics(args, images, jobs, classes):
+    """Zero-shot Cls-OA over the test images that have a class (RSICD's numeric names have none) and their
+    generated images."""
+    index = {c: i for i, c in enumerate(classes)}
+    labelled = [i for i, im in enumerate(images) if im.label is not None]
+    gen = ImageFiles([jobs[args.n * i + k][0] for i in labelled for k in range(args.n)], size=args.cls_size)
+    test = ImageFiles([images[i].path for i in labelled], size=args.cls_size)
+    labels = [index[images[i].label] for i in labelled]
+    r = classifier.zero_shot_cls(gen, [c for c in labels for _ in range(args.n)], test, labels, classes,
+                                 epochs=args.cls_epochs, batch_size=args.cls_batch, lr=args.cls_lr,
+                                 size=args.cls_size, init=args.resnet_init, seed=args.seed, progress=True,
+                                 device=args.device)
+    unlabelled = f", {len(images) - len(labelled)} test images without a class left out" \
+        if len(labelled) < len(images) else ""
     return {"cls_oa": dict(value=r["oa"], aa=r["aa"], per_class=r["per_class"], n_train=r["n_train"],
                            n_test=r["n_test"], implementation=f"ResNet-18, {r['init']}, {r['epochs']} epochs, Adam "
-                           f"{r['lr']:g}, batch {r['batch_size']}, {r['size']} px")}
+                           f"{r['lr']:g}, batch {r['batch_size']}, {r['size']} px{unlabelled}")}
 
 
 def level_metrics(args, fake, asked, fake_names):
@@ -335,17 +343,13 @@ def main(argv=None):
         except ValueError as e:
             p.error(str(e))
     real, fake = ImageFiles([im.path for im in images]), ImageFiles([j[0] for j in jobs])
-    index = {c: i for i, c in enumerate(classes or [])}
-    real_labels = [index[im.label] for im in images] if classes and all(im.label for im in images) else None
-    fake_labels = [real_labels[i] for i in range(len(images)) for _ in range(args.n)] if real_labels else None
     captions = [j[1] for j in jobs]
-    fake_names = [im.label for im in images for _ in range(args.n)] if classes else None
+    fake_names = [im.label for im in images for _ in range(args.n)] if all(im.label for im in images) else None
     results, skipped = {}, {}
     steps = [("fid", args.inception, "--inception", lambda: distribution_metrics(args, real, fake, out / "cache")),
              ("clip", args.clip, "--clip", lambda: clip_metrics(args, real, fake, captions,
                                                                 [im.caption for im in images], out / "cache")),
-             ("cls", real_labels, "classes in the test set", lambda: cls_metrics(args, real, fake.paths, real_labels,
-                                                                                  fake_labels, classes)),
+             ("cls", classes, "classes in the test set", lambda: cls_metrics(args, images, jobs, classes)),
              ("level", args.level_net and all(lv for lv in levels), "--level-net and known levels",
               lambda: level_metrics(args, fake, [j[2] for j in jobs], fake_names))]
     try:

@@ -142,6 +142,24 @@ def test_a_level_net_is_fitted_on_known_levels_and_used(tiny_ckpt, nets, tmp_pat
     assert code == 2 and "--fit-level-net nowhere: no such folder or manifest" in text
 
 
+def test_rsicd_names_without_a_class_are_left_out_of_cls_oa(tiny_ckpt, tmp_path, capsys):
+    from PIL import Image
+    names = ["river_1.jpg", "river_2.jpg", "lake_1.jpg", "lake_7.jpg", "00012.jpg"]
+    (tmp_path / "images").mkdir()
+    for k, n in enumerate(names):
+        Image.new("RGB", (40, 40), (20 * k, 90, 60)).save(tmp_path / "images" / n)
+    (tmp_path / "captions.json").write_text(json.dumps({n: f"scene {n}" for n in names}))
+    code, text = run(["--weights", tiny_ckpt, "--test", tmp_path / "captions.json", "--level", 15, "--n", 2,
+                      "--size", 32, 32, "--steps", 1, "--out", tmp_path / "eval", "--cls-size", 32,
+                      "--cls-epochs", 1], capsys)
+    assert code == 0, text
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["classes"] == ["lake", "river"] and report["n_generated"] == 10
+    cls = report["metrics"]["cls_oa"]
+    assert cls["n_test"] == 4 and cls["n_train"] == 8 and "1 test images without a class left out" in \
+        cls["implementation"]
+
+
 @pytest.mark.skipif(not (SHARED / "ucm_captions").is_dir(), reason="../shared/data/ucm_captions is absent")
 def test_ucm_captions_end_to_end_with_a_tiny_model(tiny_ckpt, tmp_path, capsys):
     """The real test set through the whole command: its first captions, its class_id classes, its gsd level."""
