@@ -94,8 +94,8 @@ def polynomial_mmd(x, y, degree=3, coef0=1.0):
 
 def kernel_distance(real, fake, subsets=100, subset_size=1000, seed=2020):
     """KID: polynomial_mmd averaged over `subsets` random subsets of min(subset_size, N_real, N_fake) images from
-    each set, drawn without replacement by numpy's RandomState(seed) as torch-fidelity draws them (its defaults:
-    100 subsets of 1000, seed 2020), so the same features give the same figure. Returns {"mean", "std", "subset_size"}."""
+    each set, drawn without replacement by numpy's RandomState(seed) in torch-fidelity's order (its defaults:
+    100 subsets of 1000, seed 2020), so the same features give its figure. Returns {"mean", "std", "subset_size"}."""
     x, y = _f64(real), _f64(fake)
     m = min(subset_size, len(x), len(y))
     if m < 2:

@@ -1,4 +1,4 @@
-"""Set distances (evaluation/metrics.py) against pytorch-fid, torch-fidelity and direct formulas; the CLIP score
+"""Set distances (evaluation/metrics.py) against pytorch-fid and direct formulas; the CLIP score
 (evaluation/clip.py) against open_clip's own model; the test-set readers (evaluation/testset.py)."""
 import json
 import math
@@ -57,14 +57,21 @@ def test_fid_of_a_set_with_itself_is_zero_and_few_images_warn():
 # KID, CMMD, precision / recall
 # ----------------------------------------------------------------------------------------------
 
-def test_kid_equals_torch_fidelity():
-    from torch_fidelity.metric_kid import kid_features_to_metric
+def test_kid_averages_the_mmd_of_random_subsets_drawn_as_torch_fidelity_draws_them():
+    """KID = mean and std over subsets of polynomial_mmd, the subsets drawn by numpy's RandomState(seed).choice
+    without replacement, real then generated, in turn (torch-fidelity's order: its figure from the same features).
+    torch-fidelity itself is not a dev dependency: it installs a top-level `tests` package over ours."""
     a, b = features(120, 32, 4).float(), features(100, 32, 5, shift=0.2).float()
-    ref = kid_features_to_metric(a, b, kid_subsets=7, kid_subset_size=50, kid_degree=3, kid_gamma=None, kid_coef0=1,
-                                 rng_seed=2020, verbose=False)
+    rng = np.random.RandomState(2020)
+    mmds = []
+    for _ in range(7):
+        i, j = rng.choice(120, 50, replace=False), rng.choice(100, 50, replace=False)
+        mmds.append(metrics.polynomial_mmd(a[i].double(), b[j].double()))
     ours = metrics.kernel_distance(a, b, subsets=7, subset_size=50, seed=2020)
-    assert ours["mean"] == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-6)
-    assert ours["std"] == pytest.approx(ref["kernel_inception_distance_std"], rel=1e-6)
+    assert ours["mean"] == pytest.approx(np.mean(mmds), rel=1e-12) and ours["std"] == pytest.approx(np.std(mmds))
+    whole = metrics.kernel_distance(a[:100], b, subsets=1, subset_size=1000)       # every image, in some order
+    assert whole["subset_size"] == 100 and whole["mean"] == pytest.approx(metrics.polynomial_mmd(a[:100].double(),
+                                                                                                  b.double()))
 
 
 def test_polynomial_mmd_matches_a_direct_double_sum():
