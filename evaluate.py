@@ -245,8 +245,8 @@ def level_metrics(args, fake, asked, fake_names):
         pred = classifier.predict_levels(net.to(args.device), fake)
     else:
         probe = load_probe(args.level_net)
-        images = torch.stack([fake[i] for i in range(len(fake))])
-        cls, pred = probe.predict(images)
+        read = [probe.predict(torch.stack(b)) for b in fake.batches(256)]                # (class, level) per batch
+        cls, pred = torch.cat([c for c, _ in read]), torch.cat([lv for _, lv in read])
         if fake_names is not None and set(fake_names) <= set(PROCEDURAL_CLASSES):    # the probe's own classes
             read = [PROCEDURAL_CLASSES[c] for c in cls.tolist()]
             out["probe_class"] = dict(value=sum(a == b for a, b in zip(read, fake_names)) / len(read),
