@@ -8,7 +8,7 @@
 
 Generation: --n images (default 10) from the first caption of each test image, at its level (the json's gsd_m,
 the procedural level, or --level), written to OUT/generated/{key}_{k}.png with seed + n * i + k. A rerun keeps the
-images already written (an interrupted run resumes) and refuses other generation settings unless --overwrite.
+images already written (an interrupted run resumes) and refuses other generation settings unless --regenerate.
 Without --weights, the images already in OUT/generated are evaluated as they are (another method's output).
 
 Metrics, each run when the network it needs is given (nothing is downloaded):
@@ -23,7 +23,6 @@ Writes OUT/report.json and OUT/report.md (the paper's table and the settings tha
 """
 import argparse
 import json
-import math
 import os
 import sys
 import warnings
@@ -33,21 +32,21 @@ import torch
 from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from data.datasets import CaptionFolder, Git10M
 from data.levels import asked_level
 from data.synthetic import CLASSES as PROCEDURAL_CLASSES
-from data.transforms import eval_transform, tensor_to_pil
+from data.transforms import tensor_to_pil
 from evaluation import classifier, clip as clipnet, metrics
-from evaluation.inception import RESIZE_MODES, load_fid_inception, resize_for_fid
-from evaluation.probe import load_probe, make_probe_data
+from evaluation.inception import RESIZE_MODES, fid_features, load_fid_inception
+from evaluation.probe import load_probe
 from evaluation.report import evaluation_table
-from evaluation.testset import ImageFiles, check_classes, load_testset
+from evaluation.testset import ImageFiles, check_classes, level_images, load_testset
 from model.pipeline import default_guidance, device_and_dtype, generate
 from model.release import WeightsError
 from model.samplers import SAMPLERS
 from model.weights import load_weights, read_metadata, trained_size
 
-GENERATION_KEYS = ("weights", "test", "n", "size", "sampler", "steps", "cfg", "level_cfg", "negative_prompt", "seed")
+GENERATION_KEYS = ("weights", "test", "split", "image_root", "level", "n", "size", "sampler", "steps", "cfg",
+                   "level_cfg", "negative_prompt", "seed", "dtype", "batch")
 
 
 def parse_args(argv=None):
@@ -89,11 +88,14 @@ def parse_args(argv=None):
     p.add_argument("--level-images", type=int, default=5000, help="at most this many images for --fit-level-net")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="U-Net / text encoder precision")
-    p.add_argument("--overwrite", action="store_true", help="regenerate under new settings, rewrite the report")
+    p.add_argument("--overwrite", action="store_true", help="recompute the metrics of a finished evaluation")
+    p.add_argument("--regenerate", action="store_true",
+                   help="delete the images generated under other settings (or of unknown origin) and start over")
     args = p.parse_args(argv)
-    if args.n < 1 or args.steps < 1 or args.batch < 1 or args.cls_epochs < 1 or (args.limit is not None
-                                                                                 and args.limit < 2):
-        p.error("--n, --steps, --batch and --cls-epochs must be >= 1, --limit >= 2")
+    if min(args.n, args.steps, args.batch, args.cls_epochs, args.level_images) < 1 or args.cls_batch < 2 or \
+            (args.limit is not None and args.limit < 2) or (args.size is not None and min(args.size) < 8):
+        p.error("--n, --steps, --batch, --cls-epochs and --level-images must be >= 1, --cls-batch and --limit >= 2, "
+                "--size >= 8")
     try:
         args.level = asked_level(args.level, args.resolution_m)
         args.device, args.dtype = device_and_dtype(args.device, args.dtype)
@@ -108,6 +110,21 @@ def parse_args(argv=None):
                     "--resnet-init": "torchvision's ImageNet ResNet-18 (resnet18-f37072fd.pth)",
                     "--level-net": "a level net or probe .safetensors", "--clip": "an open_clip checkpoint"}[flag]
             p.error(f"{flag} {path}: no such file (expected {what} there)")
+    if args.level_net:
+        try:
+            meta = read_metadata(args.level_net)
+        except WeightsError as e:
+            p.error(f"--level-net: {e}")
+        kind = json.loads(meta.get("net", "{}")).get("kind") if meta.get("format") == classifier.FORMAT else \
+            "probe" if meta.get("format") == "text2earth-probe" else None
+        if kind not in ("levels", "probe"):
+            p.error(f"--level-net {args.level_net}: neither a level net (evaluate.py --fit-level-net) nor a probe "
+                    f"(evaluation/probe.py)" + (" but a scene classifier" if kind == "classes" else ""))
+        if kind == "probe" and not str(args.test).startswith("procedural:"):
+            p.error(f"--level-net {args.level_net}: a probe reads procedural Earth renders only; give a level net "
+                    f"for {args.test} (--fit-level-net on images of known levels)")
+    if args.clip and args.clip[0] not in clipnet.architectures():
+        p.error(f"--clip: unknown open_clip architecture {args.clip[0]!r} (open_clip.list_models() has them)")
     if args.classes:
         src = Path(args.classes)
         names = src.read_text().splitlines() if src.is_file() else args.classes.split(",")
@@ -121,34 +138,37 @@ def parse_args(argv=None):
 # ----------------------------------------------------------------------------------------------
 
 def settings_of(args, size):
-    return {"weights": str(args.weights), "test": str(args.test), "n": args.n, "size": list(size),
-            "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "level_cfg": args.level_cfg,
-            "negative_prompt": args.negative_prompt, "seed": args.seed}
+    """What defines the generated images. The batch matters to the ddpm sampler only (its noise is drawn per batch)."""
+    return {"weights": str(args.weights), "test": str(args.test), "split": args.split, "image_root": args.image_root,
+            "level": args.level, "n": args.n, "size": list(size), "sampler": args.sampler, "steps": args.steps,
+            "cfg": args.cfg, "level_cfg": args.level_cfg, "negative_prompt": args.negative_prompt, "seed": args.seed,
+            "dtype": str(args.dtype), "batch": args.batch if args.sampler == "ddpm" else None}
 
 
-def check_resume(folder, settings, overwrite, p):
-    """The generated folder's settings file against this run's: other settings -> exit 2, or start over."""
+def check_resume(folder, settings, regenerate, p):
+    """The generated folder's settings file against this run's: other settings, or images without a settings file,
+    -> exit 2, or with --regenerate the images are deleted and made again."""
     record = folder / "generation.json"
-    if record.is_file():
-        old = json.loads(record.read_text())
-        differ = [k for k in GENERATION_KEYS if old.get(k) != settings.get(k)]
-        if differ and not overwrite:
-            p.error(f"{folder} holds images generated with other settings ({', '.join(differ)}: "
-                    f"{', '.join(str(old.get(k)) for k in differ)}); pass --overwrite or another --out")
-        if differ:
-            for f in folder.glob("*.png"):
-                f.unlink()
+    old = json.loads(record.read_text()) if record.is_file() else None
+    differ = [k for k in GENERATION_KEYS if old.get(k) != settings.get(k)] if old is not None else []
+    unknown = old is None and any(folder.glob("*.png"))
+    if (differ or unknown) and not regenerate:
+        what = (f"other settings ({', '.join(differ)}: {', '.join(str(old.get(k)) for k in differ)})" if differ
+                else f"no {record.name}: images of unknown settings")
+        p.error(f"{folder} holds images generated with {what}; pass --regenerate to make them again, or another --out")
+    if differ or unknown:
+        for f in folder.glob("*.png"):
+            f.unlink()
     folder.mkdir(parents=True, exist_ok=True)
     tmp = record.with_suffix(".tmp")
     tmp.write_text(json.dumps(settings, indent=1))
     os.replace(tmp, record)
 
 
-def generate_missing(model, jobs, args, size):
+def generate_missing(model, guidance, jobs, args, size):
     """Sample every (path, caption, level, seed) job whose file does not exist yet; files are written atomically."""
     todo = [j for j in jobs if not j[0].exists()]
     print(f"generation: {len(jobs) - len(todo)} of {len(jobs)} images already written, {len(todo)} to go")
-    guidance = default_guidance(model, args.cfg, args.level_cfg)
     has_level = "level" in model.cfg.condition_names()
     for i in tqdm(range(0, len(todo), args.batch), desc="generating", disable=not todo):
         batch = todo[i:i + args.batch]
@@ -159,7 +179,7 @@ def generate_missing(model, jobs, args, size):
                           guidance=guidance, negative_prompt=args.negative_prompt, size=tuple(size), dtype=args.dtype)
         for (path, text, level, seed), image in zip(batch, images):
             info = PngInfo()
-            for k, v in {"prompt": text, "level": f"{level:g}", "seed": seed, "sampler": args.sampler,
+            for k, v in {"prompt": text, "level": "none" if level is None else f"{level:g}", "seed": seed, "sampler": args.sampler,
                          "steps": args.steps, "cfg": args.cfg, "weights": args.weights}.items():
                 info.add_text(k, str(v))
             tmp = path.with_suffix(".tmp.png")
@@ -171,42 +191,44 @@ def generate_missing(model, jobs, args, size):
 # Metrics
 # ----------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def inception_features(net, files, mode, batch, device):
-    out = []
-    for b in tqdm(files.batches(batch), total=math.ceil(len(files) / batch), desc="Inception", leave=False):
-        x = torch.cat([resize_for_fid(im[None], mode) for im in b]).to(device)   # B, 3, 299, 299
-        out.append(net(x).double().cpu())
-    return torch.cat(out)
+def inception_sets(args, real, fake, cache):
+    """Inception pool features of the real (cached on disk) and generated images, computed once per run."""
+    if not hasattr(args, "inception_sets"):
+        net = load_fid_inception(args.inception, args.device)
+        key = metrics.cache_key([*real.paths, args.inception], resize=args.resize)  # the images and the net file
+        fr = metrics.cached_features(cache, "inception", key, lambda: fid_features(net, real.batches(args.batch),
+                                                                                   args.resize, args.batch))
+        args.inception_sets = fr, fid_features(net, fake.batches(args.batch), args.resize, args.batch)
+    return args.inception_sets
 
 
 def distribution_metrics(args, real, fake, cache):
-    """FID, KID, precision / recall on Inception features; the real set's features are cached."""
-    net = load_fid_inception(args.inception, args.device)
-    key = metrics.cache_key(real.paths, net=str(Path(args.inception).resolve()), resize=args.resize)
-    fr = metrics.cached_features(cache, "inception", key,
-                                 lambda: inception_features(net, real, args.resize, args.batch, args.device))
-    ff = inception_features(net, fake, args.resize, args.batch, args.device)
+    """FID (and its eigvals cross-check) and KID on Inception features."""
+    fr, ff = inception_sets(args, real, fake, cache)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fid = metrics.fid(fr, ff)
     cross = metrics.frechet_distance_eigvals(*metrics.stats(fr), *metrics.stats(ff))     # another route to the same
-    kid = metrics.kernel_distance(fr, ff)
-    pr = metrics.precision_recall(fr, ff)
+    kid = metrics.kernel_distance(ff, fr)              # generated first, as torch-fidelity's input1
     impl = f"pytorch-fid Inception-v3 weights ({Path(args.inception).name}), resize {args.resize}"
-    notes = [str(w.message) for w in caught]
     return {"fid": dict(value=fid, eigvals_form=cross, implementation=impl, n_real=len(fr), n_fake=len(ff),
-                        notes=notes),
+                        notes=[str(w.message) for w in caught]),
             "kid": dict(value=kid["mean"], std=kid["std"], subset_size=kid["subset_size"], subsets=100,
-                        implementation=impl),
-            "precision": dict(value=pr["precision"], k=pr["k"], implementation=impl),
+                        implementation=impl)}
+
+
+def coverage_metrics(args, real, fake, cache):
+    """Precision and recall (k = 3) on the same Inception features."""
+    pr = metrics.precision_recall(*inception_sets(args, real, fake, cache))
+    impl = f"pytorch-fid Inception-v3 weights ({Path(args.inception).name}), resize {args.resize}"
+    return {"precision": dict(value=pr["precision"], k=pr["k"], implementation=impl),
             "recall": dict(value=pr["recall"], k=pr["k"], implementation=impl)}
 
 
 def clip_metrics(args, real, fake, captions, real_captions, cache):
     """CLIP score of each generated image with its caption (and of the real images, the reference), and CMMD."""
     net = clipnet.load_clip(*args.clip, device=args.device)
-    key = metrics.cache_key(real.paths, clip=f"{args.clip[0]}:{Path(args.clip[1]).resolve()}")
+    key = metrics.cache_key([*real.paths, args.clip[1]], arch=args.clip[0])
     er = metrics.cached_features(cache, "clip", key, lambda: clipnet.image_embeddings(net, real.batches(args.batch)))
     ef = clipnet.image_embeddings(net, fake.batches(args.batch))
     return {"clip_score": dict(value=clipnet.clip_score(ef, clipnet.text_embeddings(net, captions)),
@@ -258,35 +280,22 @@ def level_metrics(args, fake, asked, fake_names):
     return out
 
 
-def level_training_set(spec, size, limit):
-    """(images (N, 3, size, size) in [-1, 1], levels (N,)) of known levels from a --fit-level-net spec."""
-    if spec.startswith("procedural:"):
-        n = int(spec.split(":", 1)[1]) if spec.split(":", 1)[1].isdigit() else 0
-        if n < 2:
-            raise ValueError(f"--fit-level-net {spec!r}: expected procedural:N, N >= 2")
-        images, _, levels = make_probe_data(min(n, limit), size=size, seed=7)   # scenes apart from the test set's
-        return images, levels
-    path, transform = Path(spec), eval_transform(size)
-    if path.is_dir():
-        data = Git10M(path, split="train", transform=transform)
-    elif path.is_file():
-        data = CaptionFolder(path, transform=transform)
-    else:
-        raise ValueError(f"--fit-level-net {spec}: no such folder or manifest")
-    items = [x for x in (data[i] for i in range(min(len(data), limit))) if x is not None and x["level"] > 0]
-    if len(items) < 2:
-        raise ValueError(f"--fit-level-net {spec}: fewer than 2 images with a known level (> 0)")
-    return torch.stack([x["image"] for x in items]), torch.tensor([x["level"] for x in items])
-
-
-def fit_level_net(args, path):
-    """Train the level net on --fit-level-net's images (ResNet-18 over integer levels, --cls-* settings), save it."""
-    images, levels = level_training_set(args.fit_level_net, args.cls_size, args.level_images)
+def fit_level_net(args, path, size):
+    """The level net at `path` trained on --fit-level-net's images at the generated `size` (procedural objects have
+    a physical size, so both sets must be seen at the same pixel scale), ResNet-18 over integer levels with the
+    --cls-* settings; a net already there is reused when it was trained the same way."""
+    recipe = {"trained_on": args.fit_level_net, "render_size": size, "size": args.cls_size, "max_images":
+              args.level_images, "epochs": args.cls_epochs, "lr": args.cls_lr, "batch_size": args.cls_batch,
+              "seed": args.seed}
+    if path.is_file() and all(classifier.load_net(path)[1].get(k) == v for k, v in recipe.items()):
+        print(f"level net: {path} (trained on {args.fit_level_net})")
+        return path
+    images, levels = level_images(args.fit_level_net, size, args.level_images)
     print(f"level net: {len(images)} images of levels {levels.min():g}..{levels.max():g} from {args.fit_level_net}")
     net = classifier.train_level_net(list(images), levels, epochs=args.cls_epochs, batch_size=args.cls_batch,
                                      lr=args.cls_lr, size=args.cls_size, seed=args.seed, progress=True,
                                      device=args.device)
-    classifier.save_net(net.cpu(), path, {"trained_on": args.fit_level_net, "images": len(images)})
+    classifier.save_net(net.cpu(), path, {**recipe, "images": len(images)})
     return path
 
 
@@ -298,25 +307,31 @@ def main(argv=None):
     args = parse_args(argv)
     p = args.parser
     out = Path(args.out)
-    report_json, report_md = out / "report.json", out / "report.md"
+    gen, report_json, report_md = out / "generated", out / "report.json", out / "report.md"
     if report_json.exists() and not args.overwrite:
         p.error(f"{report_json} exists (the evaluation in {out} is complete); pass --overwrite to recompute it")
-    size = args.size or ([trained_size(args.weights)] * 2 if args.weights and trained_size(args.weights) else
-                         [256, 256])
-    try:                                    # procedural test scenes are rendered at the generated size
-        images, found = load_testset(args.test, args.split, args.image_root, out=out / "real", size=size[0])
+    recorded = json.loads((gen / "generation.json").read_text()) if (gen / "generation.json").is_file() else {}
+    try:
+        if args.size:
+            size = list(args.size)
+        elif args.weights is None:                           # the size the images in place were made at
+            size = recorded.get("size") or [256, 256]
+        else:
+            size = [trained_size(args.weights) or 256] * 2
+        images, found = load_testset(args.test, args.split, args.image_root, out=out / "real" / f"{size[0]}px",
+                                     size=size[0])            # procedural scenes rendered at the generated size
         classes = check_classes(found, args.classes)
-    except ValueError as e:
+    except (ValueError, WeightsError) as e:
         p.error(str(e))
     images = images[:args.limit] if args.limit else images
     levels = [im.level if im.level is not None else args.level for im in images]
-    gen = out / "generated"
     jobs = [(gen / f"{im.key}_{k}.png", im.caption, lv, args.seed + args.n * i + k)
             for i, (im, lv) in enumerate(zip(images, levels)) for k in range(args.n)]
     if args.weights is not None:
         try:
             model = load_weights(args.weights, args.device, dtype={"unet": args.dtype, "text_encoder": args.dtype})
-        except WeightsError as e:
+            guidance = default_guidance(model, args.cfg, args.level_cfg)
+        except (WeightsError, ValueError) as e:
             p.error(f"--weights: {e}")
         if model.cfg.unet.in_channels != model.cfg.unet.out_channels:
             p.error(f"--weights {args.weights}: an inpainting U-Net ({model.cfg.unet.in_channels} input channels) "
@@ -326,48 +341,58 @@ def main(argv=None):
         if size[0] % model.vae.downsample or size[1] % model.vae.downsample:
             p.error(f"--size {size[0]} {size[1]}: must be multiples of {model.vae.downsample}")
         settings = settings_of(args, size)
-        check_resume(gen, settings, args.overwrite, p)
-        generate_missing(model.eval(), jobs, args, size)
+        check_resume(gen, settings, args.regenerate, p)
+        generate_missing(model.eval(), guidance, jobs, args, size)
         del model
     else:
+        differ = [k for k in ("test", "split", "n") if k in recorded and recorded[k] != vars(args)[k]]
+        if differ:
+            p.error(f"{gen} was generated with other {', '.join(differ)} "
+                    f"({', '.join(str(recorded[k]) for k in differ)}) than asked")
         missing = [j[0] for j in jobs if not j[0].exists()]
         if missing:
             p.error(f"without --weights the generated images must exist: {len(missing)} of {len(jobs)} missing, "
                     f"e.g. {missing[0]}")
-        settings = json.loads((gen / "generation.json").read_text()) if (gen / "generation.json").is_file() else {}
+        settings = recorded
 
     if args.fit_level_net:
-        net_path = out / "level_net.safetensors"
         try:
-            args.level_net = str(net_path if net_path.is_file() and not args.overwrite else fit_level_net(args, net_path))
-        except ValueError as e:
+            args.level_net = str(fit_level_net(args, out / "level_net.safetensors", size[0]))
+        except (ValueError, WeightsError) as e:
             p.error(str(e))
-    real, fake = ImageFiles([im.path for im in images]), ImageFiles([j[0] for j in jobs])
+    real, fake = ImageFiles([im.path for im in images]), ImageFiles([j[0] for j in jobs], size=size[0])
     captions = [j[1] for j in jobs]
     fake_names = [im.label for im in images for _ in range(args.n)] if all(im.label for im in images) else None
-    results, skipped = {}, {}
     steps = [("fid", args.inception, "--inception", lambda: distribution_metrics(args, real, fake, out / "cache")),
+             ("precision_recall", args.inception, "--inception",
+              lambda: coverage_metrics(args, real, fake, out / "cache")),
              ("clip", args.clip, "--clip", lambda: clip_metrics(args, real, fake, captions,
                                                                 [im.caption for im in images], out / "cache")),
-             ("cls", classes, "classes in the test set", lambda: cls_metrics(args, images, jobs, classes)),
+             ("cls", classes and len(classes) > 1, "two classes or more in the test set",
+              lambda: cls_metrics(args, images, jobs, classes)),
              ("level", args.level_net and all(lv for lv in levels), "--level-net and known levels",
               lambda: level_metrics(args, fake, [j[2] for j in jobs], fake_names))]
-    try:
-        for name, needed, flag, run in steps:
-            if needed:
-                print(f"metrics: {name}")
-                results.update(run())
-            else:
-                skipped[name] = f"needs {flag}"
-    except (WeightsError, ValueError) as e:
-        p.error(str(e))
+    results, skipped, failed = {}, {}, {}
+    for name, needed, flag, run in steps:
+        if not needed:
+            skipped[name] = f"needs {flag}"
+            continue
+        print(f"metrics: {name}")
+        try:
+            results.update(run())
+        except (WeightsError, ValueError) as e:          # the others are still measured and reported
+            failed[name] = str(e)
     report = {"weights": args.weights or settings.get("weights"), "test": str(args.test), "split": args.split,
               "n_test": len(images), "n_generated": len(jobs), "classes": classes, "generation": settings,
-              "metrics": results, "skipped": skipped}
+              "metrics": results, "skipped": skipped, "failed": failed}
     out.mkdir(parents=True, exist_ok=True)
-    report_json.write_text(json.dumps(report, indent=1))
-    report_md.write_text(evaluation_table(report))
+    for path, text in ((report_json, json.dumps(report, indent=1)), (report_md, evaluation_table(report))):
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
     print(report_md.read_text())
+    if failed:
+        p.error("; ".join(f"{k}: {v}" for k, v in failed.items()) + f" (the other metrics are in {report_json})")
     return 0
 
 

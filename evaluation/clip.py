@@ -35,6 +35,12 @@ def parse_spec(spec):
     return arch, Path(path)
 
 
+def architectures():
+    """open_clip's architecture names (those of its configs, and any added with open_clip.add_model_config)."""
+    import open_clip                                   # heavy: imported only by what evaluates with CLIP
+    return open_clip.list_models()
+
+
 def load_clip(arch, path, device="cpu"):
     """An open_clip model of architecture `arch` with the weights in the local file `path`, in eval mode."""
     import open_clip                                   # heavy: imported only by what evaluates with CLIP
@@ -83,8 +89,8 @@ def text_embeddings(clip, texts, batch_size=256):
 
 
 def clip_score(image_emb, text_emb):
-    """CLIP score of paired rows: 100 * mean over pairs of max(cos(image, text), 0) (Hessel et al. 2021 without
-    their 2.5 weight; the form torchmetrics and the text-to-image tables use)."""
+    """CLIP score of paired rows: 100 * mean over pairs of max(cos(image, text), 0) (Hessel et al. 2021's per-pair
+    clamp, with 100 for their weight 2.5; torchmetrics clamps the mean instead, the same unless cosines go negative)."""
     if image_emb.shape != text_emb.shape:
         raise ValueError(f"CLIP score pairs images with texts: {tuple(image_emb.shape)} vs {tuple(text_emb.shape)}")
     return (100 * (image_emb * text_emb).sum(1).clamp_min(0).mean()).item()

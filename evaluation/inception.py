@@ -274,8 +274,9 @@ def resize_for_fid(images, mode):
 def fid_features(net, images, resize="pytorch-fid", batch_size=50, device=None):
     """Pool features (N, 2048) of `images`, a CPU float64 tensor (FID's mean and covariance are taken in float64).
 
-    images: a tensor (N, 3, H, W) in [-1, 1], or an iterable of such batches (a generator, a list); either is run
-    `batch_size` images at a time, resized by `resize_for_fid(.., resize)`. `device`: where to run, the net is moved
+    images: a tensor (N, 3, H, W) in [-1, 1], or an iterable of batches, each a tensor (B, 3, H, W) or a list of
+    (3, H, W) tensors of any sizes (files as read, each resized on its own); run `batch_size` images at a time,
+    resized by `resize_for_fid(.., resize)`. `device`: where to run, the net is moved
     there (in place, as Module.to does); by default where the net is. The net must be in eval mode."""
     if resize not in RESIZE_MODES:
         raise ValueError(f"unknown resize mode {resize!r}; the modes are {', '.join(RESIZE_MODES)}")
@@ -287,10 +288,13 @@ def fid_features(net, images, resize="pytorch-fid", batch_size=50, device=None):
     batches = [images] if torch.is_tensor(images) else images
     out = []
     for batch in batches:
-        if not torch.is_tensor(batch):
-            raise TypeError(f"fid_features expects image tensors (B, 3, H, W), got a batch of type {type(batch)}")
-        for chunk in batch.split(batch_size):
-            if len(chunk):
-                x = resize_for_fid(chunk.to(weight.device), resize).to(weight.dtype)   # (b, 3, 299, 299)
-                out.append(net(x).double().cpu())                                       # (b, 2048)
+        if isinstance(batch, (list, tuple)) and all(torch.is_tensor(im) and im.ndim == 3 for im in batch):
+            chunks = [torch.cat([resize_for_fid(im[None].to(weight.device), resize) for im in batch[i:i + batch_size]])
+                      for i in range(0, len(batch), batch_size)]                       # (b, 3, 299, 299) each
+        elif torch.is_tensor(batch):
+            chunks = [resize_for_fid(c.to(weight.device), resize) for c in batch.split(batch_size) if len(c)]
+        else:
+            raise TypeError(f"fid_features expects image tensors (B, 3, H, W) or lists of (3, H, W), got a batch of "
+                            f"type {type(batch)}")
+        out += [net(x.to(weight.dtype)).double().cpu() for x in chunks]                # (b, 2048) each
     return torch.cat(out) if out else torch.zeros(0, FEATURES, dtype=torch.float64)

@@ -17,8 +17,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from data.datasets import CaptionFolder, Git10M
 from data.levels import level_from_resolution
 from data.synthetic import CLASSES as PROCEDURAL_CLASSES, sample
+from data.transforms import eval_transform
+from evaluation.probe import make_probe_data
 
 
 @dataclass
@@ -60,11 +63,21 @@ def karpathy(path, split="test", image_root=None):
     for n, im in enumerate(meta.get("images", [])):
         if split is not None and im.get("split") != split:
             continue
-        if "filename" not in im or not im.get("sentences"):
-            raise ValueError(f"{path}: images[{n}] lacks 'filename' or 'sentences'")
-        label = names[im["class_id"]] if names is not None and "class_id" in im else class_from_name(im["filename"])
+        if "filename" not in im or not isinstance(im.get("sentences"), list) or not im["sentences"]:
+            raise ValueError(f"{path}: images[{n}] lacks 'filename' or a 'sentences' list")
+        first = im["sentences"][0]
+        caption = first.get("raw") if isinstance(first, dict) else None
+        if not isinstance(caption, str) or not caption.strip():
+            raise ValueError(f"{path}: images[{n}] ({im['filename']}): its first sentence has no 'raw' caption")
+        if names is not None and "class_id" in im:
+            if not isinstance(im["class_id"], int) or not 0 <= im["class_id"] < len(names):
+                raise ValueError(f"{path}: images[{n}] ({im['filename']}): class_id {im['class_id']!r} is not an "
+                                 f"index into its {len(names)} classes")
+            label = names[im["class_id"]]
+        else:
+            label = class_from_name(im["filename"])
         out.append(EvalImage(Path(im["filename"]).stem, root / im.get("filepath", "") / im["filename"],
-                             im["sentences"][0].get("raw", "").strip(), label, level))
+                             caption.strip(), label, level))
     if not out:
         found = sorted({str(im.get("split")) for im in meta.get("images", [])})
         raise ValueError(f"{path}: no images in split {split!r} (splits present: {', '.join(found) or 'none'})")
@@ -78,6 +91,9 @@ def caption_map(path, image_root=None):
     root = Path(image_root) if image_root else Path(path).parent
     if not image_root and (root / "images").is_dir():
         root = root / "images"
+    empty = [f for f, c in meta.items() if not str(c).strip()]
+    if empty:
+        raise ValueError(f"{path}: {len(empty)} images have an empty caption, e.g. {empty[0]}")
     return [EvalImage(Path(f).stem, root / f, str(c).strip(), class_from_name(f)) for f, c in sorted(meta.items())]
 
 
@@ -142,6 +158,28 @@ def check_classes(found, given):
                          + "; ".join(s for s in (f"in the test set only: {', '.join(extra)}" if extra else "",
                                                   f"in --classes only: {', '.join(absent)}" if absent else "") if s))
     return list(given)
+
+
+def level_images(spec, size, limit):
+    """Images of known levels to train a level net on: (images (N, 3, size, size) in [-1, 1], levels (N,)), at most
+    `limit`, from "procedural:N" (renders at integer levels 10..18), a Git-10M folder or a caption manifest."""
+    if spec.startswith("procedural:"):
+        n = int(spec.split(":", 1)[1]) if spec.split(":", 1)[1].isdigit() else 0
+        if n < 2:
+            raise ValueError(f"--fit-level-net {spec!r}: expected procedural:N, N >= 2")
+        images, _, levels = make_probe_data(min(n, limit), size=size, seed=7)   # scenes apart from the test set's
+        return images, levels
+    path, transform = Path(spec), eval_transform(size)
+    if path.is_dir():
+        data = Git10M(path, split="train", transform=transform)
+    elif path.is_file():
+        data = CaptionFolder(path, transform=transform)
+    else:
+        raise ValueError(f"--fit-level-net {spec}: no such folder or manifest")
+    items = [x for x in (data[i] for i in range(min(len(data), limit))) if x is not None and x["level"] > 0]
+    if len(items) < 2:
+        raise ValueError(f"--fit-level-net {spec}: fewer than 2 images with a known level (> 0)")
+    return torch.stack([x["image"] for x in items]), torch.tensor([x["level"] for x in items])
 
 
 # ----------------------------------------------------------------------------------------------

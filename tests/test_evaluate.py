@@ -107,10 +107,34 @@ def test_one_command_generates_scores_and_reports(tiny_ckpt, nets, tmp_path, cap
     code, text = run(tiny_args(tiny_ckpt, nets, out), capsys)
     assert code == 0 and "19 of 24 images already written, 5 to go" in text, text
     assert all(p.stat().st_mtime_ns == t for p, t in kept.items())
-    # other generation settings: refused, naming them (--overwrite would start over)
+    # other generation settings: refused, naming them; --regenerate starts over
     (out / "report.json").unlink()
     code, text = run(tiny_args(tiny_ckpt, nets, out, "--steps", 3, "--seed", 1), capsys)
-    assert code == 2 and "other settings (steps, seed" in text, text
+    assert code == 2 and "other settings (steps, seed: 2, 0); pass --regenerate" in text, text
+    code, text = run(tiny_args(tiny_ckpt, nets, out, "--steps", 3, "--seed", 1, "--regenerate"), capsys)
+    assert code == 0 and "0 of 24 images already written, 24 to go" in text, text
+    assert json.loads((out / "generated" / "generation.json").read_text())["steps"] == 3
+
+
+def test_images_of_unknown_origin_are_not_taken_as_generated(tiny_ckpt, nets, tmp_path, capsys):
+    gen = tmp_path / "eval" / "generated"
+    gen.mkdir(parents=True)
+    (gen / "scene00000_0.png").write_bytes(b"")
+    code, text = run(tiny_args(tiny_ckpt, nets, tmp_path / "eval"), capsys)
+    assert code == 2 and "no generation.json: images of unknown settings; pass --regenerate" in text, text
+    assert (gen / "scene00000_0.png").exists()
+
+
+def test_a_failing_metric_leaves_the_others_reported(tiny_ckpt, nets, tmp_path, capsys):
+    """Precision / recall need more than k = 3 images a set: with 3 test images it fails, FID and KID still land."""
+    out = tmp_path / "eval"
+    args = tiny_args(tiny_ckpt, nets, out, "--n", 1)
+    args[args.index("procedural:12")] = "procedural:3"
+    code, text = run(args, capsys)
+    assert code == 2 and "precision_recall: precision/recall with k=3 needs more than 3 images" in text, text
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["failed"]) == {"precision_recall"}
+    assert {"fid", "kid", "clip_score", "cmmd", "cls_oa", "level"} <= set(report["metrics"])
 
 
 def test_without_weights_the_images_in_place_are_evaluated(tiny_ckpt, nets, tmp_path, capsys):
@@ -137,7 +161,7 @@ def test_a_level_net_is_fitted_on_known_levels_and_used(tiny_ckpt, nets, tmp_pat
     assert info["kind"] == "levels" and info["trained_on"] == "procedural:48" and net.levels == (10, 13)
     report = json.loads((out / "report.json").read_text())
     assert "level net level_net.safetensors" in report["metrics"]["level"]["implementation"]
-    assert set(report["skipped"]) == {"fid", "clip"}
+    assert set(report["skipped"]) == {"fid", "precision_recall", "clip"}
     code, text = run(tiny_args(tiny_ckpt, nets, tmp_path / "x", "--fit-level-net", "nowhere"), capsys)
     assert code == 2 and "--fit-level-net nowhere: no such folder or manifest" in text
 
@@ -186,10 +210,15 @@ def test_ucm_captions_end_to_end_with_a_tiny_model(tiny_ckpt, tmp_path, capsys):
     (["--clip", "ViT-B-32"], "expected ARCH:FILE"),
     (["--classes", "forest,lake"], "--classes does not match the test set's classes: in the test set only: airport"),
     (["--test", "procedural:x"], "procedural:N"),
+    (["--size", "0"], "--size >= 8"),
+    (["--level-net", "configs/tiny.py"], "--level-net: configs/tiny.py"),
     (["--weights", "nowhere.safetensors"], "--weights: nowhere.safetensors: does not exist"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_ckpt, nets, tmp_path, extra, message):
     args = tiny_args(tiny_ckpt, nets, tmp_path / "e")
+    if "--clip" not in extra:                      # the tiny CLIP architecture is registered in this process only
+        i = args.index("--clip")
+        del args[i:i + 2]
     for k in range(0, len(extra), 2):
         i = args.index(extra[k]) if extra[k] in args else None
         if i is None:

@@ -190,6 +190,15 @@ def test_testset_errors(tmp_path):
         load_testset(tmp_path / "caps.json")
     with pytest.raises(ValueError, match="does not exist"):
         load_testset(tmp_path / "none.json")
+    for entry, message in (({"filename": "a_1.jpg", "split": "test", "sentences": ["a river"]}, "no 'raw' caption"),
+                           ({"filename": "a_1.jpg", "split": "test", "sentences": [{"raw": "x"}], "class_id": 5},
+                            "class_id 5 is not an index into its 2 classes")):
+        (tmp_path / "k.json").write_text(json.dumps({"images": [entry], "classes": ["a", "b"]}))
+        with pytest.raises(ValueError, match=message):
+            load_testset(tmp_path / "k.json")
+    (tmp_path / "caps.json").write_text(json.dumps({"river_1.jpg": " "}))
+    with pytest.raises(ValueError, match="1 images have an empty caption"):
+        load_testset(tmp_path / "caps.json")
 
 
 @pytest.mark.skipif(not (SHARED / "ucm_captions").is_dir(), reason="../shared/data/ucm_captions is absent")
