@@ -29,6 +29,7 @@ from PIL.PngImagePlugin import PngInfo
 from data.levels import asked_level, parse_level_prefix
 from data.transforms import tensor_to_pil
 from model import editing
+from model.lora import apply_loras
 from model.pipeline import default_guidance, device_and_dtype
 from model.samplers import SAMPLERS
 from model.weights import WeightsError, load_weights, trained_size
@@ -43,6 +44,8 @@ def parse_args(argv=None):
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--weights", default=DEFAULT_WEIGHTS, help="diffusers-format folder or our .safetensors")
+    common.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="merge a LoRA (ours, or diffusers / peft layout) into the model; repeat for several")
     common.add_argument("--prompt", action="append", default=None, help="text prompt (extend: repeat, one a tile)")
     common.add_argument("--level", type=float, default=None, help="Google map level, 0 (none) or 1..20")
     common.add_argument("--resolution-m", type=float, default=None, help="metres per pixel (instead of --level)")
@@ -217,6 +220,10 @@ def main(argv=None):
     except WeightsError as e:
         hint = " (train the demo model first: see README)" if args.weights == DEFAULT_WEIGHTS else ""
         p.error(f"--weights: {e}{hint}")
+    try:
+        apply_loras(model, args.lora)
+    except WeightsError as e:
+        p.error(f"--lora: {e}")
     model.eval()
     has_level = "level" in model.cfg.condition_names()
     if not has_level and (args.level or args.level_cfg is not None):

@@ -3,8 +3,8 @@
     python evaluate.py --weights path/to/Text2Earth --test RSICD/dataset_rsicd.json --level 17 --out eval/rsicd \\
         --inception pt_inception-2015-12-05-6726825d.pth --clip ViT-B-32:RemoteCLIP-ViT-B-32.pt \\
         --resnet-init resnet18-f37072fd.pth
-    python evaluate.py --weights out/demo/model.safetensors --test procedural:120 --size 32 32 \\
-        --level-net out/demo/probe.safetensors --out eval/demo
+    python evaluate.py --weights out/demo/model.safetensors --test procedural:120 --cfg 3 --level-cfg 6 \\
+        --level-net configs/pretrained/demo_probe.safetensors --cls-size 32 --out eval/demo
 
 Generation: --n images (default 10) from the first caption of each test image, at its level (the json's gsd_m,
 the procedural level, or --level), written to OUT/generated/{key}_{k}.png with seed + n * i + k. A rerun keeps the

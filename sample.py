@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from data.levels import asked_level, parse_level_prefix
 from data.transforms import image_grid, tensor_to_pil
 from model import attention
+from model.lora import apply_loras
 from model.pipeline import compile_problem, default_guidance, device_and_dtype, generate, prepare_for_sampling
 from model.samplers import SAMPLERS
 from model.weights import WeightsError, load_weights
@@ -50,6 +51,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=1, help="images per prompt")
     p.add_argument("--size", type=int, nargs=2, default=(256, 256), metavar=("H", "W"), help="multiples of 8")
     p.add_argument("--weights", default=DEFAULT_WEIGHTS, help="diffusers-format folder or our .safetensors")
+    p.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                        help="merge a LoRA (ours, or diffusers / peft layout) into the model; repeat for several")
     p.add_argument("--out", default="out/samples", help="output folder")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
@@ -119,6 +122,10 @@ def main(argv=None):
     except WeightsError as e:
         hint = " (train the demo model first: see README)" if args.weights == DEFAULT_WEIGHTS else ""
         p.error(f"--weights: {e}{hint}")
+    try:
+        apply_loras(model, args.lora)
+    except WeightsError as e:
+        p.error(f"--lora: {e}")
     has_level = "level" in model.cfg.unet.scalar_conditions
     if not has_level and (args.level_cfg is not None or any(level for _, level, _ in args.jobs)):
         p.error(f"--level / --resolution-m / --level-cfg / a level prefix: the U-Net of {args.weights} has no level "
