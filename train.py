@@ -41,6 +41,7 @@ from model.checkpoint import checkpoint_paths, export, load_checkpoint, save_che
 from model.config import ModelConfig, configure, usage
 from model.diffusion import Diffusion
 from model.flops import peak_tflops, unet_train_flops
+from model.lora import LoRAConfig, add_lora_to, lora_parameters
 from model.optim import PACE_MIN_STEPS, PACE_WINDOW, average_grads, first_plan, init_processes, lr_at, plan_steps
 from model.objectives import inpaint_loss, latent_scale, t2i_loss, vae_loss
 from model.pipeline import preview
@@ -65,6 +66,7 @@ class TrainConfig:
     objective: str = "t2i"          # "t2i" (DCA diffusion loss) | "inpaint" (the 9-channel U-Net) | "vae"
     init_from: str = ""             # "" = from scratch, or a release folder (SD2-base, Text2Earth) / our .safetensors
     allow_untrained: bool = False   # let the objective use a frozen part that was never trained (tests only)
+    lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=0))   # rank > 0: train adapters on the parts
     resume: bool = True             # continue from out_dir's latest checkpoint if there is one
     write_shards: str = ""          # write the data as shards here and exit (+ latents of init_from's trained VAE)
     # data
@@ -170,15 +172,17 @@ def setup(cfg):
     torch.manual_seed(cfg.seed)                                   # every rank builds the same weights
     if resume is not None:
         before = {k: resume["train_config"].get(k) for k in ("train", "objective")}
-        if before != {"train": cfg.train, "objective": cfg.objective}:
-            raise ValueError(f"{ckpts[-1]} is a run of {before}; resume it with the same --train and --objective, or "
-                             "start a new --out_dir")
-        model = Text2Earth(ModelConfig.from_dict(resume["model_config"]))
+        before["lora.rank"] = (resume["train_config"].get("lora") or {}).get("rank", 0)
+        if before != {"train": cfg.train, "objective": cfg.objective, "lora.rank": cfg.lora.rank}:
+            raise ValueError(f"{ckpts[-1]} is a run of {before}; resume it with the same --train and --objective "
+                             "(and --lora.rank), or start a new --out_dir")
+        model = add_lora_to(Text2Earth(ModelConfig.from_dict(resume["model_config"])), cfg.train, cfg.lora)
         model.load_state_dict(resume["model"])
         trained = set(resume.get("trained", PARTS))
     else:
         model = Text2Earth(copy.deepcopy(cfg.model))
         trained = load_pretrained(model, cfg.init_from) if cfg.init_from else set()
+        add_lora_to(model, cfg.train, cfg.lora)
     model.unet.cfg.gradient_checkpointing = cfg.model.unet.gradient_checkpointing   # a run-time choice, not stored
     parts, (calls, uses) = cfg.train.split("+"), OBJECTIVES[cfg.objective]
     untrained = [p for p in uses if p not in parts and p not in trained]
@@ -190,9 +194,9 @@ def setup(cfg):
     averaged = torch.nn.ModuleDict({p: getattr(model, p) for p in parts})   # what the EMA tracks and export swaps in
     if cfg.channels_last:
         averaged.to(memory_format=torch.channels_last)            # before the EMA copy and the optimizer
-    averaged.requires_grad_(True).train()
+    averaged.requires_grad_(not cfg.lora.rank).train()            # with LoRA only the adapters train
     ema = copy.deepcopy(averaged).requires_grad_(False).eval()
-    params = list(averaged.parameters())
+    params = [p.requires_grad_() for p in lora_parameters(averaged)] if cfg.lora.rank else list(averaged.parameters())
     opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr,
                             betas=cfg.betas, eps=cfg.adam_eps, fused=device.type in ("cuda", "cpu"))  # one kernel
@@ -280,7 +284,8 @@ def _loop(cfg, run, stop):
                 "model_config": model.cfg.to_dict(), "trained": trained, "data": datas,
                 "train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
                 "train_seconds": seconds(), "planned_steps": total, "finished": step >= total}, cfg.keep_last)
-            export(model, ema, averaged, out_dir / "model.safetensors", step, trained, cfg.image_size)
+            export(model, ema, averaged, out_dir / "model.safetensors", step, trained, cfg.image_size,
+                   cfg.lora if cfg.lora.rank else None)
             log.info("saved %s", path)
 
     step_ends = collections.deque([t_run], maxlen=PACE_WINDOW + 1)

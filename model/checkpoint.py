@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from model.lora import save_lora
 from model.weights import save_model
 
 
@@ -47,10 +48,15 @@ def finished(out_dir, max_steps):
     return bool(torch.load(ckpts[-1], map_location="cpu", weights_only=True, mmap=True).get("finished", False))
 
 
-def export(model, ema, parts, path, step, trained, image_size=None):
+def export(model, ema, parts, path, step, trained, image_size=None, lora=None):
     """The whole model with the EMA weights in `parts` (the ModuleDict the EMA copies) as one of our safetensors
     checkpoints; `trained` names the model's parts whose weights have been trained (model/weights.save_model).
-    image_size, the training images' size, goes in the metadata (editing's default tile: weights.trained_size)."""
+    image_size, the training images' size, goes in the metadata (editing's default tile: weights.trained_size).
+    lora (a LoRAConfig): a LoRA run exports the EMA adapters alone, lora_{part}.safetensors beside `path`."""
+    if lora is not None:
+        for name, module in ema.items():
+            save_lora(module, Path(path).with_name(f"lora_{name}.safetensors"), lora, {"step": step}, part=name)
+        return
     live = copy.deepcopy(parts.state_dict())
     parts.load_state_dict(ema.state_dict())
     try:

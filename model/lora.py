@@ -122,6 +122,17 @@ def add_lora(module, cfg: LoRAConfig):
     return [n for n, _ in found]
 
 
+def add_lora_to(model, parts, cfg: LoRAConfig):
+    """add_lora on each of the model's `parts` ("unet+text_encoder", as train.py's --train) when cfg.rank > 0; the
+    model back."""
+    if cfg.rank < 0:
+        raise ValueError(f"--lora.rank must be >= 0 (0 = no LoRA), got {cfg.rank}")
+    if cfg.rank > 0:
+        for part in parts.split("+"):
+            add_lora(getattr(model, part), cfg)
+    return model
+
+
 def lora_layers(module):
     return [(n, m) for n, m in module.named_modules() if isinstance(m, (LoRALinear, LoRAConv2d))]
 

@@ -179,3 +179,30 @@ def test_sample_py_merges_loras_and_refuses_a_mismatched_one(tiny_ckpt, tmp_path
     with pytest.raises(SystemExit) as e:
         sample.main(base + ["--out", str(tmp_path / "c"), "--lora", str(tmp_path / "other.safetensors")])
     assert e.value.code == 2 and "--lora: " in capsys.readouterr().err
+
+
+def test_a_lora_run_trains_the_adapters_alone_and_resumes_exactly(tiny_ckpt, tmp_path):
+    """train.py --lora.rank=4 from a checkpoint: the base weights never move, the export is the adapters alone
+    (lora_unet.safetensors, no model.safetensors), and 2 + 2 resumed steps equal 4 straight."""
+    import train
+    from model.weights import load_model
+    args = ["--config", "configs/tiny.py", "--data=synthetic", "--image_size=32", "--synthetic_samples=16",
+            "--num_workers=0", "--warmup_steps=0", "--lr=1e-2", "--batch_size=4", f"--init_from={tiny_ckpt}",
+            "--lora.rank=4", "--lora.alpha=4", "--ckpt_every=100", "--allow_untrained"]
+    train.train(train.parse_config(args + [f"--out_dir={tmp_path / 'straight'}", "--max_steps=4"]))
+    train.train(train.parse_config(args + [f"--out_dir={tmp_path / 'split'}", "--max_steps=2"]))
+    train.train(train.parse_config(args + [f"--out_dir={tmp_path / 'split'}", "--max_steps=4"]))
+    base = load_model(tiny_ckpt).unet.state_dict()
+    ckpt = train.load_checkpoint(train.checkpoint_paths(tmp_path / "straight")[-1])
+    resumed = train.load_checkpoint(train.checkpoint_paths(tmp_path / "split")[-1])
+    for k, v in base.items():
+        assert torch.equal(ckpt["model"][f"unet.{k}"], v), k                       # frozen, bit for bit
+    adapters = {k: v for k, v in ckpt["model"].items() if ".lora_" in k}
+    assert adapters and any(v.abs().max() > 0 for k, v in adapters.items() if k.endswith("lora_B"))
+    assert max((v - resumed["model"][k]).abs().max().item() for k, v in adapters.items()) <= 1e-6
+    out = tmp_path / "straight"
+    assert (out / "lora_unet.safetensors").is_file() and not (out / "model.safetensors").exists()
+    adapters_file, cfg = lora.read_lora(out / "lora_unet.safetensors")
+    assert cfg["rank"] == 4 and cfg["part"] == "unet" and len(adapters_file) == len(adapters) // 2
+    with pytest.raises(train.BadInput, match="--lora.rank"):
+        train.train(train.parse_config(args + [f"--out_dir={tmp_path / 'split'}", "--max_steps=6", "--lora.rank=8"]))
