@@ -59,7 +59,7 @@ class LoRALinear(nn.Linear):
         self.drop = nn.Dropout(dropout)
 
     def delta(self):
-        return self.lora_B @ self.lora_A                                          # O, I
+        return _delta(self.lora_A, self.lora_B)                                   # O, I
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
@@ -88,7 +88,7 @@ class LoRAConv2d(nn.Conv2d):
         self.drop = nn.Dropout(dropout)
 
     def delta(self):
-        return torch.einsum("or,rikl->oikl", self.lora_B[:, :, 0, 0], self.lora_A)  # O, I, k, k
+        return _delta(self.lora_A, self.lora_B)                                   # O, I, k, k
 
     def forward(self, x):
         y = self._conv_forward(x, self.weight, self.bias)
@@ -195,12 +195,11 @@ def read_lora(path):
     if not any(k.endswith(".lora_A.weight") for k in state):
         raise WeightsError(f"{path}: neither a LoRA file of ours (format '{FORMAT}') nor one with peft's "
                            f"'.lora_A.weight' / '.lora_B.weight' keys")
-    other = sorted(k for k in state if not k.startswith(("unet.", "base_model.")) and "." in k and
-                   k.split(".")[0] in ("text_encoder", "text_encoder_2"))
+    other = sorted(k for k in state if k.split(".")[0] in ("text_encoder", "text_encoder_2"))
     if other:
         raise WeightsError(f"{path}: text-encoder adapters in the diffusers layout are not supported (e.g. {other[0]})")
-    config_alpha = next((v for k, v in json.loads(meta.get("lora_adapter_metadata", "{}") or "{}").items()
-                         if k.endswith("lora_alpha")), None) if meta.get("lora_adapter_metadata") else None
+    peft_config = json.loads(meta.get("lora_adapter_metadata") or "{}")          # diffusers may record peft's
+    config_alpha = next((v for k, v in peft_config.items() if k.endswith("lora_alpha")), None)
     out = {}
     for k in sorted(state):
         if k.endswith(".lora_A.weight"):
@@ -225,8 +224,8 @@ def load_lora(module, path, scale=1.0, alpha=None):
         m = layers.get(name)
         if not isinstance(m, (nn.Linear, nn.Conv2d)):
             bad.append(f"{name} (no such layer)")
-        elif _delta(A, B).shape != m.weight.shape:
-            bad.append(f"{name} ({tuple(_delta(A, B).shape)} vs the layer's {tuple(m.weight.shape)})")
+        elif (shape := _delta(A, B).shape) != m.weight.shape:
+            bad.append(f"{name} ({tuple(shape)} vs the layer's {tuple(m.weight.shape)})")
     if bad:
         raise WeightsError(f"{path}: LoRA for another architecture; {len(bad)} of {len(adapters)} adapters do not "
                            f"fit: {', '.join(bad[:6])}{', ...' if len(bad) > 6 else ''}")
