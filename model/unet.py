@@ -110,9 +110,12 @@ class MidBlock(nn.Module):
         self.res2 = ResBlock(ch, ch, emb_dim, cfg.norm_groups, cfg.norm_eps, cfg.scale_shift_norm)
 
 
-class UNet(nn.Module):
-    def __init__(self, cfg: UNetConfig):
-        super().__init__()
+class Encoder(nn.Module):
+    """The first half of the U-Net: embeddings, input conv, down path and middle block. UNet completes it with the
+    up path; a ControlNet (model/controlnet.py) is a trainable copy of it, so both have the same parameter names."""
+
+    def _build_encoder(self, cfg: UNetConfig):
+        """Build the shared modules; returns (time-embedding width, channels of every skip feature kept)."""
         n = len(cfg.channels)
         if not (len(cfg.attention) == len(cfg.heads) == n):
             raise ValueError(f"UNetConfig: channels {cfg.channels}, attention {cfg.attention} and heads {cfg.heads} "
@@ -123,8 +126,6 @@ class UNet(nn.Module):
         self.time_embed = EmbeddingMLP(ch0, emb_dim)
         self.cond_embed = nn.ModuleDict({name: EmbeddingMLP(ch0, emb_dim) for name in cfg.scalar_conditions})
         self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
-
-        # Down path. `skips` records the channels of every feature map kept for the up path.
         skips, ch = [ch0], ch0
         self.down = nn.ModuleList()
         for i, out in enumerate(cfg.channels):
@@ -135,18 +136,7 @@ class UNet(nn.Module):
             skips += [out] * (cfg.layers_per_level + (0 if last else 1))
             ch = out
         self.mid = MidBlock(ch, emb_dim, cfg.heads[-1], cfg)
-
-        # Up path: one more res-block per level than on the way down, each eating one skip.
-        self.up = nn.ModuleList()
-        for i, out in reversed(list(enumerate(cfg.channels))):
-            in_chs = []
-            for _ in range(cfg.layers_per_level + 1):
-                in_chs.append(ch + skips.pop())
-                ch = out
-            self.up.append(Level(in_chs, out, emb_dim, cfg.heads[i], cfg, cfg.attention[i],
-                                 Upsample(out) if i > 0 else None))
-        self.norm_out = nn.GroupNorm(cfg.norm_groups, ch0, eps=cfg.norm_eps)
-        self.conv_out = nn.Conv2d(ch0, cfg.out_channels, 3, padding=1)
+        return emb_dim, skips
 
     def _call(self, module, *args):
         """Run a block, recomputing its activations in the backward pass when gradient checkpointing is on."""
@@ -166,10 +156,10 @@ class UNet(nn.Module):
             emb = emb + mlp(sinusoidal_embedding(cond[name], ch0).to(dtype))
         return emb
 
-    def forward(self, x, t, cond, down_residuals=None, mid_residual=None):
+    def encode(self, x, t, cond, hint=None):
         """x: (B, in_channels, H, W), t: (B,) or scalar, cond: {"text": (B, Lc, context_dim), scalar name: (B,) or
-        scalar}. H and W must be multiples of 2 ** (levels - 1). Returns (B, out_channels, H, W).
-        """
+        scalar}; hint (B, C0, H, W) is added after the input conv (a ControlNet's embedded control image).
+        Returns (middle block output, skip features [B, C, H', W'], time embedding (B, time_dim))."""
         B = x.shape[0]
         if x.shape[1] != self.cfg.in_channels:
             raise ValueError(f"U-Net expects {self.cfg.in_channels} input channels, got x of shape {tuple(x.shape)}")
@@ -178,8 +168,9 @@ class UNet(nn.Module):
                    for name in self.cond_embed if name in cond}
         emb = self.embed(t, scalars)                                             # B, time_dim
         context = cond["text"]                                                   # B, Lc, context_dim
-
         h = self.conv_in(x)                                                      # B, C0, H, W
+        if hint is not None:
+            h = h + hint
         feats = [h]
         for lvl in self.down:
             for j, res in enumerate(lvl.res):
@@ -190,17 +181,43 @@ class UNet(nn.Module):
             if lvl.resample is not None:
                 h = lvl.resample(h)                                              # B, C, H/2, W/2
                 feats.append(h)
+        h = self._call(self.mid.res1, h, emb)
+        h = self._call(self.mid.attn, h, context)
+        h = self._call(self.mid.res2, h, emb)
+        return h, feats, emb
+
+
+class UNet(Encoder):
+    def __init__(self, cfg: UNetConfig):
+        super().__init__()
+        emb_dim, skips = self._build_encoder(cfg)
+        ch = cfg.channels[-1]
+        # Up path: one more res-block per level than on the way down, each eating one skip.
+        self.up = nn.ModuleList()
+        for i, out in reversed(list(enumerate(cfg.channels))):
+            in_chs = []
+            for _ in range(cfg.layers_per_level + 1):
+                in_chs.append(ch + skips.pop())
+                ch = out
+            self.up.append(Level(in_chs, out, emb_dim, cfg.heads[i], cfg, cfg.attention[i],
+                                 Upsample(out) if i > 0 else None))
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, cfg.channels[0], eps=cfg.norm_eps)
+        self.conv_out = nn.Conv2d(cfg.channels[0], cfg.out_channels, 3, padding=1)
+
+    def forward(self, x, t, cond, down_residuals=None, mid_residual=None):
+        """x: (B, in_channels, H, W), t: (B,) or scalar, cond: {"text": (B, Lc, context_dim), scalar name: (B,) or
+        scalar}. H and W must be multiples of 2 ** (levels - 1). Returns (B, out_channels, H, W).
+        down_residuals (one per skip feature) and mid_residual are added to the skips and to the middle block's
+        output (what a ControlNet produces, model/controlnet.py).
+        """
+        h, feats, emb = self.encode(x, t, cond)
         if down_residuals is not None:                                           # ControlNet: one per skip feature
             if len(down_residuals) != len(feats):
                 raise ValueError(f"down_residuals: expected {len(feats)} tensors, got {len(down_residuals)}")
             feats = [f + r for f, r in zip(feats, down_residuals)]
-
-        h = self._call(self.mid.res1, h, emb)
-        h = self._call(self.mid.attn, h, context)
-        h = self._call(self.mid.res2, h, emb)
         if mid_residual is not None:
             h = h + mid_residual
-
+        context = cond["text"]
         for lvl in self.up:
             for j, res in enumerate(lvl.res):
                 h = self._call(res, torch.cat([h, feats.pop()], dim=1), emb)
