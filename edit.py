@@ -4,6 +4,7 @@
     python edit.py declouds --weights W --image IMG [--mask MASK] [--cloud-threshold 0.75]
     python edit.py img2img  --weights W --image IMG --strength 0.5 --prompt P --level 15 [--preset sr|dehaze]
     python edit.py extend   --weights W --prompts FILE --size 1024 4096 --level 16 [--method multidiffusion]
+    python edit.py translate --weights W --controlnet C --control IMG --task pan2rgb --prompt P --level 16
 
 Masks: white (>= 128) = regenerate, black = keep (the release's convention); a mask of another size is resized
 when its aspect ratio matches the image's. Pixels outside the mask are kept exactly beyond a feathered band of
@@ -12,7 +13,10 @@ text-to-image model by replacing the known latents at every step (--resample N f
 `--preset sr` upsamples the input --scale times and generates at the finer level (--level is the input's),
 `--preset dehaze` regenerates at the same level from the prompt of the clear scene. `extend` builds a canvas
 tile by tile: --prompts FILE holds one prompt per line in row-major tile order (or one for every tile); it prints
-the grid. Every PNG carries the command, inputs and settings in its text chunks; files are never overwritten
+the grid. `translate` generates the target modality of the --control image's frame with a ControlNet
+(model/controlnet.py) on the frozen model: pan2rgb, nir2rgb, sar2rgb, pan2nir take a grey image (a colour one is
+made grey with the training's luma weights), dehaze a hazy RGB image, sr a low-resolution one, up-sampled --scale
+times and generated at level + log2(scale); the output has the control's size. Every PNG carries the command, inputs and settings in its text chunks; files are never overwritten
 unless --overwrite. docs/editing.md has what each reaches on the procedural Earth.
 """
 import argparse
@@ -27,15 +31,17 @@ from PIL import Image, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from data.levels import asked_level, parse_level_prefix
+from data.modalities import SR_FACTOR, TASKS, to_pan
 from data.transforms import tensor_to_pil
 from model import editing
+from model.controlnet import Controlled, load_controlnet
 from model.lora import apply_loras
-from model.pipeline import default_guidance, device_and_dtype
+from model.pipeline import default_guidance, device_and_dtype, generate
 from model.samplers import SAMPLERS
 from model.weights import WeightsError, load_weights, trained_size
 
 DEFAULT_WEIGHTS = "out/demo/model.safetensors"   # what the README's demo command trains
-COMMANDS = ("inpaint", "declouds", "img2img", "extend")
+COMMANDS = ("inpaint", "declouds", "img2img", "extend", "translate")
 
 
 def parse_args(argv=None):
@@ -73,7 +79,8 @@ def parse_args(argv=None):
     for name, parents, help_ in (("inpaint", [common, images, masked], "regenerate the white part of --mask"),
                                  ("declouds", [common, images, masked], "inpaint the clouds (mask given or found)"),
                                  ("img2img", [common, images], "SDEdit: re-noise the image and denoise it"),
-                                 ("extend", [common], "a canvas of any size, tile by tile")):
+                                 ("extend", [common], "a canvas of any size, tile by tile"),
+                                 ("translate", [common], "another modality of the control image's frame")):
         s = sub.add_parser(name, parents=parents, help=help_, description=help_)
         if name == "inpaint":
             s.add_argument("--mask", required=True, help="white = regenerate, black = keep")
@@ -86,6 +93,14 @@ def parse_args(argv=None):
             s.add_argument("--strength", type=float, default=None, help="how far the input is re-noised, (0, 1]")
             s.add_argument("--preset", default=None, choices=sorted(editing.PRESETS))
             s.add_argument("--scale", type=int, default=2, choices=(2, 4), help="super-resolution factor")
+        if name == "translate":
+            s.add_argument("--controlnet", required=True, help="ControlNet weights: ours, or diffusers' (folder, file)")
+            s.add_argument("--control", required=True, help="the control image (PAN, NIR, SAR, hazy, low-res)")
+            s.add_argument("--task", default=None, choices=sorted(TASKS), help="default: the ControlNet's own")
+            s.add_argument("--control-scale", type=float, default=1.0, help="weight of the ControlNet's residuals")
+            s.add_argument("--scale", type=int, default=SR_FACTOR, help="sr: the up-sampling factor")
+            s.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
+                           help="output size (must be the control's, after sr's up-sampling)")
         if name == "extend":
             s.add_argument("--prompts", default=None, help="file: one prompt per line, row-major tile order")
             s.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"), help="multiples of 8")
@@ -142,6 +157,8 @@ def check_args(args, p):
             p.error("--preset sr needs the input's --level (> 0): the output is generated at level + log2(scale)")
     if args.command != "extend" and len(args.prompt or []) > 1:
         p.error(f"{args.command} takes one --prompt, got {len(args.prompt)}")
+    if args.command == "translate" and args.scale < 1:
+        p.error(f"--scale must be >= 1, got {args.scale}")
     if args.command in ("inpaint", "img2img") and not args.prompt:
         p.error(f"{args.command} needs --prompt (the scene wanted; \"\" for none)")
     prompts = []
@@ -205,7 +222,8 @@ def main(argv=None):
     p = args.parser
     out = Path(args.out)
     seeds = [args.seed + i for i in range(args.n)]
-    stem = "canvas" if args.command == "extend" else Path(args.image).stem
+    stem = {"extend": "canvas", "translate": Path(getattr(args, "control", "")).stem}.get(args.command) \
+        or Path(args.image).stem
     names = [out / f"{stem}_{args.command}_seed{s}.png" for s in seeds]
     if args.command == "declouds":
         names.append(out / f"{stem}_cloudmask.png")
@@ -213,7 +231,7 @@ def main(argv=None):
     if existing and not args.overwrite:
         p.error(f"{existing[0]} exists ({len(existing)} files would be overwritten); pass --overwrite or another --out")
     image = mask = None
-    if args.command != "extend":
+    if args.command not in ("extend", "translate"):
         image, mask = load_inputs(args, p)
     try:
         model = load_weights(args.weights, args.device, dtype={"unet": args.dtype, "text_encoder": args.dtype})
@@ -234,6 +252,8 @@ def main(argv=None):
     if args.cfg is None:
         args.cfg = 3.5 if editing.is_inpainting_model(model) else 4.0
     level = args.level
+    if args.command == "translate":
+        return translate(args, p, model, names)
     if args.command == "img2img" and args.preset == "sr":
         level = args.level + math.log2(args.scale)
         if level > 20:
@@ -252,6 +272,58 @@ def main(argv=None):
     for (picture, extra), name in zip(outputs, names):
         save(picture, name, {**info, **extra})
     print(f"wrote {len(outputs)} image(s) to {out}: {', '.join(n.name for n in names[:len(outputs)])}")
+    return 0
+
+
+def translate(args, p, model, names):
+    """The translate command: the ControlNet and its control image checked, one image a seed written."""
+    try:
+        net, meta = load_controlnet(args.controlnet, model.unet)
+    except WeightsError as e:
+        p.error(f"--controlnet: {e}")
+    task = args.task or meta.get("task")
+    if task not in TASKS:
+        p.error(f"--task: {args.controlnet} records no task; name one of {sorted(TASKS)}")
+    if args.task and meta.get("task") and args.task != meta["task"]:
+        p.error(f"--task {args.task}: {args.controlnet} was trained for {meta['task']}")
+    if task == "sr" and not args.level:
+        p.error("--task sr needs the input's --level (> 0): the output is generated at level + log2(scale)")
+    im = read_image(args.control, p, "--control")
+    if im.mode not in ("L", "RGB", "P"):
+        p.error(f"--control {args.control} has mode {im.mode} ({len(im.getbands())} bands): give a grey (1-channel) "
+                "or RGB (3-channel) image")
+    im = im.convert("RGB")
+    if task == "sr":                                                   # the training's control: LR up-sampled
+        im = im.resize((im.size[0] * args.scale, im.size[1] * args.scale), Image.BICUBIC)
+    W, H = im.size
+    if args.size and tuple(args.size) != (H, W):
+        p.error(f"--size {args.size[0]} {args.size[1]}: the output has the control image's size, {H} {W}"
+                + (f" (after x{args.scale} up-sampling)" if task == "sr" else "") + "; resize the control image")
+    f = model.vae.downsample * 2 ** (len(model.cfg.unet.channels) - 1)
+    if H % f or W % f:
+        p.error(f"--control {args.control}: {W}x{H}" + (f" after x{args.scale}" if task == "sr" else "") +
+                f": width and height must be multiples of {f} (crop or pad it)")
+    control = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    if TASKS[task][0] in ("pan", "nir", "sar"):
+        control = to_pan(control)                                      # grey, as the training's controls
+    if net.control_cfg.conditioning_channels != 3:
+        p.error(f"--controlnet {args.controlnet} reads {net.control_cfg.conditioning_channels}-channel control "
+                "images; translate gives it 3 (grey bands repeated)")
+    level = args.level + (math.log2(args.scale) if task == "sr" else 0.0)
+    if level > 20:
+        p.error(f"--task sr: input level {args.level:g} x{args.scale} asks for level {level:g}, beyond 20")
+    cond = {k: v for k, v in {"text": args.prompt[:1], "level": [level]}.items() if k in model.cfg.condition_names()}
+    unet = Controlled(model.unet, [(net, control, args.control_scale)])
+    info = {"command": "translate", "weights": args.weights, "controlnet": args.controlnet, "control": args.control,
+            "task": task, "control_scale": args.control_scale, "prompt": args.prompt[0], "level": f"{level:g}",
+            "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "level_cfg": args.level_cfg}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    for k, name in enumerate(names):
+        out = generate(model, cond, seeds=[args.seed + k], sampler=args.sampler, steps=args.steps, unet=unet,
+                       guidance=default_guidance(model, args.cfg, args.level_cfg), size=(H, W),
+                       negative_prompt=args.negative_prompt, dtype=args.dtype, progress=True)
+        save(out, name, {**info, "seed": args.seed + k})
+    print(f"{task}: wrote {len(names)} image(s) to {args.out}: {', '.join(n.name for n in names)}")
     return 0
 
 

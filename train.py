@@ -37,13 +37,15 @@ from data.loader import DATA, Batches, build_dataset
 from data.shards import write_shards as write
 from data.transforms import eval_transform, image_grid, tensor_to_pil
 from model import attention
-from model.checkpoint import checkpoint_paths, export, load_checkpoint, save_checkpoint
+from model.checkpoint import check_same_run, checkpoint_paths, export, load_checkpoint, save_checkpoint
 from model.config import ModelConfig, configure, usage
+from model.controlnet import ControlNet, ControlNetConfig
 from model.diffusion import Diffusion
 from model.flops import peak_tflops, unet_train_flops
 from model.lora import LoRAConfig, add_lora_to, lora_parameters
-from model.optim import PACE_MIN_STEPS, PACE_WINDOW, average_grads, first_plan, init_processes, lr_at, plan_steps
-from model.objectives import inpaint_loss, latent_scale, t2i_loss, vae_loss
+from model.optim import (PACE_MIN_STEPS, PACE_WINDOW, adamw, any_rank, average_grads, ema_update, first_plan,
+                         from_rank0, init_processes, lr_at, plan_steps)
+from model.objectives import control_loss, inpaint_loss, latent_scale, t2i_loss, vae_loss
 from model.pipeline import preview
 from model.text2earth import Text2Earth
 from model.weights import PARTS, load_pretrained
@@ -51,6 +53,7 @@ from model.weights import PARTS, load_pretrained
 log = logging.getLogger("train")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 OBJECTIVES = {"t2i": ("unet", ("vae", "text_encoder")), "inpaint": ("unet", ("vae", "text_encoder")),
+              "control": ("controlnet", ("unet", "vae", "text_encoder")),
               "vae": ("vae", ())}                                 # the part it calls; the frozen parts it uses
 
 
@@ -62,16 +65,22 @@ class BadInput(ValueError):
 class TrainConfig:
     # what to train, from where
     out_dir: str = "out/run"
-    train: str = "unet"             # the parts optimised, EMA'd and exported: "unet", "unet+text_encoder", "vae"
-    objective: str = "t2i"          # "t2i" (DCA diffusion loss) | "inpaint" (the 9-channel U-Net) | "vae"
+    train: str = "unet"             # the parts optimised, EMA'd and exported: "unet", "unet+text_encoder", "vae",
+                                    # "controlnet"
+    objective: str = "t2i"          # "t2i" (DCA diffusion loss) | "inpaint" (the 9-channel U-Net) | "vae" | "control"
     init_from: str = ""             # "" = from scratch, or a release folder (SD2-base, Text2Earth) / our .safetensors
     allow_untrained: bool = False   # let the objective use a frozen part that was never trained (tests only)
     lora: LoRAConfig = field(default_factory=lambda: LoRAConfig(rank=0))   # rank > 0: train adapters on the parts
+    controlnet: ControlNetConfig = field(default_factory=ControlNetConfig)  # --objective=control: a ControlNet
     resume: bool = True             # continue from out_dir's latest checkpoint if there is one
     write_shards: str = ""          # write the data as shards here and exit (+ latents of init_from's trained VAE)
     # data
-    data: str = "synthetic"         # "synthetic" | "karpathy" | "folder" | "git10m" | "shards"
+    data: str = "synthetic"         # "synthetic" | "karpathy" | "folder" | "git10m" | "shards" | "paired"
     data_path: str = ""
+    control_task: str = ""          # --objective=control: pan2rgb, nir2rgb, sar2rgb, pan2nir, sr, dehaze (data/modalities)
+    control_path: str = ""          # --data=paired: the control images' folder (data_path: the targets')
+    pair_replace: tuple = ()        # --data=paired: (old, new, ...) turning a control's path into its target's
+    modality: str = ""              # --data=synthetic: "sar" | "nir" | "pan" images for a modality LoRA ("" = rgb)
     data_split: str = "train"
     gsd_m: float = 0.0              # dataset-wide metres/pixel when samples carry no resolution (0 = none)
     min_quality: float = 0.0        # keep img_quality_score > this (stage 2: 4.8); 0 = keep all
@@ -121,11 +130,16 @@ def check_config(cfg):
     parts = cfg.train.split("+")
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"--objective must be one of {sorted(OBJECTIVES)}, got {cfg.objective!r}")
-    if any(p not in PARTS for p in parts) or len(set(parts)) != len(parts):
-        raise ValueError(f"--train={cfg.train!r}: name parts of {PARTS} joined by '+', e.g. unet+text_encoder")
+    if any(p not in PARTS + ("controlnet",) for p in parts) or len(set(parts)) != len(parts):
+        raise ValueError(f"--train={cfg.train!r}: name parts of {PARTS} joined by '+', e.g. unet+text_encoder, "
+                         "or controlnet")
+    if (cfg.objective == "control") != bool(cfg.control_task) or (cfg.objective == "control" and cfg.lora.rank):
+        raise ValueError("--objective=control and --control_task go together (a ControlNet learns the task's pairs; "
+                         "not with --lora.rank)")
     if OBJECTIVES[cfg.objective][0] not in parts:
         raise ValueError(f"--objective={cfg.objective} trains the {OBJECTIVES[cfg.objective][0]}: put it in --train")
-    inputs = {"t2i": cfg.model.vae.latent_channels, "inpaint": 2 * cfg.model.vae.latent_channels + 1}
+    inputs = {"t2i": cfg.model.vae.latent_channels, "inpaint": 2 * cfg.model.vae.latent_channels + 1,
+              "control": cfg.model.vae.latent_channels}
     if cfg.objective in inputs and cfg.model.unet.in_channels != inputs[cfg.objective]:
         raise ValueError(f"--objective={cfg.objective} feeds the U-Net {inputs[cfg.objective]} channels but "
                          f"model.unet.in_channels = {cfg.model.unet.in_channels} (9 channels: --objective=inpaint)")
@@ -171,18 +185,17 @@ def setup(cfg):
     resume = load_checkpoint(ckpts[-1]) if ckpts else None
     torch.manual_seed(cfg.seed)                                   # every rank builds the same weights
     if resume is not None:
-        before = {k: resume["train_config"].get(k) for k in ("train", "objective")}
-        before["lora.rank"] = (resume["train_config"].get("lora") or {}).get("rank", 0)
-        if before != {"train": cfg.train, "objective": cfg.objective, "lora.rank": cfg.lora.rank}:
-            raise ValueError(f"{ckpts[-1]} is a run of {before}; resume it with the same --train and --objective "
-                             "(and --lora.rank), or start a new --out_dir")
-        model = add_lora_to(Text2Earth(ModelConfig.from_dict(resume["model_config"])), cfg.train, cfg.lora)
-        model.load_state_dict(resume["model"])
+        check_same_run(resume["train_config"], cfg, ckpts[-1])
+        model = Text2Earth(ModelConfig.from_dict(resume["model_config"]))
         trained = set(resume.get("trained", PARTS))
     else:
         model = Text2Earth(copy.deepcopy(cfg.model))
         trained = load_pretrained(model, cfg.init_from) if cfg.init_from else set()
-        add_lora_to(model, cfg.train, cfg.lora)
+    if cfg.objective == "control":                                # the encoder copied from the (loaded) U-Net
+        model.controlnet = ControlNet.from_unet(model.unet, cfg.controlnet)
+    add_lora_to(model, cfg.train, cfg.lora)
+    if resume is not None:
+        model.load_state_dict(resume["model"])
     model.unet.cfg.gradient_checkpointing = cfg.model.unet.gradient_checkpointing   # a run-time choice, not stored
     parts, (calls, uses) = cfg.train.split("+"), OBJECTIVES[cfg.objective]
     untrained = [p for p in uses if p not in parts and p not in trained]
@@ -197,9 +210,7 @@ def setup(cfg):
     averaged.requires_grad_(not cfg.lora.rank).train()            # with LoRA only the adapters train
     ema = copy.deepcopy(averaged).requires_grad_(False).eval()
     params = [p.requires_grad_() for p in lora_parameters(averaged)] if cfg.lora.rank else list(averaged.parameters())
-    opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-                             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr,
-                            betas=cfg.betas, eps=cfg.adam_eps, fused=device.type in ("cuda", "cpu"))  # one kernel
+    opt = adamw(params, cfg, device)
     step, data_state, spent, planned, ended = 0, {"epoch": 0, "batch_in_epoch": 0}, 0.0, 0, 0.0
     if resume is not None:
         ema.load_state_dict(resume["ema"])
@@ -223,7 +234,7 @@ def loss_of(cfg, run, batch, g, idx, GB, autocast):
     if cfg.objective == "vae":                                    # the objective's loss of one micro-batch
         return vae_loss(run["net"], batch, generator=g, idx=idx, global_batch=GB, autocast=autocast,
                         kl_weight=cfg.kl_weight, channels_last=cfg.channels_last)
-    loss = inpaint_loss if cfg.objective == "inpaint" else t2i_loss
+    loss = {"inpaint": inpaint_loss, "control": control_loss}.get(cfg.objective, t2i_loss)
     return loss(run["model"], run["net"], batch, diffusion=run["diffusion"], generator=g, idx=idx, global_batch=GB,
                 autocast=autocast, train_text="text_encoder" in run["averaged"], timestep_power=cfg.timestep_power,
                 min_snr_gamma=cfg.min_snr_gamma)
@@ -285,7 +296,7 @@ def _loop(cfg, run, stop):
                 "train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
                 "train_seconds": seconds(), "planned_steps": total, "finished": step >= total}, cfg.keep_last)
             export(model, ema, averaged, out_dir / "model.safetensors", step, trained, cfg.image_size,
-                   cfg.lora if cfg.lora.rank else None)
+                   cfg.lora if cfg.lora.rank else None, cfg.control_task)
             log.info("saved %s", path)
 
     step_ends = collections.deque([t_run], maxlen=PACE_WINDOW + 1)
@@ -313,18 +324,13 @@ def _loop(cfg, run, stop):
         scaler.step(opt)
         scaler.update()
         opt.zero_grad(set_to_none=True)
-        with torch.no_grad():                                     # EMA (parameters are identical on every rank)
-            d = min(cfg.ema_decay, (1 + step) / (10 + step))
-            torch._foreach_lerp_(list(ema.parameters()), list(averaged.parameters()), 1 - d)
+        ema_update(ema, averaged, cfg.ema_decay, step)            # parameters are identical on every rank
         step += 1
         bar.update(1)
         step_ends.append(time.perf_counter())
         if cfg.max_minutes and step % cfg.log_every == 0 and len(step_ends) > PACE_MIN_STEPS:
             total = plan_steps(cfg, step, seconds(), (step_ends[-1] - step_ends[0]) / (len(step_ends) - 1))
-            if ddp:                                               # every rank runs rank 0's plan
-                planned = torch.tensor([total], device=device)
-                dist.broadcast(planned, 0)
-                total = int(planned.item())
+            total = from_rank0(total, device) if ddp else total  # every rank runs rank 0's plan
             bar.total = total
         if main and step % cfg.log_every == 0:
             ips = imgs_since * world / (time.perf_counter() - t_last)
@@ -340,11 +346,7 @@ def _loop(cfg, run, stop):
             image_grid([tensor_to_pil(im) for im in images], cols=len(images)).save(
                 out_dir / "samples" / f"step_{step:09d}.png")
             writer.add_images("samples", (images + 1) / 2, step)
-        stop_now = stop["now"]
-        if ddp:                                                   # all ranks stop at the same step
-            flag = torch.tensor([float(stop_now)], device=device)
-            dist.all_reduce(flag)
-            stop_now = flag.item() > 0
+        stop_now = any_rank(stop["now"], device) if ddp else stop["now"]   # all ranks stop at the same step
         if step % cfg.ckpt_every == 0 or step >= total or stop_now:
             if step >= total and cfg.objective == "vae":          # the latents' scale (EMA VAE) goes in the last save
                 model.cfg.vae.scaling_factor = latent_scale(ema["vae"], Batches(cfg, rank, world, **batches.state()))

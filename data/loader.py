@@ -1,31 +1,79 @@
 """From a run's config to endless, resumable micro-batches: the dataset it names and this process's batches.
 
 `cfg` is any object with train.py's data fields (data, data_path, data_split, image_size, gsd_m, min_quality,
-max_bad_fraction, seed, batch_size, num_workers, synthetic_*): TrainConfig in practice.
+max_bad_fraction, seed, batch_size, num_workers, synthetic_*): TrainConfig in practice. Paired data for a
+ControlNet (data/modalities.py) reads control_task, control_path and pair_replace, and a text -> SAR/NIR/PAN
+fine-tune on the procedural Earth reads modality; configs without these fields get none of it.
 """
 from pathlib import Path
 
 import torch
 
 from data.datasets import CaptionFolder, Git10M, KarpathyCaptions
+from data.levels import level_from_resolution
+from data.modalities import DERIVED, TASKS, ControlPairs, PairedFolder
 from data.sampler import ResumableSampler
 from data.shards import ShardDataset
 from data.samples import BadDataCounter, collate
 from data.transforms import train_transform
 
-DATA = ("synthetic", "karpathy", "folder", "git10m", "shards")
+DATA = ("synthetic", "karpathy", "folder", "git10m", "shards", "paired")
+SINGLE_MODALITIES = ("pan", "nir", "sar")     # cfg.modality: the procedural Earth's image is that view
+
+
+def _replace_pairs(v):
+    """pair_replace as ((old, new), ...) from pairs or a flat (old1, new1, old2, new2, ...)."""
+    v = tuple(v)
+    if all(isinstance(s, str) for s in v):
+        if len(v) % 2:
+            raise ValueError(f"--pair_replace: a flat list needs old, new strings in pairs, got {len(v)}: {v!r}")
+        return tuple(zip(v[::2], v[1::2]))
+    return tuple(tuple(p) for p in v)
+
+
+def _control_fields(cfg):
+    """(control_task, modality) of the run, checked against the data it reads."""
+    task, modality = getattr(cfg, "control_task", ""), getattr(cfg, "modality", "")
+    if task and task not in TASKS:
+        raise ValueError(f"--control_task={task!r} is unknown; tasks: {sorted(TASKS)}")
+    if modality and (modality not in SINGLE_MODALITIES or cfg.data != "synthetic" or task):
+        raise ValueError(f"--modality={modality!r}: one of {SINGLE_MODALITIES}, with --data=synthetic and no "
+                         f"--control_task (got --data={cfg.data}, --control_task={task!r})")
+    if cfg.data == "paired" and not task:
+        raise ValueError("--data=paired needs --control_task (e.g. sar2rgb) and --control_path")
+    if cfg.data == "shards" and task:
+        raise ValueError(f"--control_task={task}: tar shards hold no control images; not supported with --data=shards")
+    return task, modality
 
 
 def build_dataset(cfg):
-    """A map-style dataset of sample dicts (image (3, H, W) in [-1, 1], caption, level, ...)."""
+    """A map-style dataset of sample dicts (image (3, H, W) in [-1, 1], caption, level, ...; + control
+    (3, H, W) with a control_task)."""
+    task, modality = _control_fields(cfg)
     counter = BadDataCounter(max_bad_fraction=cfg.max_bad_fraction)
     tf = train_transform(cfg.image_size)
     if cfg.data == "synthetic":
         from data.synthetic import ProceduralEarth
         return ProceduralEarth(cfg.synthetic_samples, size=cfg.image_size, levels=cfg.synthetic_levels, seed=cfg.seed,
-                               integer_levels=cfg.synthetic_integer_levels)
+                               integer_levels=cfg.synthetic_integer_levels,
+                               pair=TASKS[task] if task else (modality or None))
     if not cfg.data_path:
         raise ValueError(f"--data={cfg.data} needs --data_path")
+    if cfg.data == "paired":
+        if not getattr(cfg, "control_path", ""):
+            raise ValueError("--data=paired needs --control_path (the control images; --data_path holds the targets)")
+        return PairedFolder(cfg.control_path, cfg.data_path, replace=_replace_pairs(getattr(cfg, "pair_replace", ())),
+                            level=level_from_resolution(cfg.gsd_m) if cfg.gsd_m else 0.0, transform=tf,
+                            counter=counter, seed=cfg.seed)
+    if task and TASKS[task][0] not in DERIVED:
+        raise ValueError(f"--control_task={task}: its control ({TASKS[task][0]}) cannot be derived from --data="
+                         f"{cfg.data}'s RGB images; it needs --data=paired (with --control_path) or --data=synthetic")
+    reader = _reader(cfg, tf, counter)
+    return ControlPairs(reader, task, seed=cfg.seed) if task else reader
+
+
+def _reader(cfg, tf, counter):
+    """The RGB reader that --data names (karpathy, folder, git10m)."""
     if cfg.data in ("karpathy", "folder") and Path(cfg.data_path).is_dir():
         raise ValueError(f"--data={cfg.data}: --data_path={cfg.data_path} is a folder; give the "
                          f"{'caption json' if cfg.data == 'karpathy' else 'manifest (.jsonl or .csv)'} in it")
@@ -38,7 +86,7 @@ def build_dataset(cfg):
     if cfg.data == "git10m":
         return Git10M(cfg.data_path, split=cfg.data_split, transform=tf, min_quality=cfg.min_quality or None,
                       counter=counter, seed=cfg.seed)
-    raise ValueError(f"--data must be synthetic, karpathy, folder, git10m or shards; got {cfg.data!r}")
+    raise ValueError(f"--data must be one of {DATA}; got {cfg.data!r}")
 
 
 class Batches:
@@ -49,6 +97,7 @@ class Batches:
         self.epoch, self.batch_in_epoch = epoch, batch_in_epoch
         self.collate = collate
         if cfg.data == "shards":
+            _control_fields(cfg)
             self.dataset = ShardDataset(cfg.data_path, rank=rank, world_size=world, seed=cfg.seed,
                                         transform=train_transform(cfg.image_size), batch_size=cfg.batch_size,
                                         min_quality=cfg.min_quality or None)

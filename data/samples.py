@@ -126,6 +126,22 @@ def sample_generator(seed, epoch, index):
     return torch.Generator().manual_seed(int(state))
 
 
+def decode_image(key, src, counter):
+    """Bytes or a path -> 8-bit RGB PIL image, or None when it cannot be read (recorded bad in `counter`,
+    as are conversions)."""
+    try:
+        img, note = load_rgb(src)
+    except FileNotFoundError:
+        counter.record_bad(key, f"missing file: {src}")
+        return None
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        counter.record_bad(key, f"unreadable image: {type(e).__name__}: {e}")
+        return None
+    if note is not None:
+        counter.record_converted(key, note)
+    return img
+
+
 def build_sample(key, image, caption, level, quality, *, transform, generator, counter,
                  min_size=0, allow_empty_caption=False, latent=None):
     """The shared pipeline: check caption, decode image (bytes/path) or take a latent, filter by
@@ -140,16 +156,9 @@ def build_sample(key, image, caption, level, quality, *, transform, generator, c
         return None
     sample = {"caption": caption, "level": float(level), "quality": float(quality), "key": key}
     if image is not None:
-        try:
-            img, note = load_rgb(image)
-        except FileNotFoundError:
-            counter.record_bad(key, f"missing file: {image}")
+        img = decode_image(key, image, counter)
+        if img is None:
             return None
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            counter.record_bad(key, f"unreadable image: {type(e).__name__}: {e}")
-            return None
-        if note is not None:
-            counter.record_converted(key, note)
         if min(img.size) < min_size:
             counter.record_filtered(key, f"size {img.size[0]}x{img.size[1]} < min_size {min_size}")
             return None
@@ -168,8 +177,8 @@ def build_sample(key, image, caption, level, quality, *, transform, generator, c
 
 
 def collate(batch):
-    """List of sample dicts (None = skipped) -> {"image": (B, 3, H, W), "latent": (B, 4, h, w)
-    (each when every sample has it), "caption": [B str], "level": (B,), "quality": (B,),
+    """List of sample dicts (None = skipped) -> {"image": (B, 3, H, W), "latent": (B, 4, h, w),
+    "control": (B, 3, H, W) (each when every sample has it), "caption": [B str], "level": (B,), "quality": (B,),
     "key": [B str], every other numeric field all samples have: (B,) float}; None when every
     sample was skipped: the training loop should skip such a batch but still count it as a step,
     so resume positions stay exact."""
@@ -181,7 +190,7 @@ def collate(batch):
            "quality": torch.tensor([s["quality"] for s in batch], dtype=torch.float32)}
     if all("label" in s for s in batch):                      # class labels (procedural Earth)
         out["label"] = torch.tensor([s["label"] for s in batch])
-    for name in ("image", "latent"):
+    for name in ("image", "latent", "control"):                # control: the paired input of data/modalities.py
         if all(name in s for s in batch):
             shapes = {tuple(s[name].shape) for s in batch}
             if len(shapes) > 1:
@@ -189,7 +198,7 @@ def collate(batch):
                 raise ValueError(f"collate: {name} shapes differ within a batch {sorted(shapes)}; "
                                  f"e.g. {ex} (use a transform with a fixed size)")
             out[name] = torch.stack([s[name] for s in batch])
-    for name in set(batch[0]) - set(out) - {"image", "latent"}:  # other numeric fields (a condition's, e.g.)
+    for name in set(batch[0]) - set(out) - {"image", "latent", "control"}:  # other numeric fields (a condition's, e.g.)
         if all(isinstance(s.get(name), (int, float)) and not isinstance(s.get(name), bool) for s in batch):
             out[name] = torch.tensor([float(s[name]) for s in batch])
     return out

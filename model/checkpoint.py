@@ -2,7 +2,8 @@
 
 A checkpoint (`ckpt_{step:09d}.pt`, read with torch.load(weights_only=True)) holds the model, the EMA of the
 trained parts, the optimizer, the step, each process's data position, the configs and the training seconds.
-The export (`model.safetensors`, model/weights.py) is the whole model with the EMA weights in the trained parts.
+The export (`model.safetensors`, model/weights.py) is the whole model with the EMA weights in the trained parts;
+a LoRA run exports its adapters alone, a ControlNet run its ControlNet alone.
 """
 import copy
 import os
@@ -10,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from model.controlnet import save_controlnet
 from model.lora import save_lora
 from model.weights import save_model
 
@@ -48,11 +50,26 @@ def finished(out_dir, max_steps):
     return bool(torch.load(ckpts[-1], map_location="cpu", weights_only=True, mmap=True).get("finished", False))
 
 
-def export(model, ema, parts, path, step, trained, image_size=None, lora=None):
+def check_same_run(before, cfg, path):
+    """Refuse to resume the checkpoint `path`, written by a run of train config `before` (a dict), with a config
+    `cfg` that trains something else: other parts, objective, LoRA rank or ControlNet task."""
+    keys = {"train": cfg.train, "objective": cfg.objective, "lora.rank": cfg.lora.rank,
+            "control_task": cfg.control_task}
+    was = {k: (before.get("lora") or {}).get("rank", 0) if k == "lora.rank" else before.get(k, "") for k in keys}
+    if was != keys:
+        raise ValueError(f"{path} is a run of {was}; resume it with the same --train and --objective (and "
+                         "--lora.rank, --control_task), or start a new --out_dir")
+
+
+def export(model, ema, parts, path, step, trained, image_size=None, lora=None, task=""):
     """The whole model with the EMA weights in `parts` (the ModuleDict the EMA copies) as one of our safetensors
     checkpoints; `trained` names the model's parts whose weights have been trained (model/weights.save_model).
     image_size, the training images' size, goes in the metadata (editing's default tile: weights.trained_size).
-    lora (a LoRAConfig): a LoRA run exports the EMA adapters alone, lora_{part}.safetensors beside `path`."""
+    lora (a LoRAConfig): a LoRA run exports the EMA adapters alone, lora_{part}.safetensors beside `path`; a
+    ControlNet run (parts["controlnet"]) its EMA ControlNet alone, controlnet.safetensors, with its `task`."""
+    if "controlnet" in ema:
+        info = {"step": step, "task": task, "image_size": image_size}
+        return save_controlnet(ema["controlnet"], Path(path).with_name("controlnet.safetensors"), info)
     if lora is not None:
         for name, module in ema.items():
             save_lora(module, Path(path).with_name(f"lora_{name}.safetensors"), lora, {"step": step}, part=name)

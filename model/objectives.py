@@ -2,6 +2,7 @@
 
     t2i_loss      Text2Earth's diffusion loss with DCA condition dropout (text-to-image; the U-Net)
     inpaint_loss  the same for the inpainting U-Net, which also reads a mask and the masked image's latent
+    control_loss  the same through a frozen U-Net with a trainable ControlNet reading the batch's control images
     vae_loss      the KL-VAE's reconstruction + KL loss
 
 Every random draw comes from `generator` and is made for the global micro-batch of `global_batch` samples, of
@@ -17,11 +18,11 @@ from model.masks import random_masks
 
 
 def t2i_loss(model, unet, batch, *, diffusion, generator, idx, global_batch, autocast, train_text=False,
-             timestep_power=1.0, min_snr_gamma=0.0, inpaint=False):
+             timestep_power=1.0, min_snr_gamma=0.0, inpaint=False, controlnet=None):
     """DCA diffusion loss of one micro-batch: drop each condition to its null (model.cfg.conditions), encode the
     images (or take the batch's pre-encoded latents), noise, predict with `unet` (model.unet, or its DDP wrapper).
-    inpaint: the U-Net also reads [mask, masked-image latent] beside x_t (inpaint_loss). Returns (mean loss,
-    {"mse": float})."""
+    inpaint: the U-Net also reads [mask, masked-image latent] beside x_t (inpaint_loss); controlnet: its residuals
+    for the batch's "control" images go into the U-Net (control_loss). Returns (mean loss, {"mse": float})."""
     g, GB = generator, global_batch
     device = next(model.unet.parameters()).device
     idx = idx[:len(batch["caption"])]
@@ -36,13 +37,17 @@ def t2i_loss(model, unet, batch, *, diffusion, generator, idx, global_batch, aut
             x0 = (post.mean + post.std * eps_vae) * model.cfg.vae.scaling_factor   # B, 4, h, w
     noise = torch.randn((GB, *x0.shape[1:]), generator=g)[idx].to(device)
     extra = masked_inputs(model, batch["image"].to(device), g, idx, GB) if inpaint else None
+    control = batch["control"].to(device) if controlnet is not None else None              # B, 3, H, W
     with torch.set_grad_enabled(train_text), autocast:
         encoded = model.encode_conditions(cond, device)                           # text: B, 77, D
 
     def model_fn(x_t, tt):
         with autocast:
             x_in = x_t if extra is None else torch.cat([x_t, extra], dim=1)      # B, 4 (+ 5), h, w
-            return unet(x_in, tt.to(device), encoded).float()
+            if control is None:
+                return unet(x_in, tt.to(device), encoded).float()
+            down, mid = controlnet(x_in, tt.to(device), encoded, control)
+            return unet(x_in, tt.to(device), encoded, down, mid).float()
 
     out = diffusion.training_losses(model_fn, x0, t.to(device), noise, prediction=model.cfg.diffusion.prediction,
                                     min_snr_gamma=min_snr_gamma or None)
@@ -57,6 +62,16 @@ def inpaint_loss(model, unet, batch, **kw):
     if "image" not in batch:
         raise ValueError("the inpainting objective needs images (it encodes the masked image): not latent-only data")
     return t2i_loss(model, unet, batch, inpaint=True, **kw)
+
+
+def control_loss(model, controlnet, batch, **kw):
+    """The ControlNet's loss (Zhang et al. 2023): t2i_loss through the frozen model.unet, with `controlnet` (or
+    its DDP wrapper) reading the batch's "control" images (B, C, H, W) in [-1, 1] beside x_t, t and the same
+    DCA-dropped conditions; only the ControlNet learns. The paper drops half the prompts so that the control alone
+    is learned too: --model.conditions.text.p_drop=0.5."""
+    if "control" not in batch:
+        raise ValueError("the ControlNet objective needs control images in the batch (a --control_task's data)")
+    return t2i_loss(model, model.unet, batch, controlnet=controlnet, **kw)
 
 
 @torch.no_grad()

@@ -1,6 +1,6 @@
 """The trainer's processes, schedule and collectives: torchrun's process group and the device, the learning rate,
-the length of a run under a time budget, the averaging of gradients outside DDP's module. `cfg` is train.py's
-TrainConfig."""
+the length of a run under a time budget, the collectives outside DDP's module, the optimizer and the EMA. `cfg` is
+train.py's TrainConfig."""
 import math
 import os
 
@@ -71,3 +71,33 @@ def average_grads(params, world):
         flat /= world
         for g, part in zip(grads, flat.split([g.numel() for g in grads])):
             g.copy_(part.view_as(g))
+
+
+def adamw(params, cfg, device):
+    """AdamW over `params`, weight decay on matrices and kernels only (not on biases and norms), fused into one
+    kernel on CUDA and the CPU."""
+    return torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+                              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}], lr=cfg.lr,
+                             betas=cfg.betas, eps=cfg.adam_eps, fused=torch.device(device).type in ("cuda", "cpu"))
+
+
+@torch.no_grad()
+def ema_update(ema, live, decay, step):
+    """ema <- lerp(ema, live, 1 - d) with d = min(decay, (1 + step) / (10 + step)): the warm-up of the average
+    lets early steps count more."""
+    d = min(decay, (1 + step) / (10 + step))
+    torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1 - d)
+
+
+def from_rank0(value, device):
+    """An int every process takes from rank 0 (its plan of the run's length)."""
+    t = torch.tensor([value], device=device)
+    dist.broadcast(t, 0)
+    return int(t.item())
+
+
+def any_rank(flag, device):
+    """True on every process when `flag` is true on any (a stop signal that reached one of them)."""
+    t = torch.tensor([float(flag)], device=device)
+    dist.all_reduce(t)
+    return t.item() > 0

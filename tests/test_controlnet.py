@@ -2,6 +2,7 @@
 "timestep", random weights, loaded through our reader from the folder and the lone file diffusers writes), our
 file round trip, and the errors for another architecture and a control image that does not fit."""
 import copy
+import re
 
 import pytest
 import torch
@@ -105,3 +106,55 @@ def test_file_round_trip_and_errors(tmp_path):
     save_file({"w": torch.zeros(1)}, tmp_path / "x.safetensors")
     with pytest.raises(WeightsError, match="neither a ControlNet of ours"):
         load_controlnet(tmp_path / "x.safetensors", unet)
+
+
+def test_a_controlnet_run_trains_it_alone_resumes_exactly_and_translates(tiny_ckpt, tmp_path, capsys):
+    """train.py --objective=control on the procedural Earth's PAN -> RGB pairs from a checkpoint: the model's weights
+    never move, the export is the ControlNet alone with its task, 2 + 2 resumed steps equal 4 straight; edit.py
+    translate runs it and refuses what does not fit."""
+    import edit
+    import train
+    from PIL import Image
+    from model.weights import load_model
+    args = ["--config", "configs/tiny.py", "--data=synthetic", "--image_size=32", "--synthetic_samples=16",
+            "--num_workers=0", "--warmup_steps=0", "--lr=1e-3", "--batch_size=4", f"--init_from={tiny_ckpt}",
+            "--objective=control", "--train=controlnet", "--control_task=pan2rgb",
+            "--controlnet.embedding_channels=(8, 16)", "--ckpt_every=100"]
+    train.train(train.parse_config(args + [f"--out_dir={tmp_path / 'straight'}", "--max_steps=4"]))
+    train.train(train.parse_config(args + [f"--out_dir={tmp_path / 'split'}", "--max_steps=2"]))
+    train.train(train.parse_config(args + [f"--out_dir={tmp_path / 'split'}", "--max_steps=4"]))
+    base = load_model(tiny_ckpt).state_dict()
+    ckpt = train.load_checkpoint(train.checkpoint_paths(tmp_path / "straight")[-1])
+    resumed = train.load_checkpoint(train.checkpoint_paths(tmp_path / "split")[-1])
+    for k, v in base.items():
+        assert torch.equal(ckpt["model"][k], v), k                                # frozen, bit for bit
+    learned = {k: v for k, v in ckpt["model"].items() if k.startswith("controlnet.")}
+    assert any(v.abs().max() > 0 for k, v in learned.items() if "zero_" in k)     # the zero convolutions moved
+    assert max((v - resumed["model"][k]).abs().max().item() for k, v in learned.items()) <= 1e-6
+    out = tmp_path / "straight"
+    assert (out / "controlnet.safetensors").is_file() and not (out / "model.safetensors").exists()
+    net, info = load_controlnet(out / "controlnet.safetensors", load_model(tiny_ckpt).unet)
+    assert info["task"] == "pan2rgb" and info["step"] == 4
+    with pytest.raises(train.BadInput, match="--control_task"):
+        train.train(train.parse_config(args + [f"--out_dir={tmp_path / 'split'}", "--max_steps=6",
+                                               "--control_task=dehaze"]))
+    with pytest.raises(train.BadInput, match="--objective=control and --control_task go together"):
+        train.parse_config([a for a in args if a not in ("--objective=control", "--train=controlnet")])
+
+    Image.fromarray((torch.rand(32, 32) * 255).byte().numpy(), mode="L").save(tmp_path / "pan.png")
+    run = ["translate", "--weights", str(tiny_ckpt), "--controlnet", str(out / "controlnet.safetensors"),
+           "--control", str(tmp_path / "pan.png"), "--prompt", "a forest", "--level", "15", "--steps", "2"]
+    assert edit.main(run + ["--out", str(tmp_path / "t")]) == 0
+    made = Image.open(tmp_path / "t" / "pan_translate_seed0.png")
+    assert made.size == (32, 32) and made.text["task"] == "pan2rgb"
+    Image.new("RGBA", (32, 32)).save(tmp_path / "rgba.png")
+    Image.new("L", (36, 36)).save(tmp_path / "odd.png")
+    for extra, message in ((["--task", "sr"], "--task sr: .* was trained for pan2rgb"),
+                           (["--size", "64", "64"], "the output has the control image's size, 32 32"),
+                           (["--control", str(tmp_path / "rgba.png")], "has mode RGBA \\(4 bands\\)"),
+                           (["--control", str(tmp_path / "odd.png")], "36x36: width and height must be multiples"),
+                           (["--controlnet", str(tiny_ckpt)], "--controlnet: .*neither a ControlNet of ours")):
+        with pytest.raises(SystemExit) as e:
+            edit.main(run + ["--out", str(tmp_path / "u")] + extra)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and re.search(message, err), err
