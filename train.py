@@ -192,7 +192,7 @@ def setup(cfg):
         model = Text2Earth(copy.deepcopy(cfg.model))
         trained = load_pretrained(model, cfg.init_from) if cfg.init_from else set()
     if cfg.objective == "control":                                # the encoder copied from the (loaded) U-Net
-        model.controlnet = ControlNet.from_unet(model.unet, cfg.controlnet)
+        model.controlnet = ControlNet.from_unet(model.unet, cfg.controlnet, model.vae.downsample)
     add_lora_to(model, cfg.train, cfg.lora)
     if resume is not None:
         model.load_state_dict(resume["model"])

@@ -15,6 +15,7 @@ classifier-free guidance every branch, the null one included, sees the control i
 Shapes: B batch, C channels, h, w latent size, H, W image size (h * f, f the VAE's downsampling).
 """
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
@@ -84,9 +85,14 @@ class ControlNet(Encoder):
         self.zero_mid = zero(nn.Conv2d(unet_cfg.channels[-1], unet_cfg.channels[-1], 1))
 
     @classmethod
-    def from_unet(cls, unet, cfg: ControlNetConfig = None):
-        """A ControlNet whose encoder starts as a copy of `unet`'s (the paper's initialisation), on its device."""
+    def from_unet(cls, unet, cfg: ControlNetConfig = None, downsample=None):
+        """A ControlNet whose encoder starts as a copy of `unet`'s (the paper's initialisation), on its device;
+        `downsample`, the VAE's factor, is checked against the control embedding's."""
         net = cls(UNetConfig(**asdict(unet.cfg)), cfg).to(next(unet.parameters()).device)
+        if downsample is not None and net.factor != downsample:
+            raise ValueError(f"--controlnet.embedding_channels={net.control_cfg.embedding_channels} down-samples the "
+                             f"control image {net.factor}x, the VAE {downsample}x: give "
+                             f"{int(math.log2(downsample)) + 1} entries, e.g. {(16, 32, 96, 256)[:int(math.log2(downsample)) + 1]}")
         mine = net.state_dict()
         net.load_state_dict({k: v for k, v in unet.state_dict().items() if k in mine}, strict=False)
         return net

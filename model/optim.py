@@ -83,10 +83,12 @@ def adamw(params, cfg, device):
 
 @torch.no_grad()
 def ema_update(ema, live, decay, step):
-    """ema <- lerp(ema, live, 1 - d) with d = min(decay, (1 + step) / (10 + step)): the warm-up of the average
-    lets early steps count more."""
+    """ema <- lerp(ema, live, 1 - d) with d = min(decay, (1 + step) / (10 + step)) (the warm-up of the average lets
+    early steps count more), over the parameters that train: frozen ones (a LoRA run's base weights) stay equal."""
     d = min(decay, (1 + step) / (10 + step))
-    torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1 - d)
+    pairs = [(e, p) for e, p in zip(ema.parameters(), live.parameters()) if p.requires_grad]
+    if pairs:
+        torch._foreach_lerp_([e for e, _ in pairs], [p for _, p in pairs], 1 - d)
 
 
 def from_rank0(value, device):
