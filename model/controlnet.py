@@ -88,7 +88,7 @@ class ControlNet(Encoder):
     def from_unet(cls, unet, cfg: ControlNetConfig = None, downsample=None):
         """A ControlNet whose encoder starts as a copy of `unet`'s (the paper's initialisation), on its device;
         `downsample`, the VAE's factor, is checked against the control embedding's."""
-        net = cls(UNetConfig(**asdict(unet.cfg)), cfg).to(next(unet.parameters()).device)
+        net = cls(unet.cfg, cfg).to(next(unet.parameters()).device)    # the config shared: run-time settings too
         if downsample is not None and net.factor != downsample:
             raise ValueError(f"--controlnet.embedding_channels={net.control_cfg.embedding_channels} down-samples the "
                              f"control image {net.factor}x, the VAE {downsample}x: give "
