@@ -16,8 +16,9 @@ tile by tile: --prompts FILE holds one prompt per line in row-major tile order (
 the grid. `translate` generates the target modality of the --control image's frame with a ControlNet
 (model/controlnet.py) on the frozen model: pan2rgb, nir2rgb, sar2rgb, pan2nir take a grey image (a colour one is
 made grey with the training's luma weights), dehaze a hazy RGB image, sr a low-resolution one, up-sampled --scale
-times and generated at level + log2(scale); the output has the control's size. Every PNG carries the command, inputs and settings in its text chunks; files are never overwritten
-unless --overwrite. docs/editing.md has what each reaches on the procedural Earth.
+times and generated at level + log2(scale); the output has the control's size. Every PNG carries the command,
+inputs and settings in its text chunks; files are never overwritten unless --overwrite. docs/editing.md has what
+each edit reaches on the procedural Earth, docs/multimodal.md what translation does.
 """
 import argparse
 import math

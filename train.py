@@ -77,7 +77,7 @@ class TrainConfig:
     # data
     data: str = "synthetic"         # "synthetic" | "karpathy" | "folder" | "git10m" | "shards" | "paired"
     data_path: str = ""
-    control_task: str = ""          # --objective=control: pan2rgb, nir2rgb, sar2rgb, pan2nir, sr, dehaze (data/modalities)
+    control_task: str = ""          # --objective=control: pan2rgb, nir2rgb, sar2rgb, pan2nir, sr, dehaze
     control_path: str = ""          # --data=paired: the control images' folder (data_path: the targets')
     pair_replace: tuple = ()        # --data=paired: (old, new, ...) turning a control's path into its target's
     modality: str = ""              # --data=synthetic: "sar" | "nir" | "pan" images for a modality LoRA ("" = rgb)

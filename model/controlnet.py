@@ -90,9 +90,10 @@ class ControlNet(Encoder):
         `downsample`, the VAE's factor, is checked against the control embedding's."""
         net = cls(unet.cfg, cfg).to(next(unet.parameters()).device)    # the config shared: run-time settings too
         if downsample is not None and net.factor != downsample:
+            n = int(math.log2(downsample)) + 1
             raise ValueError(f"--controlnet.embedding_channels={net.control_cfg.embedding_channels} down-samples the "
-                             f"control image {net.factor}x, the VAE {downsample}x: give "
-                             f"{int(math.log2(downsample)) + 1} entries, e.g. {(16, 32, 96, 256)[:int(math.log2(downsample)) + 1]}")
+                             f"control image {net.factor}x, the VAE {downsample}x: give {n} entries, e.g. "
+                             f"{(16, 32, 96, 256, 512)[:n]}")
         mine = net.state_dict()
         net.load_state_dict({k: v for k, v in unet.state_dict().items() if k in mine}, strict=False)
         return net

@@ -94,7 +94,8 @@ def test_file_round_trip_and_errors(tmp_path):
         back(x, t, cond, control[:, :, :16, :16])
     other = copy.deepcopy(cfg)
     other.channels = tuple(2 * c for c in cfg.channels)
-    with pytest.raises(WeightsError, match=r"a ControlNet for another U-Net: channels: \(32, 64, 64\) here, \(64, 128, 128\) in the U-Net"):
+    with pytest.raises(WeightsError, match=r"a ControlNet for another U-Net: channels: \(32, 64, 64\) here, "
+                                           r"\(64, 128, 128\) in the U-Net"):
         load_controlnet(tmp_path / "c.safetensors", UNet(other))
     state = {k: v for k, v in net.state_dict().items() if not k.startswith("zero_mid")}
     state["down.0.res.0.conv1.weight"] = torch.zeros(3, 3, 3, 3)

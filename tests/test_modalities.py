@@ -26,7 +26,8 @@ def _image(seed=0, size=32):
     """(3, size, size) in [-1, 1]: a smooth gradient + noise, so both low and high frequencies are present."""
     g = _gen(seed)
     ramp = torch.linspace(-0.6, 0.6, size)
-    return (ramp[None, :, None] + ramp[None, None, :] * 0.5 + 0.3 * torch.randn(3, size, size, generator=g)).clamp(-1, 1)
+    noise = 0.3 * torch.randn(3, size, size, generator=g)
+    return (ramp[None, :, None] + ramp[None, None, :] * 0.5 + noise).clamp(-1, 1)
 
 
 def _laplacian_energy(x):
@@ -209,7 +210,8 @@ def test_paired_folder_qxs(tmp_path):
     assert len(ds) == 4
     assert [ds[i]["caption"] for i in (0, 1, 3)] == ["by name", "by stem", ""]
     assert ds[0]["image"].shape == (3, 12, 12)
-    assert ds[2] is None and counter.bad == 1 and "12x12" in counter.examples[0][1] and "12x10" in counter.examples[0][1]
+    assert ds[2] is None and counter.bad == 1
+    assert "12x12" in counter.examples[0][1] and "12x10" in counter.examples[0][1]
     with pytest.raises(ValueError, match=r"under .*sar .*under .*nothing.*nothing/0\.png is missing"):
         PairedFolder(tmp_path / "sar", tmp_path / "nothing")
     with pytest.raises(ValueError, match="no image files"):
@@ -231,7 +233,8 @@ def test_procedural_earth_pairs():
             c = item["control"]
             assert torch.equal(c[0], c[1]) and torch.equal(c[1], c[2])
     sar = ProceduralEarth(4, size=32, seed=2, pair="sar")[1]
-    assert "control" not in sar and torch.equal(sar["image"], ProceduralEarth(4, size=32, seed=2, pair=("sar", "rgb"))[1]["control"])
+    paired = ProceduralEarth(4, size=32, seed=2, pair=("sar", "rgb"))[1]
+    assert "control" not in sar and torch.equal(sar["image"], paired["control"])
     batch = collate([ProceduralEarth(4, size=32, seed=2, pair=("sar", "rgb"))[i] for i in range(3)] + [None])
     assert batch["control"].shape == batch["image"].shape == (3, 3, 32, 32)
     with pytest.raises(ValueError, match="single modality"):
