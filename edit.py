@@ -33,6 +33,7 @@ from PIL.PngImagePlugin import PngInfo
 
 from data.levels import asked_level, parse_level_prefix
 from data.modalities import SR_FACTOR, TASKS, to_pan
+from data.samples import to_rgb8
 from data.transforms import tensor_to_pil
 from model import editing
 from model.controlnet import Controlled, load_controlnet
@@ -290,10 +291,13 @@ def translate(args, p, model, names):
     if task == "sr" and not args.level:
         p.error("--task sr needs the input's --level (> 0): the output is generated at level + log2(scale)")
     im = read_image(args.control, p, "--control")
-    if im.mode not in ("L", "RGB", "P"):
-        p.error(f"--control {args.control} has mode {im.mode} ({len(im.getbands())} bands): give a grey (1-channel) "
-                "or RGB (3-channel) image")
-    im = im.convert("RGB")
+    if im.mode not in ("L", "RGB", "P", "I;16", "I;16B", "I;16L", "I"):
+        p.error(f"--control {args.control} has mode {im.mode} ({len(im.getbands())} bands): give a grey (1-channel, "
+                "8 or 16 bits) or RGB (3-channel) image")
+    try:
+        im = to_rgb8(im)[0]                                            # 16-bit grey scaled to 8 bits
+    except ValueError as e:
+        p.error(f"--control {args.control}: {e}")
     if task == "sr":                                                   # the training's control: LR up-sampled
         im = im.resize((im.size[0] * args.scale, im.size[1] * args.scale), Image.BICUBIC)
     W, H = im.size
