@@ -34,7 +34,7 @@ from PIL.PngImagePlugin import PngInfo
 from data.levels import asked_level, parse_level_prefix
 from data.modalities import SR_FACTOR, TASKS, to_pan
 from data.samples import to_rgb8
-from data.transforms import tensor_to_pil
+from data.transforms import pil_to_tensor, tensor_to_pil
 from model import editing
 from model.controlnet import Controlled, load_controlnet
 from model.lora import apply_loras
@@ -254,8 +254,6 @@ def main(argv=None):
     if args.cfg is None:
         args.cfg = 3.5 if editing.is_inpainting_model(model) else 4.0
     level = args.level
-    if args.command == "translate":
-        return translate(args, p, model, names)
     if args.command == "img2img" and args.preset == "sr":
         level = args.level + math.log2(args.scale)
         if level > 20:
@@ -267,7 +265,10 @@ def main(argv=None):
             "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "level_cfg": args.level_cfg,
             "negative_prompt": args.negative_prompt}
     try:
-        outputs = run(args, model, image, mask, level, seeds, sampling, info, out)
+        if args.command == "translate":
+            outputs = translate(args, p, model, seeds, sampling, info)
+        else:
+            outputs = run(args, model, image, mask, level, seeds, sampling, info, out)
     except ValueError as e:                                           # a combination the library refuses
         p.error(str(e))
     out.mkdir(parents=True, exist_ok=True)
@@ -277,12 +278,16 @@ def main(argv=None):
     return 0
 
 
-def translate(args, p, model, names):
-    """The translate command: the ControlNet and its control image checked, one image a seed written."""
+def translate(args, p, model, seeds, sampling, info):
+    """The translate command: the ControlNet and its control image checked, then one image a seed, as run()'s
+    [(image (1, 3, H, W), extra text chunks)]; `info` gains the ControlNet's settings and the output level."""
     try:
         net, meta = load_controlnet(args.controlnet, model.unet)
     except WeightsError as e:
         p.error(f"--controlnet: {e}")
+    if net.control_cfg.conditioning_channels != 3:
+        p.error(f"--controlnet {args.controlnet} reads {net.control_cfg.conditioning_channels}-channel control "
+                "images; translate gives it 3 (grey bands repeated)")
     task = args.task or meta.get("task")
     if task not in TASKS:
         p.error(f"--task: {args.controlnet} records no task; name one of {sorted(TASKS)}")
@@ -308,28 +313,17 @@ def translate(args, p, model, names):
     if H % f or W % f:
         p.error(f"--control {args.control}: {W}x{H}" + (f" after x{args.scale}" if task == "sr" else "") +
                 f": width and height must be multiples of {f} (crop or pad it)")
-    control = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
+    control = pil_to_tensor(im)[None]                                  # 1, 3, H, W in [-1, 1]
     if TASKS[task][0] in ("pan", "nir", "sar"):
         control = to_pan(control)                                      # grey, as the training's controls
-    if net.control_cfg.conditioning_channels != 3:
-        p.error(f"--controlnet {args.controlnet} reads {net.control_cfg.conditioning_channels}-channel control "
-                "images; translate gives it 3 (grey bands repeated)")
     level = args.level + (math.log2(args.scale) if task == "sr" else 0.0)
     if level > 20:
         p.error(f"--task sr: input level {args.level:g} x{args.scale} asks for level {level:g}, beyond 20")
     cond = {k: v for k, v in {"text": args.prompt[:1], "level": [level]}.items() if k in model.cfg.condition_names()}
     unet = Controlled(model.unet, [(net, control, args.control_scale)])
-    info = {"command": "translate", "weights": args.weights, "controlnet": args.controlnet, "control": args.control,
-            "task": task, "control_scale": args.control_scale, "prompt": args.prompt[0], "level": f"{level:g}",
-            "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "level_cfg": args.level_cfg}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    for k, name in enumerate(names):
-        out = generate(model, cond, seeds=[args.seed + k], sampler=args.sampler, steps=args.steps, unet=unet,
-                       guidance=default_guidance(model, args.cfg, args.level_cfg), size=(H, W),
-                       negative_prompt=args.negative_prompt, dtype=args.dtype, progress=True)
-        save(out, name, {**info, "seed": args.seed + k})
-    print(f"{task}: wrote {len(names)} image(s) to {args.out}: {', '.join(n.name for n in names)}")
-    return 0
+    info.update(controlnet=args.controlnet, control=args.control, task=task, control_scale=args.control_scale,
+                level=f"{level:g}")
+    return [(generate(model, cond, seeds=[s], unet=unet, size=(H, W), **sampling), {"seed": s}) for s in seeds]
 
 
 def run(args, model, image, mask, level, seeds, sampling, info, out):

@@ -3,8 +3,9 @@ NIR and SAR views (data/synthetic/sensors.py):
 
 - text -> SAR (a LoRA fine-tune): are the generated images SAR-like? A simple statistic, the colour spread
   (chroma: the std over the RGB channels, 0 for a grey image), separates SAR views from RGB renders; its threshold
-  is fitted on real views, then applied to the LoRA's images and the base model's for the same prompts. Does the
-  scene class still follow the prompt? A probe (evaluation/probe.py) trained on SAR views reads the class.
+  is fitted on the VAE's reconstructions of both (what the decoder makes of them), then applied to the LoRA's
+  images and the base model's for the same prompts. Does the scene class still follow the prompt? A probe
+  (evaluation/probe.py) trained on SAR views through the VAE reads the class.
 - PAN -> RGB (a ControlNet): the colour error of the output against the true RGB frame, mean |chroma vector
   difference| (rgb minus its luma, 0..255 units), against two baselines: the colourless output (the PAN image
   itself) and the base model without control, from the same caption, level and seed.
@@ -62,11 +63,15 @@ def _generate(model, fr, unet=None, seed=0, batch=48, steps=20):
     return torch.cat(out)
 
 
+def _accuracy(a, b, thr):
+    """The fraction of scores a below `thr` and of b at or above it, averaged over the two sets (1/2 is chance)."""
+    return ((a < thr).float().mean() + (b >= thr).float().mean()).item() / 2
+
+
 def _split(a, b):
-    """(threshold, accuracy): the midpoint of the medians of scores a (below: class A) and b, and the fraction of
-    both sets it puts on their side (the mean of the two rates: 1/2 is chance)."""
+    """(threshold, accuracy): the midpoint of the medians of scores a (below: class A) and b, and its _accuracy."""
     thr = ((a.median() + b.median()) / 2).item()
-    return thr, ((a < thr).float().mean() + (b >= thr).float().mean()).item() / 2
+    return thr, _accuracy(a, b, thr)
 
 
 def sar_figures(base, tuned, n=48, size=32, seed=1, probe_frames=1080, probe_steps=600, steps=20):
@@ -92,7 +97,7 @@ def sar_figures(base, tuned, n=48, size=32, seed=1, probe_frames=1080, probe_ste
         held["image"] = torch.cat([through(x) for x in held["image"].split(256)])
     probe = train_probe((held["image"], held["label"], held["level"]), steps=probe_steps)
     figures = dict(real_accuracy=_split(c["real_sar"], c["real_rgb"])[1], recon_accuracy=recon_acc, threshold=thr,
-                   generated_accuracy=((c["lora"] < thr).float().mean() + (c["base"] >= thr).float().mean()).item() / 2,
+                   generated_accuracy=_accuracy(c["lora"], c["base"], thr),
                    **{f"chroma_{k}": v.mean().item() for k, v in c.items()},
                    class_recon_sar=evaluate_probe(probe, recon_sar, fr["label"], fr["level"])["class_acc"],
                    class_lora=evaluate_probe(probe, sar, fr["label"], fr["level"])["class_acc"],
