@@ -32,23 +32,24 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm.auto import tqdm
 
-from data.samples import sample_generator
+from data.samples import MIN_SAMPLES, sample_generator
 from data.loader import DATA, Batches, build_dataset
 from data.shards import write_shards as write
 from data.transforms import eval_transform, image_grid, tensor_to_pil
 from model import attention
-from model.checkpoint import check_same_run, checkpoint_paths, export, load_checkpoint, save_checkpoint
+from model.checkpoint import (check_same_run, checkpoint_paths, export, latest_checkpoint, load_checkpoint,
+                              model_changes, nonfinite, remove_temporaries, save_checkpoint, set_aside)
 from model.config import ModelConfig, configure, usage
 from model.controlnet import ControlNet, ControlNetConfig
 from model.diffusion import Diffusion
 from model.flops import peak_tflops, unet_train_flops
 from model.lora import LoRAConfig, add_lora_to, lora_parameters
-from model.optim import (PACE_MIN_STEPS, PACE_WINDOW, adamw, any_rank, average_grads, ema_update, first_plan,
-                         from_rank0, init_processes, lr_at, plan_steps)
+from model.optim import (PACE_MIN_STEPS, PACE_WINDOW, adamw, average_grads, ema_update, first_plan, from_rank0,
+                         init_processes, lr_at, plan_steps, sum_over_ranks)
 from model.objectives import control_loss, inpaint_loss, latent_scale, t2i_loss, vae_loss
 from model.pipeline import preview
 from model.text2earth import Text2Earth
-from model.weights import PARTS, load_pretrained
+from model.weights import PARTS, SaveError, load_pretrained
 
 log = logging.getLogger("train")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -58,7 +59,12 @@ OBJECTIVES = {"t2i": ("unet", ("vae", "text_encoder")), "inpaint": ("unet", ("va
 
 
 class BadInput(ValueError):
-    """A config, path, device or starting point the run cannot start with: one line, exit code 2."""
+    """A config, path, device, starting point or data the run cannot go on with: one line, exit code 2."""
+
+
+class RunStopped(RuntimeError):
+    """A fault the run stopped at (it diverged, a last save failed): one line, exit code 1. What was saved before
+    stays; the message says what to do."""
 
 
 @dataclass
@@ -89,7 +95,8 @@ class TrainConfig:
     synthetic_levels: tuple = (10.0, 18.0)
     synthetic_integer_levels: bool = False
     num_workers: int = 2
-    max_bad_fraction: float = 0.01  # stop when more than this fraction of samples is unreadable
+    max_bad_fraction: float = 0.01  # stop when more than this fraction of the samples read (all processes) is
+                                    # unreadable (judged after 1000)
     # optimisation (paper: AdamW, lr 1e-4, global batch 1024)
     batch_size: int = 32            # per device and micro-step; global = batch_size * grad_accum * world_size
     grad_accum: int = 1
@@ -102,6 +109,8 @@ class TrainConfig:
     betas: tuple = (0.9, 0.999)
     adam_eps: float = 1e-8
     grad_clip: float = 1.0
+    max_skipped_steps: int = 20     # a step whose loss or gradient norm is not finite is skipped (no update); stop
+                                    # after this many in a row
     ema_decay: float = 0.9999
     min_snr_gamma: float = 0.0      # 0 = off; 5 is Hang et al.'s choice
     timestep_power: float = 1.0     # t = T * u ** (1 / k), u ~ U(0, 1): 1 = uniform (the paper), 2 = more high-noise t
@@ -145,7 +154,8 @@ def check_config(cfg):
                          f"model.unet.in_channels = {cfg.model.unet.in_channels} (9 channels: --objective=inpaint)")
     if cfg.data not in DATA:
         raise ValueError(f"--data must be one of {DATA}, got {cfg.data!r}")
-    lowest = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "keep_last"), 1),
+    lowest = {**dict.fromkeys(("batch_size", "grad_accum", "max_steps", "log_every", "ckpt_every", "keep_last",
+                               "max_skipped_steps"), 1),
               **dict.fromkeys(("max_minutes", "kl_weight", "min_snr_gamma", "warmup_steps", "num_workers"), 0),
               "threads": 0}
     for key, low in lowest.items():
@@ -157,6 +167,8 @@ def check_config(cfg):
     for name, c in cfg.model.conditions.items():
         if not 0.0 <= c.p_drop <= 1.0:
             raise ValueError(f"--model.conditions.{name}.p_drop must lie in [0, 1], got {c.p_drop}")
+    if not 0.0 <= cfg.max_bad_fraction <= 1.0:
+        raise ValueError(f"--max_bad_fraction must lie in [0, 1], got {cfg.max_bad_fraction}")
     choices = {"lr_decay": ("constant", "cosine"), "dtype": ("", *DTYPES), "attention": attention.BACKENDS}
     for key, allowed in choices.items():
         if getattr(cfg, key) not in allowed:
@@ -172,6 +184,29 @@ def parse_config(argv):
         raise BadInput(str(e)) from None
 
 
+def resume_point(cfg, rank, world, device, ddp):
+    """The newest checkpoint in out_dir that loads, or (None, None) when there is none (or --resume=false).
+    Checkpoints that do not load (truncated, corrupt, non-finite) are passed, named in the log and set aside;
+    every process must resume from the same step."""
+    if not cfg.resume:
+        return None, None
+    path, state, passed = latest_checkpoint(cfg.out_dir)
+    for _, reason in passed:
+        log.warning("passing over %s", reason)
+    if passed and path is None:
+        raise ValueError(f"no checkpoint in {cfg.out_dir} loads ({passed[0][1]}; {len(passed)} in all): move them "
+                         "away to start over, or pass --resume=false")
+    if passed and rank == 0:
+        set_aside([bad for bad, _ in passed])
+        log.warning("resuming from %s; set aside as .unreadable: %s", path.name, ", ".join(b.name for b, _ in passed))
+    step = state["step"] if state is not None else -1
+    total, squares = sum_over_ranks([step, step * step], device, ddp)
+    if total * total != squares * world:
+        raise ValueError(f"the processes found different checkpoints in {cfg.out_dir} to resume from (this one: "
+                         f"{path}); is out_dir on a file system every node sees?")
+    return path, state
+
+
 def setup(cfg):
     """Processes, device, model (resume > init_from > scratch), trained parts, EMA, optimizer: everything that
     can fail on bad input fails here, before a step is taken."""
@@ -181,12 +216,19 @@ def setup(cfg):
     attention.set_backend(cfg.attention)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    ckpts = checkpoint_paths(cfg.out_dir) if cfg.resume else []
-    resume = load_checkpoint(ckpts[-1]) if ckpts else None
+    if rank == 0 and Path(cfg.out_dir).is_dir():
+        remove_temporaries(cfg.out_dir)                           # what a process killed while writing left
+    path, resume = resume_point(cfg, rank, world, device, ddp)
     torch.manual_seed(cfg.seed)                                   # every rank builds the same weights
     if resume is not None:
-        check_same_run(resume["train_config"], cfg, ckpts[-1])
+        check_same_run(resume["train_config"], cfg, path)
         model = Text2Earth(ModelConfig.from_dict(resume["model_config"]))
+        now = json.loads(json.dumps(dataclasses.asdict(cfg.model), default=str))
+        for key, value in model_changes(resume["train_config"]["model"], now, path).items():
+            if key.startswith("conditions."):                    # e.g. conditions.level.p_drop
+                name = key.split(".")[1]
+                model.cfg.conditions[name].p_drop = value
+                log.info("resumed with model.%s = %s", key, value)
         trained = set(resume.get("trained", PARTS))
     else:
         model = Text2Earth(copy.deepcopy(cfg.model))
@@ -207,27 +249,52 @@ def setup(cfg):
     averaged = torch.nn.ModuleDict({p: getattr(model, p) for p in parts})   # what the EMA tracks and export swaps in
     if cfg.channels_last:
         averaged.to(memory_format=torch.channels_last)            # before the EMA copy and the optimizer
-    averaged.requires_grad_(not cfg.lora.rank).train()            # with LoRA only the adapters train
-    ema = copy.deepcopy(averaged).requires_grad_(False).eval()
-    params = [p.requires_grad_() for p in lora_parameters(averaged)] if cfg.lora.rank else list(averaged.parameters())
+    averaged.train()
+    params = [p.requires_grad_() for p in (lora_parameters(averaged) if cfg.lora.rank else averaged.parameters())]
+    frozen = {id(p): p for p in averaged.parameters() if not p.requires_grad}
+    ema = copy.deepcopy(averaged, memo=frozen).eval()            # frozen weights (LoRA's base) shared, not copied
+    for p in ema.parameters():
+        p.requires_grad_(False)
     opt = adamw(params, cfg, device)
     step, data_state, spent, planned, ended = 0, {"epoch": 0, "batch_in_epoch": 0}, 0.0, 0, 0.0
     if resume is not None:
-        ema.load_state_dict(resume["ema"])
+        load_ema(ema, averaged, resume["ema"], path)
         opt.load_state_dict(resume["optimizer"])
         if len(resume["data"]) != world:
-            raise ValueError(f"{ckpts[-1]} was written by {len(resume['data'])} processes; resume with the same "
+            raise ValueError(f"{path} was written by {len(resume['data'])} processes; resume with the same "
                              f"world size (now {world}) for an exact data position")
         step, data_state, spent = resume["step"], resume["data"][rank], resume.get("train_seconds", 0.0)
         planned = resume.get("planned_steps", 0)
         ended = resume["train_config"]["max_minutes"] if resume.get("finished") else 0.0
-        log.info("resumed from %s at step %d", ckpts[-1], step)
+        log.info("resumed from %s at step %d", path, step)
     net = getattr(model, calls)
     net = DDP(net, device_ids=[device] if device.type == "cuda" else None) if ddp else net
     batches = Batches(cfg, rank, world, **data_state)
     return dict(ddp=ddp, rank=rank, world=world, device=device, model=model, trained=trained, averaged=averaged,
                 ema=ema, params=params, opt=opt, net=net, batches=batches, step=step, spent=spent, planned=planned,
-                ended_budget=ended)
+                ended_budget=ended, resumed_from=path, skipped=resume.get("skipped_steps", 0) if resume else 0)
+
+
+def shared_with(ema, averaged):
+    """The EMA's state keys whose tensors are the live model's own (frozen weights, shared rather than copied)."""
+    live = {id(p) for p in averaged.parameters()}
+    return {k for k, v in ema.state_dict(keep_vars=True).items() if id(v) in live}
+
+
+def ema_state(ema, averaged):
+    """The EMA's state to checkpoint: what it averages (a LoRA run's frozen base weights are the model's own,
+    saved once with it)."""
+    shared = shared_with(ema, averaged)
+    return {k: v for k, v in ema.state_dict().items() if k not in shared}
+
+
+def load_ema(ema, averaged, state, path):
+    """Load a checkpoint's EMA state; the keys it lacks must be the frozen weights the EMA shares."""
+    missing, unexpected = ema.load_state_dict(state, strict=False)
+    missing = set(missing) - shared_with(ema, averaged)
+    if unexpected or missing:
+        raise ValueError(f"{path}: its EMA does not fit this run's trained parameters (missing "
+                         f"{sorted(missing)[:3]}, unexpected {unexpected[:3]})")
 
 
 def loss_of(cfg, run, batch, g, idx, GB, autocast):
@@ -258,6 +325,20 @@ def train(cfg: TrainConfig):
             signal.signal(sig, handler)
 
 
+def next_filled(batches, batch_size):
+    """This process's next micro-batch, reading on past batches none of whose samples was readable (each counted as
+    consumed); (batch, unreadable samples, samples read). batch is None once MIN_SAMPLES samples in a row were
+    unreadable: this process has no data to train on."""
+    bad = read = 0
+    while True:
+        batch = next(batches)
+        bad, read = bad + batch["n_bad"], read + batch_size
+        if batch["caption"]:
+            return batch, bad, read
+        if bad >= MIN_SAMPLES:
+            return None, bad, read
+
+
 def _loop(cfg, run, stop):
     model, ema, averaged, opt, batches = run["model"], run["ema"], run["averaged"], run["opt"], run["batches"]
     ddp, rank, world, device, step = run["ddp"], run["rank"], run["world"], run["device"], run["step"]
@@ -283,48 +364,106 @@ def _loop(cfg, run, stop):
     # The run's length: max_steps, or under a time budget the steps that the pace of the last PACE_WINDOW steps
     # leaves time for, re-planned every log_every steps (the cosine decay follows the plan).
     total, t_run = first_plan(cfg, step, run["spent"], run["planned"], run["ended_budget"]), time.perf_counter()
-    seconds = lambda: run["spent"] + time.perf_counter() - t_run  # noqa: E731 (training time, resumes included)
+
+    def seconds():                                                # training time, resumes included
+        return run["spent"] + time.perf_counter() - t_run
+
+    last_saved = run["resumed_from"]
 
     def save():
+        """Checkpoint and export (rank 0 writes; every rank takes part). Returns "" when they were written, else why
+        not (rank 0's reason; "see rank 0's log" on the others): a failed write (SaveError) leaves the previous files
+        as they were, and weights that are not finite are never written."""
+        nonlocal last_saved
         datas = [batches.state()] * world
         if ddp:
             dist.all_gather_object(datas, batches.state())        # collective: every rank takes part
+        error = "" if main else "see rank 0's log"
         if main:
-            path = save_checkpoint(out_dir, {
-                "step": step, "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                "model_config": model.cfg.to_dict(), "trained": trained, "data": datas,
-                "train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
-                "train_seconds": seconds(), "planned_steps": total, "finished": step >= total}, cfg.keep_last)
-            export(model, ema, averaged, out_dir / "model.safetensors", step, trained, cfg.image_size,
-                   cfg.lora if cfg.lora.rank else None, cfg.control_task)
-            log.info("saved %s", path)
+            weights = {**{f"model.{k}": v for k, v in averaged.state_dict().items()}, **ema_state(ema, averaged)}
+            if nonfinite(weights) is not None:
+                error = f"non-finite values in {nonfinite(weights)}"
+            else:
+                try:
+                    path = save_checkpoint(out_dir, {
+                        "step": step, "model": model.state_dict(), "ema": ema_state(ema, averaged),
+                        "optimizer": opt.state_dict(), "model_config": model.cfg.to_dict(), "trained": trained,
+                        "data": datas, "train_config": json.loads(json.dumps(dataclasses.asdict(cfg), default=str)),
+                        "train_seconds": seconds(), "planned_steps": total, "finished": step >= total,
+                        "skipped_steps": skipped}, cfg.keep_last)
+                    last_saved = path
+                    export(model, ema, averaged, out_dir / "model.safetensors", step, trained, cfg.image_size,
+                           cfg.lora if cfg.lora.rank else None, cfg.control_task)
+                    log.info("saved %s", path)
+                except SaveError as e:
+                    error = str(e)
+        if sum_over_ranks([main and not error], device, ddp)[0] > 0:   # every rank learns rank 0's outcome
+            return ""
+        log.error("step %d: not saved: %s", step, error)
+        return error
+
+    def last_checkpoint():
+        return f"the last checkpoint is {last_saved}" if last_saved else "no checkpoint was written"
 
     step_ends = collections.deque([t_run], maxlen=PACE_WINDOW + 1)
     bar = tqdm(total=total, initial=step, disable=not main, desc=f"train {cfg.train}")
     t_last, imgs_since = time.perf_counter(), 0
-    loss, stats = torch.tensor(float("nan")), {}                  # nan while no batch has been readable
+    loss, stats, grad_norm = torch.tensor(float("nan")), {}, torch.tensor(float("nan"))
+    skipped, streak, due, fault = run["skipped"], 0, False, None
+    data_bad = data_read = 0
     while step < total:
         lr = lr_at(cfg, step, total)
         for group in opt.param_groups:
             group["lr"] = lr
-        for micro in range(cfg.grad_accum):
-            batch = next(batches)
+
+        # The step's micro-batches first, and what every process read, before any of them computes: a process
+        # with nothing readable must not leave the others waiting in DDP's all-reduce, and all stop together.
+        micro_batches, bad, read = [], 0, 0
+        for _ in range(cfg.grad_accum):
+            batch, b, r = next_filled(batches, cfg.batch_size)
+            micro_batches.append(batch)
+            bad, read = bad + b, read + r
+        empty, bad, read = sum_over_ranks([None in micro_batches, bad, read], device, ddp)
+        data_bad, data_read = data_bad + bad, data_read + read
+        if empty:
+            fault = BadInput(f"step {step}: a process read {MIN_SAMPLES} samples in a row that were all unreadable "
+                             "(see the 'skipping bad sample' warnings for each one); fix or remove them")
+            break
+        if data_read >= MIN_SAMPLES and data_bad > cfg.max_bad_fraction * data_read:
+            fault = BadInput(f"step {step}: {data_bad:.0f} of {data_read:.0f} samples read by {world} process(es) were "
+                             f"unreadable ({data_bad / data_read:.2%} > --max_bad_fraction={cfg.max_bad_fraction}); "
+                             "the 'skipping bad sample' warnings name each one: fix or remove them, or raise "
+                             "--max_bad_fraction")
+            break
+
+        loss_sum = torch.zeros((), device=device)
+        for micro, batch in enumerate(micro_batches):
             g = sample_generator(cfg.seed, step, micro)          # randomness of this global micro-batch
-            if batch is None:                                     # every sample unreadable: counted, skipped
-                continue
             idx, GB = torch.arange(cfg.batch_size) * world + rank, cfg.batch_size * world   # ranks deal perm[r::W]
             with (run["net"].no_sync() if ddp and micro < cfg.grad_accum - 1 else contextlib.nullcontext()):
                 loss, stats = loss_of(cfg, run, batch, g, idx, GB, autocast)
                 scaler.scale(loss / cfg.grad_accum).backward()
+            loss_sum += loss.detach()
             imgs_since += len(batch["caption"])
+        loss = loss_sum / cfg.grad_accum
         if ddp and len(averaged) > 1:                             # parts outside DDP's module: by hand
             average_grads([p for m in averaged.values() if m is not run["net"].module for p in m.parameters()], world)
         scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(run["params"], cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        scaler.step(opt)
-        scaler.update()
+
+        # A non-finite loss (on any process) or gradient norm: the step is skipped, no optimizer or EMA update.
+        nonfinite_step, stop_now = sum_over_ranks([not (loss.isfinite() and grad_norm.isfinite()), stop["now"]],
+                                                  device, ddp)
+        if nonfinite_step:
+            skipped, streak = skipped + 1, streak + 1
+            log.warning("step %d skipped: loss %.4g, gradient norm %.4g (%d in a row, %d in all)", step, loss.item(),
+                        grad_norm.item(), streak, skipped)
+        else:
+            scaler.step(opt)
+            ema_update(ema, averaged, cfg.ema_decay, step)        # parameters are identical on every rank
+            streak = 0
+        scaler.update()                                           # fp16: a skipped step lowers the loss scale
         opt.zero_grad(set_to_none=True)
-        ema_update(ema, averaged, cfg.ema_decay, step)            # parameters are identical on every rank
         step += 1
         bar.update(1)
         step_ends.append(time.perf_counter())
@@ -336,6 +475,7 @@ def _loop(cfg, run, stop):
             ips = imgs_since * world / (time.perf_counter() - t_last)
             bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{lr:.2e}")
             for k, v in {"loss": loss.item(), **stats, "lr": lr, "grad_norm": grad_norm.item(), "images_per_s": ips,
+                         "skipped_steps": skipped,
                          **({"mfu": ips / world * flops / (peak * 1e12)} if flops and peak else {})}.items():
                 writer.add_scalar(k, v, step)
             t_last, imgs_since = time.perf_counter(), 0
@@ -346,23 +486,44 @@ def _loop(cfg, run, stop):
             image_grid([tensor_to_pil(im) for im in images], cols=len(images)).save(
                 out_dir / "samples" / f"step_{step:09d}.png")
             writer.add_images("samples", (images + 1) / 2, step)
-        stop_now = any_rank(stop["now"], device) if ddp else stop["now"]   # all ranks stop at the same step
-        if step % cfg.ckpt_every == 0 or step >= total or stop_now:
+        if streak >= cfg.max_skipped_steps:
+            fault = RunStopped(f"step {step}: the loss or gradient norm was not finite for {streak} steps in a row "
+                               f"(--max_skipped_steps={cfg.max_skipped_steps}): the run diverged; nothing was saved "
+                               f"during the skipped steps; {last_checkpoint()}: resume from it (or an earlier one if "
+                               "the loss was climbing) with a lower --lr, a --grad_clip, more --warmup_steps, or bf16 "
+                               "instead of fp16")
+            break
+
+        # Checkpoints: every ckpt_every steps (one that falls in a run of skipped steps waits for the next good
+        # step), at the last step and on a stop signal. A failed save stops the run only when it was the last one.
+        due = due or step % cfg.ckpt_every == 0
+        last = step >= total or stop_now
+        if last or (due and not streak):
             if step >= total and cfg.objective == "vae":          # the latents' scale (EMA VAE) goes in the last save
                 model.cfg.vae.scaling_factor = latent_scale(ema["vae"], Batches(cfg, rank, world, **batches.state()))
                 log.info("latent scaling factor set to %.4f", model.cfg.vae.scaling_factor)
-            save()
+            due, error = False, save()
+            if error and last:
+                fault = RunStopped(f"step {step}: not saved: {error}; {last_checkpoint()}: make room and rerun the "
+                                   "same command to resume")
+                break
+            if error:
+                log.error("training goes on; the save is tried again at step %d", step + cfg.ckpt_every)
         if stop_now:
             log.info("stopped by signal at step %d; resume with the same command", step)
             break
     bar.close()
-    if step == run["step"] and step >= total and not stop["now"]:  # nothing left to train: mark the run finished
+    if fault is None and step == run["step"] and step >= total and not stop["now"]:   # nothing left: mark finished
         save()
+    if fault is not None and isinstance(fault, BadInput) and not streak and step > run["step"]:
+        save()                                                    # the good steps before bad data stopped the run
     if writer is not None:
         writer.close()
     if ddp:
         dist.barrier()
         dist.destroy_process_group()
+    if fault is not None:
+        raise fault
     return model, ema
 
 
@@ -392,6 +553,9 @@ def main(argv=None):
     except BadInput as e:                                         # bad input: one line naming it, exit code 2
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:                                       # a fault the run stopped at: exit code 1
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -46,11 +46,12 @@ def _control_fields(cfg):
     return task, modality
 
 
-def build_dataset(cfg):
+def build_dataset(cfg, max_bad_fraction=None):
     """A map-style dataset of sample dicts (image (3, H, W) in [-1, 1], caption, level, ...; + control
-    (3, H, W) with a control_task)."""
+    (3, H, W) with a control_task). Its readers stop at max_bad_fraction unreadable samples (default:
+    cfg.max_bad_fraction; 1.0 never: a training run counts them over all its processes instead)."""
     task, modality = _control_fields(cfg)
-    counter = BadDataCounter(max_bad_fraction=cfg.max_bad_fraction)
+    counter = BadDataCounter(max_bad_fraction=cfg.max_bad_fraction if max_bad_fraction is None else max_bad_fraction)
     tf = train_transform(cfg.image_size)
     if cfg.data == "synthetic":
         from data.synthetic import ProceduralEarth
@@ -90,7 +91,9 @@ def _reader(cfg, tf, counter):
 
 
 class Batches:
-    """Endless micro-batches for this rank, with a resumable position (epoch, batches into the epoch)."""
+    """Endless micro-batches for this rank, with a resumable position (epoch, batches into the epoch). Each batch
+    counts its unreadable samples ("n_bad"; collate); the readers do not stop on them, the training loop judges
+    the bad fraction over all processes (a process that stopped alone would leave the others waiting)."""
 
     def __init__(self, cfg, rank, world, epoch=0, batch_in_epoch=0):
         self.cfg, self.rank, self.world = cfg, rank, world
@@ -100,10 +103,10 @@ class Batches:
             _control_fields(cfg)
             self.dataset = ShardDataset(cfg.data_path, rank=rank, world_size=world, seed=cfg.seed,
                                         transform=train_transform(cfg.image_size), batch_size=cfg.batch_size,
-                                        min_quality=cfg.min_quality or None)
+                                        min_quality=cfg.min_quality or None, counter=BadDataCounter(1.0))
             self.sampler = None
         else:
-            self.dataset = build_dataset(cfg)
+            self.dataset = build_dataset(cfg, max_bad_fraction=1.0)
             self.sampler = ResumableSampler(len(self.dataset), seed=cfg.seed, rank=rank, world_size=world)
             if self.sampler.num_per_rank < cfg.batch_size:
                 raise ValueError(f"{len(self.dataset)} samples: fewer than batch_size={cfg.batch_size} per rank")
@@ -123,7 +126,7 @@ class Batches:
         self.iterator = iter(loader)
 
     def __next__(self):
-        """The next batch (None when every sample in it was unreadable; it still counts as consumed)."""
+        """The next batch (empty, {"caption": [], ...}, when no sample in it was readable; it counts as consumed)."""
         while True:
             try:
                 batch = next(self.iterator)

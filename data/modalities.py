@@ -213,8 +213,8 @@ class ControlPairs(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         item = self.dataset[i]
-        if item is None:
-            return None
+        if not isinstance(item, dict):                         # unreadable (None) or filtered: passed on
+            return item
         g = sample_generator(self.seed + 7919, self.epoch, i)
         return dict(item, control=make_control(self.task, item["image"], g))
 

@@ -6,9 +6,10 @@ data/shards.py), and the shared steps that build and batch it:
      0.0 = unknown), "quality": float or nan, "key": str}  (+ "latent": (4, h, w) from shards)
 
 Bad data (unreadable / truncated / missing image, unsupported pixel format, empty caption) never
-kills a run silently and never hides: the sample comes back as None (drop it with `collate`),
-and a BadDataCounter logs it with its key and raises BadDataError once the bad fraction passes
-its threshold. Grey, palette, RGBA and 16-bit images are converted to 8-bit RGB.
+kills a run silently and never hides: the sample comes back as None (drop it with `collate`, which
+counts it), and a BadDataCounter logs it with its key and raises BadDataError once the bad fraction
+passes its threshold. A sample a filter leaves out (quality, size) comes back as FILTERED: dropped
+too, but not bad data. Grey, palette, RGBA and 16-bit images are converted to 8-bit RGB.
 Per-sample randomness (caption choice, crop, flips) comes from `sample_generator(seed, epoch,
 index)`, so it does not depend on num_workers and a run resumed mid-epoch sees the same pixels.
 """
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 # -----------------------------------------------------------------------------
 # bad-data accounting
 
+FILTERED = "filtered"   # what a reader returns for a sample its filter leaves out (not bad data)
+MIN_SAMPLES = 1000      # a bad fraction is judged once this many samples have been read
+
 
 class BadDataError(RuntimeError):
     """Too much of the data is unreadable; the message names example keys and reasons."""
@@ -38,7 +42,7 @@ class BadDataCounter:
     One counter can be shared by several readers. In DataLoader workers each worker holds
     its own copy, so the threshold applies per worker."""
 
-    def __init__(self, max_bad_fraction=0.01, min_samples=1000, max_examples=10):
+    def __init__(self, max_bad_fraction=0.01, min_samples=MIN_SAMPLES, max_examples=10):
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
         self.max_bad_fraction, self.min_samples, self.max_examples = max_bad_fraction, min_samples, max_examples
@@ -161,7 +165,7 @@ def build_sample(key, image, caption, level, quality, *, transform, generator, c
             return None
         if min(img.size) < min_size:
             counter.record_filtered(key, f"size {img.size[0]}x{img.size[1]} < min_size {min_size}")
-            return None
+            return FILTERED
         sample["image"] = transform(img, generator) if transform is not None else pil_to_tensor(img)
     if latent is not None:
         sample["latent"] = latent
@@ -177,14 +181,16 @@ def build_sample(key, image, caption, level, quality, *, transform, generator, c
 
 
 def collate(batch):
-    """List of sample dicts (None = skipped) -> {"image": (B, 3, H, W), "latent": (B, 4, h, w),
-    "control": (B, 3, H, W) (each when every sample has it), "caption": [B str], "level": (B,), "quality": (B,),
-    "key": [B str], every other numeric field all samples have: (B,) float}; None when every
-    sample was skipped: the training loop should skip such a batch but still count it as a step,
-    so resume positions stay exact."""
-    batch = [s for s in batch if s is not None]
+    """List of sample dicts (None = unreadable, FILTERED = left out by a filter) -> {"image": (B, 3, H, W),
+    "latent": (B, 4, h, w), "control": (B, 3, H, W) (each when every sample has it), "caption": [B str],
+    "level": (B,), "quality": (B,), "key": [B str], every other numeric field all samples have: (B,) float,
+    "n_bad": how many were unreadable, "n_filtered": how many filtered}. When no sample is left the batch is
+    {"caption": [], "key": [], "n_bad", "n_filtered"}: a training loop refills it, or skips it and still counts it
+    as consumed, so resume positions stay exact."""
+    counts = {"n_bad": sum(s is None for s in batch), "n_filtered": sum(isinstance(s, str) for s in batch)}
+    batch = [s for s in batch if isinstance(s, dict)]
     if not batch:
-        return None
+        return {"caption": [], "key": [], **counts}
     out = {"caption": [s["caption"] for s in batch], "key": [s["key"] for s in batch],
            "level": torch.tensor([s["level"] for s in batch], dtype=torch.float32),
            "quality": torch.tensor([s["quality"] for s in batch], dtype=torch.float32)}
@@ -201,4 +207,4 @@ def collate(batch):
     for name in set(batch[0]) - set(out) - {"image", "latent", "control"}:  # other numeric fields (a condition's, e.g.)
         if all(isinstance(s.get(name), (int, float)) and not isinstance(s.get(name), bool) for s in batch):
             out[name] = torch.tensor([float(s[name]) for s in batch])
-    return out
+    return {**out, **counts}

@@ -13,8 +13,8 @@ N samples is cut into world_size equal contiguous ranges (one per rank, the N % 
 remainder dropped unless drop_remainder=False), and each rank's range into num_workers
 contiguous ranges. So every sample is read exactly once per epoch and, with drop_remainder,
 every rank yields the same count (DDP needs equal step counts). Each worker shuffles its range
-with a buffer seeded by (seed, epoch, rank, worker); bad or filtered samples are yielded as None
-(collate drops them) so positions, and thus `skip_batches`, stay exact. For a heavily filtered
+with a buffer seeded by (seed, epoch, rank, worker); bad samples are yielded as None and filtered ones as
+FILTERED (collate drops both) so positions, and thus `skip_batches`, stay exact. For a heavily filtered
 subset (stage 2: quality > 4.8) write its own shards, Git10M(min_quality=4.8) -> write_shards,
 rather than filtering the stream.
 
@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from data.sampler import _dist_rank_world
-from data.samples import BadDataCounter, build_sample, sample_generator
+from data.samples import FILTERED, BadDataCounter, build_sample, sample_generator
 from data.transforms import random_dihedral, tensor_to_pil
 
 logger = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ def _resume_plan(skip_batches, batch_size, worker_counts):
 
 
 class ShardDataset(torch.utils.data.IterableDataset):
-    """Stream samples (the dict of data/samples.py, or None when skipped) from tar shards.
+    """Stream samples (the dict of data/samples.py, None when unreadable, FILTERED when filtered) from tar shards.
 
     rank / world_size: explicit, else from torch.distributed, else (0, 1).
     shuffle_buffer: 0 keeps the stream order. seed + epoch (set_epoch) fix the order.
@@ -164,7 +164,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
     with the same num_workers, batch_size and world_size as the interrupted run.
     load_images=False ignores image members (latent-only training). augment_latents applies
     random flips / rot90 to latents (only without images, so both never disagree).
-    min_quality: samples whose quality is not > min_quality are filtered (yielded as None).
+    min_quality: samples whose quality is not > min_quality are filtered (yielded as FILTERED).
     """
 
     def __init__(self, shards, rank=None, world_size=None, seed=0, shuffle_buffer=1000, shuffle_shards=True,
@@ -251,7 +251,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
                 yield self._decode(pos, key, rec)
 
     def _decode(self, pos, key, rec):
-        """Raw tar record -> sample dict or None."""
+        """Raw tar record -> sample dict, None (unreadable) or FILTERED."""
         c = self.counter
         try:
             meta = json.loads(rec["json"]) if "json" in rec else {}
@@ -265,7 +265,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         quality = float("nan") if meta.get("quality") is None else float(meta["quality"])
         if self.min_quality is not None and not quality > self.min_quality:
             c.record_filtered(key, f"quality {quality} <= {self.min_quality}")
-            return None
+            return FILTERED
         g = sample_generator(self.seed, self.epoch, pos)
         latent = None
         if "latent.npy" in rec:
@@ -388,7 +388,7 @@ def write_shards(dataset, out_dir, samples_per_shard=1000, encode_fn=None, batch
         total = len(dataset) if hasattr(dataset, "__len__") else getattr(dataset, "num_samples", lambda: None)()
         iterator = tqdm(iterator, total=total, desc="write shards")
     for s in iterator:
-        if s is None:
+        if not isinstance(s, dict):                         # unreadable (None) or filtered
             skipped += 1
             continue
         if "image" not in s:

@@ -114,6 +114,6 @@ def latent_scale(vae, batches, n_batches=4):
     zs = []
     for _ in range(n_batches):
         batch = next(batches)
-        if batch is not None:
+        if batch["caption"]:                                # a batch whose samples were all unreadable is empty
             zs.append(vae.encode(batch["image"].to(device)).mean.flatten())
     return float(1.0 / torch.cat(zs).std())

@@ -23,8 +23,13 @@ def init_processes(device_name):
         raise ValueError(f"--device={device_name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     rank, world = 0, 1
     if ddp:
-        dist.init_process_group("nccl" if want_cuda else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
+        # torchrun's agent keeps one store for every restart of the workers, so the keys through which the first
+        # workers met (each rank's address) are still there when restarted ones look: they would connect to the
+        # dead ones' addresses ("Connection refused"). Each restart meets under a prefix of its own.
+        store, rank, world = next(dist.rendezvous("env://"))
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group("nccl" if want_cuda else "gloo", store=dist.PrefixStore(f"restart_{attempt}", store),
+                                rank=rank, world_size=world)
         device = torch.device(f"cuda:{int(os.environ['LOCAL_RANK'])}" if want_cuda else "cpu")
         if want_cuda:
             torch.cuda.set_device(device)
@@ -98,8 +103,10 @@ def from_rank0(value, device):
     return int(t.item())
 
 
-def any_rank(flag, device):
-    """True on every process when `flag` is true on any (a stop signal that reached one of them)."""
-    t = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(t)
-    return t.item() > 0
+def sum_over_ranks(values, device, ddp=True):
+    """The sums of `values` (numbers) over the processes, as floats, with one all-reduce: what every process
+    decides from them (stop, skip a step) it decides alike. One process (ddp False): the values themselves."""
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if ddp:
+        dist.all_reduce(t)
+    return t.tolist()

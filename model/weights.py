@@ -15,10 +15,12 @@
 Loading is strict: a missing or unexpected key or a wrong shape is a `WeightsError` naming the file and
 the key. Nothing is unpickled except through `torch.load(weights_only=True)`.
 """
+import contextlib
 import hashlib
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
@@ -79,14 +81,50 @@ def load_state_strict(module, state, source, original_names=None, place=None):
 PARTS = ("unet", "vae", "text_encoder")
 
 
-def write_tensors(path, tensors, metadata):
-    """A safetensors file written atomically (a temp file, then rename): an interruption leaves the old file or
-    none, never half of one. metadata: str -> str."""
+class SaveError(OSError):
+    """A file could not be written (disk full, quota, permission): the message names it and why; the file it
+    would have replaced is untouched and no temporary file is left."""
+
+
+def write_atomically(path, write):
+    """Call write(tmp) on a temporary file beside `path`, then rename it to `path`: an interruption leaves the
+    old file or none, never half of one. The file gets the mode any new file gets here (0644 under the usual
+    umask). A failed write is a SaveError naming the path, the reason and the free space left."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)               # safetensors writes its files 0600
+        os.replace(tmp, path)
+    except (OSError, RuntimeError, SafetensorError) as e:   # torch.save reports a short write as a RuntimeError
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else _write_error(tmp) or str(e).splitlines()[0]
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            reason += f" ({shutil.disk_usage(path.parent).free / 2 ** 20:.0f} MiB free there)"
+        raise SaveError(f"could not write {path}: {reason}") from None
+
+
+def _write_error(tmp):
+    """The operating system's reason a write to `tmp` fails (e.g. "No space left on device", "File too large"), found
+    by appending 1 MiB to it; None when that succeeds. torch.save only reports "unexpected pos"."""
+    try:
+        with open(tmp, "ab") as f:
+            f.write(bytes(2 ** 20))
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        return e.strerror
+    return None
+
+
+def write_tensors(path, tensors, metadata):
+    """A safetensors file written atomically (write_atomically). metadata: str -> str."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    write_atomically(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def save_model(model: Text2Earth, path, metadata=None, trained=PARTS, parts=PARTS):

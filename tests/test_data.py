@@ -15,7 +15,7 @@ from PIL import Image
 from data.datasets import CaptionFolder, Git10M, KarpathyCaptions
 from data.levels import level_from_resolution, parse_google_location, parse_level_prefix, tile_to_lonlat
 from data.sampler import ResumableSampler
-from data.samples import BadDataCounter, BadDataError, collate
+from data.samples import FILTERED, BadDataCounter, BadDataError, collate
 from data.shards import ShardDataset, write_shards
 from data.transforms import (ImageTransform, eval_transform, pil_to_tensor,
                              random_dihedral, train_transform)
@@ -557,7 +557,7 @@ def test_bad_empty_caption(tmp_path):
 
 def test_min_size_filter(tmp_path):
     s, c = _one(tmp_path, _png(_rgb(0, 20, 16)), min_size=17)
-    assert s is None and c.filtered == 1 and c.bad == 0
+    assert s == FILTERED and c.filtered == 1 and c.bad == 0
 
 
 def test_bad_fraction_threshold_raises(tmp_path):
@@ -593,8 +593,9 @@ def test_bad_shard_members(tmp_path):
 def test_collate():
     s = lambda k, size: {"image": torch.zeros(3, size, size), "caption": k, "level": 1.0,
                          "quality": float("nan"), "key": k}
-    b = collate([s("a", 4), None, s("b", 4)])
+    b = collate([s("a", 4), None, s("b", 4), FILTERED])
     assert b["image"].shape == (2, 3, 4, 4) and b["key"] == ["a", "b"] and b["level"].tolist() == [1.0, 1.0]
-    assert collate([None, None]) is None
+    assert b["n_bad"] == 1 and b["n_filtered"] == 1                  # counted apart: a filter is not bad data
+    assert collate([None, FILTERED, None]) == {"caption": [], "key": [], "n_bad": 2, "n_filtered": 1}
     with pytest.raises(ValueError, match="shapes differ"):
         collate([s("a", 4), s("b", 8)])

@@ -200,6 +200,8 @@ def test_a_lora_run_trains_the_adapters_alone_and_resumes_exactly(tiny_ckpt, tmp
     adapters = {k: v for k, v in ckpt["model"].items() if ".lora_" in k}
     assert adapters and any(v.abs().max() > 0 for k, v in adapters.items() if k.endswith("lora_B"))
     assert max((v - resumed["model"][k]).abs().max().item() for k, v in adapters.items()) <= 1e-6
+    assert set(ckpt["ema"]) == set(adapters)                                    # the EMA holds no copy of the base
+    assert max((v - resumed["ema"][k]).abs().max().item() for k, v in ckpt["ema"].items()) <= 1e-6
     out = tmp_path / "straight"
     assert (out / "lora_unet.safetensors").is_file() and not (out / "model.safetensors").exists()
     adapters_file, cfg = lora.read_lora(out / "lora_unet.safetensors")
