@@ -13,6 +13,11 @@ Text2Earth) or our checkpoint into it (model/weights.load_pretrained); a frozen 
 was never trained is refused. Exact resume: every random draw is a function of (seed, step, position in the
 global batch) or (seed, epoch, sample index); checkpoints (atomic, every `ckpt_every` steps and on SIGTERM /
 SIGINT) hold model, EMA, optimizer, step and data position, so a resumed run continues the same curve.
+
+Faults lose nothing (README, "What a run survives"): a step with a non-finite loss or gradient norm is skipped
+on every process alike and a run of them stops the run; weights that are not finite are never written; resume
+walks back past checkpoints that do not load; a failed save leaves the previous files; a process whose batch is
+unreadable reads on, and the bad-sample budget is counted over all processes; torchrun restarts resume.
 """
 import collections
 import contextlib

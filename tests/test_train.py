@@ -264,8 +264,10 @@ def test_sigkill_while_saving_leaves_previous_checkpoint(tmp_path):
     paths = train.checkpoint_paths(tmp_path)
     assert [p.name for p in paths] == ["ckpt_000000001.pt"]            # the half-written one is only a .tmp
     assert train.load_checkpoint(paths[-1])["step"] == 1
+    assert [p.name for p in tmp_path.glob("*.tmp")] == ["ckpt_000000002.pt.tmp"]
     model, _ = run_inprocess(tmp_path, "--batch_size=2", "--max_steps=2", "--ckpt_every=1")   # resumes from it
     assert train.load_checkpoint(train.checkpoint_paths(tmp_path)[-1])["step"] == 2
+    assert not list(tmp_path.glob("*.tmp"))                            # what the killed writer left is removed
 
 
 def test_sigterm_saves_and_stops(tmp_path):
