@@ -1,26 +1,35 @@
-"""The embedded default, end to end on a CPU with no downloads: procedural Earth -> trained model -> images.
+"""The embedded default, end to end on a CPU with no downloads:
+procedural Earth -> trained model -> images.
 
-    python demo.py                     # ~10 minutes on 2 CPU cores, nearly all of it for the Text2Earth U-Net
-    python demo.py --from-scratch      # the VAE and the probe trained in the run too, inside the same budget
-    python demo.py --fast              # the shortened from-scratch run CI uses (fixed steps, no budget)
-    python demo.py --train-vae --train-probe   # remake the two files the default run starts from
+    # ~10 minutes on 2 CPU cores, nearly all of it for the Text2Earth U-Net
+    python demo.py
+    # the VAE and the probe trained in the run too, inside the same budget
+    python demo.py --from-scratch
+    # the shortened from-scratch run CI uses (fixed steps, no budget)
+    python demo.py --fast
+    # remake the two files the default run starts from
+    python demo.py --train-vae --train-probe
 
-As Text2Earth trains its U-Net on a frozen pretrained VAE, the default run starts from two small files in
-configs/pretrained/, checked against the content hash that configs/pretrained/manifest.json records with their
-recipe and figures: the procedural-Earth KL-VAE and the conditioning probe (evaluation/probe.py, an evaluation
-network, like FID's Inception). It renders training scenes of the procedural Earth (data/synthetic/) once into
-shards, encodes them into latent shards, trains a tiny U-Net with a small text tower on those
-(`train.py --config configs/demo_unet.py`) for what the time budget (`--minutes`) leaves once the scoring,
-timed before training, is reserved (`--unet_steps=N` fixes the steps instead), then samples 108 prompts (12
-classes x 9 levels) x `eval_seeds` and measures with the probe how often a sample shows the class its prompt
-asked for (text adherence) and the level asked for (resolution control), beside the same figures for real
-renders (the ceiling) and unconditional samples (the floor). Every stage resumes: rerun the command after an
-interruption. OUT/ gets model.safetensors (for `sample.py --weights`), overview.png (samples beside the real
-renders of their prompts, the figures, then an inpainting, a cloud removal and a canvas by edit.py's procedures),
-grid.png and results.json (figures, each stage's steps and seconds, the true total time).
+As Text2Earth trains its U-Net on a frozen pretrained VAE, the default run starts from two small
+files in configs/pretrained/, checked against the content hash that configs/pretrained/manifest.json
+records with their recipe and figures: the procedural-Earth KL-VAE and the conditioning probe
+(evaluation/probe.py, an evaluation network, like FID's Inception). It renders training scenes of
+the procedural Earth (data/synthetic/) once into shards, encodes them into latent shards, trains a
+tiny U-Net with a small text tower on those (`train.py --config configs/demo_unet.py`) for what the
+time budget (`--minutes`) leaves once the scoring, timed before training, is reserved
+(`--unet_steps=N` fixes the steps instead), then samples 108 prompts (12 classes x 9 levels) x
+`eval_seeds` and measures with the probe how often a sample shows the class its prompt asked for
+(text adherence) and the level asked for (resolution control), beside the same figures for real
+renders (the ceiling) and unconditional samples (the floor). Every stage resumes: rerun the command
+after an interruption. OUT/ gets model.safetensors (for `sample.py --weights`), overview.png
+(samples beside the real renders of their prompts, the figures, then an inpainting, a cloud removal
+and a canvas by edit.py's procedures), grid.png and results.json (figures, each stage's steps and
+seconds, the true total time).
 
-Options are `--key=value` for the fields of DemoConfig below (a bare `--flag` sets a boolean), type-checked.
+Options are `--key=value` for the fields of DemoConfig below (a bare `--flag` sets a boolean),
+type-checked.
 """
+
 import json
 import multiprocessing
 import shutil
@@ -38,21 +47,38 @@ from data.levels import resolution_from_level
 from data.shards import ShardDataset, write_once, write_shards
 from data.synthetic import CLASSES, InOrder, ProceduralEarth, sample as procedural_sample
 from data.transforms import image_grid, tensor_to_pil
-from evaluation.probe import evaluate_probe, fit_probe, load_probe, load_probe_info, make_probe_data, save_probe
+from evaluation.probe import (
+    evaluate_probe,
+    fit_probe,
+    load_probe,
+    load_probe_info,
+    make_probe_data,
+    save_probe,
+)
 from evaluation.report import overview_page, results_table
 from evaluation.showcase import editing_strip
-from model.checkpoint import checkpoint_paths, checkpoint_step, finished
+from model import conditions
+from trainer.checkpoint import checkpoint_paths, checkpoint_step, finished
 from model.config import configure, load_config, usage
 from model.flops import cpu_name, usable_cores
 from model.pipeline import generate, sampling_seconds
 from model.text2earth import Text2Earth
-from model.weights import (WeightsError, check_recorded, load_model, load_part, manifest_of, record_file,
-                           save_model, sha256)
+from model.weights import (
+    WeightsError,
+    check_recorded,
+    load_model,
+    load_part,
+    manifest_of,
+    record_file,
+    save_model,
+    sha256,
+)
 
 GRID_LEVELS = (11, 13, 15, 17)
 FAST = dict(vae_steps=600, unet_steps=600, pool=4000, probe_train_images=2160, probe_steps=1000)
 PRETRAINED = Path("configs/pretrained")
-VAE_HELD = dict(n=216, seed=3)      # held-out renders (make_probe_data) the shipped VAE's error is recorded on
+# held-out renders (make_probe_data) the shipped VAE's error is recorded on
+VAE_HELD = dict(n=216, seed=3)
 
 
 @dataclass
@@ -60,28 +86,33 @@ class DemoConfig:
     out: str = "out/demo"
     vae_config: str = "configs/demo_vae.py"
     unet_config: str = "configs/demo_unet.py"
-    vae: str = str(PRETRAINED / "demo_vae.safetensors")        # the frozen VAE the U-Net trains on ...
-    probe: str = str(PRETRAINED / "demo_probe.safetensors")    # ... and the probe that scores it
-    from_scratch: bool = False        # train the VAE and the probe in this run instead (as --fast does)
-    train_vae: bool = False           # make `vae` (configs/demo_vae.py, its fixed steps), record it, and stop
-    train_probe: bool = False         # make `probe` (on `vae`), record it, and stop
-    fast: bool = False                # the shortened from-scratch run CI uses: the FAST steps and sizes, no budget
-    minutes: float = 9.5              # time budget of the whole run; every stage is sized to fit it
-    unet_steps: int = 0               # > 0: train the U-Net exactly this many steps (a run that repeats anywhere)
-    vae_steps: int = 0                # > 0: instead of the VAE stage's max_steps
-    pool: int = 8000                  # training scenes, rendered once (image shards), VAE-encoded once (latents)
-    seed: int = 0                     # the training scenes, every initialisation and noise draw (train.py's seed)
-    eval_seeds: int = 3               # samples per (class, level) prompt: 324 in all, standard error ~2.2 points
-    probe_train_images: int = 6480    # the conditioning probe: renders it trains on (half through the VAE) ...
-    probe_steps: int = 4000           # ... and its optimisation steps
-    cfg: float = 3.0                  # guidance scale of the text (and of the level, unless level_cfg differs)
-    level_cfg: float = 6.0            # guidance scale of the level on its own (model/guidance.py)
-    steps: int = 20                   # DPM-Solver++(2M) steps per sample
-    overwrite: bool = False           # replace a finished demo in `out`
+    vae: str = str(PRETRAINED / "demo_vae.safetensors")  # the frozen VAE the U-Net trains on ...
+    probe: str = str(PRETRAINED / "demo_probe.safetensors")  # ... and the probe that scores it
+    from_scratch: bool = False  # train the VAE and the probe in this run instead (as --fast does)
+    # make `vae` (configs/demo_vae.py, its fixed steps), record it, and stop
+    train_vae: bool = False
+    train_probe: bool = False  # make `probe` (on `vae`), record it, and stop
+    # the shortened from-scratch run CI uses: the FAST steps and sizes, no budget
+    fast: bool = False
+    minutes: float = 9.5  # time budget of the whole run; every stage is sized to fit it
+    # > 0: train the U-Net exactly this many steps (a run that repeats anywhere)
+    unet_steps: int = 0
+    vae_steps: int = 0  # > 0: instead of the VAE stage's max_steps
+    pool: int = 8000  # training scenes, rendered once (image shards), VAE-encoded once (latents)
+    seed: int = 0  # the training scenes, every initialisation and noise draw (train.py's seed)
+    eval_seeds: int = 3  # samples per (class, level) prompt: 324 in all, standard error ~2.2 points
+    # the conditioning probe: renders it trains on (half through the VAE) ...
+    probe_train_images: int = 6480
+    probe_steps: int = 4000  # ... and its optimisation steps
+    cfg: float = 3.0  # guidance scale of the text (and of the level, unless level_cfg differs)
+    level_cfg: float = 6.0  # guidance scale of the level on its own (model/guidance.py)
+    steps: int = 20  # DPM-Solver++(2M) steps per sample
+    overwrite: bool = False  # replace a finished demo in `out`
 
 
 def parse_args(argv):
-    """DemoConfig from --key=value overrides (and an optional --config FILE of plain values), FAST under --fast."""
+    """DemoConfig from --key=value overrides (and an optional --config FILE of plain values), FAST
+    under --fast."""
     argv = list(argv)
     cfg = configure(DemoConfig(), argv)
     if cfg.fast:
@@ -93,12 +124,23 @@ def parse_args(argv):
     for key in ("pool", "eval_seeds", "probe_train_images", "probe_steps", "steps"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.minutes <= 0 or cfg.unet_steps < 0 or cfg.vae_steps < 0 or cfg.cfg < 0 or cfg.level_cfg < 0:
-        raise ValueError("--minutes must be > 0, --unet_steps and --vae_steps >= 0, the guidance scales >= 0")
+    if (
+        cfg.minutes <= 0
+        or cfg.unet_steps < 0
+        or cfg.vae_steps < 0
+        or cfg.cfg < 0
+        or cfg.level_cfg < 0
+    ):
+        raise ValueError(
+            "--minutes must be > 0, --unet_steps and --vae_steps >= 0, the guidance scales >= 0"
+        )
     for path in (cfg.vae_config, cfg.unet_config):
         if not Path(path).is_file():
             raise ValueError(f"stage config {path} does not exist")
-    remake = "remake it with `python demo.py --train-vae --train-probe` or restore it with git, or run --from-scratch"
+    remake = (
+        "remake it with `python demo.py --train-vae --train-probe` or restore it with git, "
+        "or run --from-scratch"
+    )
     if not (cfg.from_scratch or cfg.train_vae or cfg.train_probe):
         check_recorded(cfg.vae, remake)
         check_recorded(cfg.probe, remake)
@@ -108,8 +150,9 @@ def parse_args(argv):
 
 
 def eval_targets(size, levels=(10, 18), seed=10_000):
-    """One prompt per (class, integer level): the caption of a held-out procedural scene of that class, seen
-    size x size pixels (the caption tells what that frame shows), with that scene's image (H, W, 3 uint8)."""
+    """One prompt per (class, integer level): the caption of a held-out procedural scene of that
+    class, seen size x size pixels (the caption tells what that frame shows), with that scene's
+    image (H, W, 3 uint8)."""
     targets = []
     for c in range(len(CLASSES)):
         for level in range(levels[0], levels[1] + 1):
@@ -119,119 +162,185 @@ def eval_targets(size, levels=(10, 18), seed=10_000):
 
 
 def scenes(stage_file, n, seed=0):
-    """The procedural scenes a stage config trains on: ProceduralEarth's arguments (its image size and levels)."""
+    """The procedural scenes a stage config trains on: ProceduralEarth's arguments (its image size
+    and levels)."""
     values = vars(load_config(stage_file))
-    missing = [key for key in ("image_size", "synthetic_levels", "synthetic_integer_levels") if key not in values]
+    missing = [
+        key
+        for key in ("image_size", "synthetic_levels", "synthetic_integer_levels")
+        if key not in values
+    ]
     if missing:
         raise ValueError(f"{stage_file}: the demo needs {missing} there (the scenes it trains on)")
-    return dict(n=n, size=values["image_size"], levels=list(values["synthetic_levels"]), seed=seed,
-                integer_levels=values["synthetic_integer_levels"])
+    return dict(
+        n=n,
+        size=values["image_size"],
+        levels=list(values["synthetic_levels"]),
+        seed=seed,
+        integer_levels=values["synthetic_integer_levels"],
+    )
 
 
 def run_stage(stage_file, out_dir, max_steps, *overrides, beside=None):
-    """One training stage: train.py in a process of its own, as a user would run it (max_steps: 0 = the stage
-    config's). An interruption (Ctrl-C, SIGTERM) reaches it too: it saves a checkpoint and stops, and rerunning
-    the demo resumes it. beside: a process (the probe) that has one core to itself; the stage runs on the others
-    until it ends, then is stopped and resumed on all of them (a checkpoint and an exact resume: a second thread
-    on the same core would cost both jobs far more than it gives). Returns the stage's wall seconds."""
+    """One training stage: train.py in a process of its own, as a user would run it (max_steps: 0 =
+    the stage config's). An interruption (Ctrl-C, SIGTERM) reaches it too: it saves a checkpoint and
+    stops, and rerunning the demo resumes it. beside: a process (the probe) that has one core to
+    itself; the stage runs on the others until it ends, then is stopped and resumed on all of them
+    (a checkpoint and an exact resume: a second thread on the same core would cost both jobs far
+    more than it gives). Returns the stage's wall seconds."""
     t0 = time.time()
     max_steps, cores = max_steps or load_config(stage_file).max_steps, usable_cores()
-    cmd = [sys.executable, str(Path(__file__).with_name("train.py")), "--config", str(stage_file),
-           f"--out_dir={out_dir}", f"--max_steps={max_steps}", *overrides]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).with_name("train.py")),
+        "--config",
+        str(stage_file),
+        f"--out_dir={out_dir}",
+        f"--max_steps={max_steps}",
+        *overrides,
+    ]
     shared = beside is not None and beside.is_alive() and cores > 1
     proc = subprocess.Popen(cmd + ([f"--threads={cores - 1}"] if shared else []))
-    forward = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))  # to the stage
+    # to the stage
+    forward = signal.signal(signal.SIGTERM, lambda signum, frame: proc.send_signal(signal.SIGTERM))
     while True:
         try:
             while shared and proc.poll() is None and beside.is_alive():
                 beside.join(timeout=1.0)
-            if shared and proc.poll() is None:                    # the core is free: hand it over
+            if shared and proc.poll() is None:  # the core is free: hand it over
                 proc.send_signal(signal.SIGTERM)
                 proc.wait()
                 shared = False
                 proc = subprocess.Popen(cmd)
             code = proc.wait()
             break
-        except KeyboardInterrupt:                            # the stage got the signal too: let it save
+        except KeyboardInterrupt:  # the stage got the signal too: let it save
             shared = False
     signal.signal(signal.SIGTERM, forward)
     if code != 0 or not finished(out_dir, max_steps):
-        raise SystemExit(f"demo.py: the stage {stage_file} stopped (exit code {code}) in {out_dir}; run the same "
-                         "command again to resume")
+        raise SystemExit(
+            f"demo.py: the stage {stage_file} stopped (exit code {code}) in {out_dir}; "
+            "run the same command again to resume"
+        )
     return time.time() - t0
 
 
 def render_pool(out_dir, spec, processes=1):
-    """The demo's training scenes: the first n procedural samples (ProceduralEarth(**spec)), rendered once into
-    lossless image shards in out_dir. The VAE trains on them, several epochs (rendering every batch anew would
-    cost half as much again as the VAE step itself on two cores), and the U-Net on their latents. An out_dir
-    already holding the same scenes is kept (resume); other contents are replaced. `processes` render at once."""
-    write_once(out_dir, spec, lambda: write_shards(
-        InOrder(ProceduralEarth(**spec), processes), out_dir, samples_per_shard=max(1, spec["n"] // 8),
-        image_format="png", overwrite=True, progress=True))
+    """The demo's training scenes: the first n procedural samples (ProceduralEarth(**spec)),
+    rendered once into lossless image shards in out_dir. The VAE trains on them, several epochs
+    (rendering every batch anew would cost half as much again as the VAE step itself on two cores),
+    and the U-Net on their latents. An out_dir already holding the same scenes is kept (resume);
+    other contents are replaced. `processes` render at once."""
+    write_once(
+        out_dir,
+        spec,
+        lambda: write_shards(
+            InOrder(ProceduralEarth(**spec), processes),
+            out_dir,
+            samples_per_shard=max(1, spec["n"] // 8),
+            image_format="png",
+            overwrite=True,
+            progress=True,
+        ),
+    )
 
 
 def encode_pool(vae_file, images_dir, out_dir):
-    """The image shards of render_pool, encoded once by the VAE in vae_file (posterior means, scaled) into latent
-    shards in out_dir: the U-Net then reads latents only. Kept on resume only if made from the same images
-    by the same VAE weights."""
-    spec = dict(images=json.loads((Path(images_dir) / "made_from.json").read_text()), vae_sha256=sha256(vae_file))
+    """The image shards of render_pool, encoded once by the VAE in vae_file (posterior means,
+    scaled) into latent shards in out_dir: the U-Net then reads latents only. Kept on resume only if
+    made from the same images by the same VAE weights."""
+    spec = dict(
+        images=json.loads((Path(images_dir) / "made_from.json").read_text()),
+        vae_sha256=sha256(vae_file),
+    )
 
     def write():
         vae = load_part(vae_file, "vae")
-        images = ShardDataset(images_dir, rank=0, world_size=1, shuffle_buffer=0, shuffle_shards=False)
-        write_shards(images, out_dir, samples_per_shard=max(1, spec["images"]["n"] // 8), batch_size=64,
-                     write_images=False, overwrite=True, progress=True,
-                     encode_fn=lambda x: vae.encode_latents(x, sample=False))
+        images = ShardDataset(
+            images_dir, rank=0, world_size=1, shuffle_buffer=0, shuffle_shards=False
+        )
+        write_shards(
+            images,
+            out_dir,
+            samples_per_shard=max(1, spec["images"]["n"] // 8),
+            batch_size=64,
+            write_images=False,
+            overwrite=True,
+            progress=True,
+            encode_fn=lambda x: vae.encode_latents(x, sample=False),
+        )
+
     write_once(out_dir, spec, write)
 
 
 def probe_job(size, n_train, steps, vae_file, vae_ready, out_file, deadline):
-    """The conditioning probe of a from-scratch run, trained in a process of its own on one core while the U-Net
-    trains on the others (on two cores the U-Net step gains only ~1.2x from its second thread; the probe ~1.2x
-    too): waits for the run's VAE (vae_ready, a multiprocessing Event), trains on its renders, half of them
-    through that VAE, for `steps` or fewer if they would not end by `deadline` (a time.time(); None: no limit),
-    and writes out_file (save_probe). A probe already there, made on the same VAE, is kept (resume)."""
+    """The conditioning probe of a from-scratch run, trained in a process of its own on one core
+    while the U-Net trains on the others (on two cores the U-Net step gains only ~1.2x from its
+    second thread; the probe ~1.2x too): waits for the run's VAE (vae_ready, a multiprocessing
+    Event), trains on its renders, half of them through that VAE, for `steps` or fewer if they would
+    not end by `deadline` (a time.time(); None: no limit), and writes out_file (save_probe). A probe
+    already there, made on the same VAE, is kept (resume)."""
     torch.set_num_threads(1)
     vae_ready.wait()
     made_on = sha256(vae_file)
     if Path(out_file).exists() and load_probe_info(out_file).get("vae_sha256") == made_on:
-        return                                                      # made on this VAE before an interruption
+        return  # made on this VAE before an interruption
     t0 = time.time()
-    probe, results, steps = fit_probe(size, n_train, steps, load_part(vae_file, "vae").reconstruct,
-                                      pace_deadline=deadline)
-    save_probe(probe, out_file, {"results": results, "steps": steps, "minutes": (time.time() - t0) / 60,
-                                 "vae_sha256": made_on})
+    probe, results, steps = fit_probe(
+        size, n_train, steps, load_part(vae_file, "vae").reconstruct, pace_deadline=deadline
+    )
+    save_probe(
+        probe,
+        out_file,
+        {
+            "results": results,
+            "steps": steps,
+            "minutes": (time.time() - t0) / 60,
+            "vae_sha256": made_on,
+        },
+    )
 
 
-SAMPLING_MARGIN = 40       # s kept beyond the timed sampling: U-Net start and save, scoring, editing examples, outputs
-MIN_UNET_MINUTES = 1.0     # the U-Net trains at least this long, budget or not
+# s kept beyond the timed sampling: U-Net start and save, scoring, editing examples, outputs
+SAMPLING_MARGIN = 40
+MIN_UNET_MINUTES = 1.0  # the U-Net trains at least this long, budget or not
 
 
 def scoring_seconds(model_cfg, args, size, batch=54):
-    """Seconds the scoring will take (eval_seeds x 108 prompted samples, as many unconditional), measured on an
-    untrained model of the same architecture before training (model/pipeline.sampling_seconds)."""
+    """Seconds the scoring will take (eval_seeds x 108 prompted samples, as many unconditional),
+    measured on an untrained model of the same architecture before training
+    (model/pipeline.sampling_seconds)."""
     torch.manual_seed(0)
     model, n = Text2Earth(model_cfg).eval(), 108 * args.eval_seeds
-    prompted = {"text": [t[0] for t in eval_targets(size)[:batch]], "level": [14.0] * batch}
-    return (sampling_seconds(model, prompted, {"text": args.cfg, "level": args.level_cfg}, args.steps, n,
-                             size=(size, size)) +
-            sampling_seconds(model, {"text": [""] * batch, "level": [0.0] * batch}, {"text": 1.0, "level": 1.0},
-                             args.steps, n, size=(size, size)))
+    prompted = conditions.request(
+        model_cfg, batch, text=[t[0] for t in eval_targets(size)[:batch]], level=14.0
+    )
+    guided = conditions.scales(model_cfg, args.cfg, level=args.level_cfg)
+    unconditional = conditions.request(model_cfg, batch)
+    return sampling_seconds(
+        model, prompted, guided, args.steps, n, size=(size, size)
+    ) + sampling_seconds(
+        model, unconditional, conditions.scales(model_cfg, 1.0), args.steps, n, size=(size, size)
+    )
 
 
 def started_budget(stage_dir):
-    """The budget (minutes) a stage started with (its config.json), or None: a resumed stage keeps it."""
+    """The budget (minutes) a stage started with (its config.json), or None: a resumed stage keeps
+    it."""
     started = Path(stage_dir) / "config.json"
     return json.loads(started.read_text())["max_minutes"] if started.exists() else None
 
 
 def unet_budget(unet_dir, seconds_left, reserve):
-    """Minutes of U-Net training: what is left of the demo's budget after `reserve` seconds (sampling and the
-    rest), at least MIN_UNET_MINUTES; a resumed stage keeps the budget it started with."""
+    """Minutes of U-Net training: what is left of the demo's budget after `reserve` seconds
+    (sampling and the rest), at least MIN_UNET_MINUTES; a resumed stage keeps the budget it started
+    with."""
     minutes, started = (seconds_left - reserve) / 60, started_budget(unet_dir)
     if started is None and minutes < MIN_UNET_MINUTES:
-        print(f"demo.py: the time budget is spent before the U-Net; it trains {MIN_UNET_MINUTES:g} min anyway")
+        print(
+            "demo.py: the time budget is spent before the U-Net; "
+            f"it trains {MIN_UNET_MINUTES:g} min anyway"
+        )
     return started or max(minutes, MIN_UNET_MINUTES)
 
 
@@ -239,38 +348,281 @@ def generate_all(model, prompts, levels, guidance, steps, size, batch=54):
     images = []
     for i in range(0, len(prompts), batch):
         j = min(i + batch, len(prompts))
-        images.append(generate(model, {"text": prompts[i:j], "level": levels[i:j]}, seeds=list(range(i, j)),
-                               steps=steps, guidance=guidance, size=(size, size)))
+        asked = conditions.request(model.cfg, j - i, text=prompts[i:j], level=levels[i:j])
+        images.append(
+            generate(
+                model,
+                asked,
+                seeds=list(range(i, j)),
+                steps=steps,
+                guidance=guidance,
+                size=(size, size),
+            )
+        )
     return torch.cat(images)
 
 
 def make_pretrained(args, out, command):
-    """--train-vae / --train-probe: the files the default run starts from, each entered in the manifest with its
-    recipe and figures measured on held-out renders."""
+    """--train-vae / --train-probe: the files the default run starts from, each entered in the
+    manifest with its recipe and figures measured on held-out renders."""
     host = {"torch": torch.__version__, "cpu": cpu_name(), "cores": usable_cores()}
     size = load_config(args.unet_config).image_size
     if args.train_vae:
         spec = scenes(args.vae_config, args.pool, args.seed)
         render_pool(out / "images", spec, processes=min(usable_cores(), 8))
-        run_stage(args.vae_config, out / "train_vae", args.vae_steps, "--data=shards",
-                  f"--data_path={out / 'images'}", f"--seed={args.seed}")
+        run_stage(
+            args.vae_config,
+            out / "train_vae",
+            args.vae_steps,
+            "--data=shards",
+            f"--data_path={out / 'images'}",
+            f"--seed={args.seed}",
+        )
         model = load_model(out / "train_vae" / "model.safetensors")
         save_model(model, args.vae, parts=("vae",), trained=("vae",))
         held = make_probe_data(size=size, **VAE_HELD)[0]
         l1 = (load_part(args.vae, "vae").reconstruct(held) - held).abs().mean().item()
-        record_file(args.vae, {"command": command, "recipe": args.vae_config, "scenes": spec,
-                               "steps": checkpoint_step(checkpoint_paths(out / "train_vae")[-1]), **host,
-                               "held_out": {**VAE_HELD, "size": size, "l1": l1}})
+        record_file(
+            args.vae,
+            {
+                "command": command,
+                "recipe": args.vae_config,
+                "scenes": spec,
+                "steps": checkpoint_step(checkpoint_paths(out / "train_vae")[-1]),
+                **host,
+                "held_out": {**VAE_HELD, "size": size, "l1": l1},
+            },
+        )
         print(f"wrote {args.vae}: held-out L1 {l1:.4f}")
     if args.train_probe:
         t0 = time.time()
-        probe, results, steps = fit_probe(size, args.probe_train_images, args.probe_steps,
-                                          load_part(args.vae, "vae").reconstruct)
-        save_probe(probe, args.probe, {"results": results, "steps": steps, "vae_sha256": sha256(args.vae)})
-        record_file(args.probe, {"command": command, "vae_sha256": sha256(args.vae),
-                                 "train_images": args.probe_train_images, "steps": steps, **host,
-                                 "minutes": (time.time() - t0) / 60, "held_out": {"n": 540, "seed": 2, **results}})
+        probe, results, steps = fit_probe(
+            size, args.probe_train_images, args.probe_steps, load_part(args.vae, "vae").reconstruct
+        )
+        save_probe(
+            probe, args.probe, {"results": results, "steps": steps, "vae_sha256": sha256(args.vae)}
+        )
+        record_file(
+            args.probe,
+            {
+                "command": command,
+                "vae_sha256": sha256(args.vae),
+                "train_images": args.probe_train_images,
+                "steps": steps,
+                **host,
+                "minutes": (time.time() - t0) / 60,
+                "held_out": {"n": 540, "seed": 2, **results},
+            },
+        )
         print(f"wrote {args.probe}: " + json.dumps(results))
+
+
+def fork_probe(args, size, vae_file, probe_file, deadline):
+    """A from-scratch run's probe in a process of its own, forked now (the child runs torch on one
+    thread only) and waiting for the run's VAE: (the process, the Event to set once vae_file is
+    written)."""
+    fork = multiprocessing.get_context("fork")
+    vae_ready = fork.Event()
+    job = fork.Process(
+        target=probe_job,
+        daemon=True,
+        args=(
+            size,
+            args.probe_train_images,
+            args.probe_steps,
+            vae_file,
+            vae_ready,
+            probe_file,
+            deadline,
+        ),
+    )
+    job.start()
+    return job, vae_ready
+
+
+def vae_stage(args, out, t0, budget):
+    """A from-scratch run's VAE, trained on the rendered scenes in out/vae (under a budget: at most
+    40% of what is left, fewer steps if slower); returns its stage record."""
+    vae_args = ["--data=shards", f"--data_path={out / 'images'}", f"--seed={args.seed}"]
+    if budget is not None:
+        share = started_budget(out / "vae") or 0.4 * (budget - (time.time() - t0)) / 60
+        vae_args.append(f"--max_minutes={share}")
+    seconds = run_stage(args.vae_config, out / "vae", args.vae_steps, *vae_args)
+    return {"steps": checkpoint_step(checkpoint_paths(out / "vae")[-1]), "seconds": seconds}
+
+
+def unet_stage(args, out, vae_file, t0, budget, reserve, probe):
+    """The U-Net and text tower, trained on the latents in out/unet for what the budget leaves after
+    `reserve` seconds (or args.unet_steps), beside the probe's process if any; returns its stage
+    record."""
+    unet_args = [
+        "--data=shards",
+        f"--data_path={out / 'latents'}",
+        f"--init_from={vae_file}",
+        f"--seed={args.seed}",
+    ]
+    record = {}
+    if budget is not None:
+        minutes = unet_budget(out / "unet", budget - (time.time() - t0), reserve)
+        unet_args.append(f"--max_minutes={minutes}")
+        record = {"budget_minutes": minutes}
+    seconds = run_stage(args.unet_config, out / "unet", args.unet_steps, *unet_args, beside=probe)
+    return {
+        **record,
+        "steps": checkpoint_step(checkpoint_paths(out / "unet")[-1]),
+        "seconds": seconds,
+    }
+
+
+def train_models(args, out, t0, budget, cores, stages):
+    """Stage 1: the scenes; the VAE (shipped, or trained now, the probe then beside the U-Net);
+    latents; U-Net + text tower. Each step's record goes into `stages`. Returns (model, size,
+    probe_file, job, reserve): job is the probe's process (None: the shipped probe), reserve the
+    seconds kept for the scoring (None: fixed steps)."""
+    spec = scenes(args.vae_config, args.pool, args.seed)
+    unet_cfg = load_config(args.unet_config)
+    size = unet_cfg.image_size
+    out.mkdir(parents=True, exist_ok=True)
+    vae_file, probe_file, job = Path(args.vae), Path(args.probe), None
+    if args.from_scratch:  # the probe's process, forked first, waits for the VAE
+        vae_file, probe_file = out / "vae" / "model.safetensors", out / "probe.safetensors"
+        deadline = None if budget is None else t0 + budget - 60
+        job, vae_ready = fork_probe(args, size, vae_file, probe_file, deadline)
+    print(f"rendering {args.pool} training scenes ...", flush=True)
+    t = time.time()
+    render_pool(out / "images", spec, processes=min(cores, 8))
+    stages["render"] = {"scenes": args.pool, "seconds": time.time() - t}
+    reserve = None  # seconds kept for the scoring, timed while the CPU is free
+    if budget is not None:
+        reserve = scoring_seconds(unet_cfg.model, args, size) + SAMPLING_MARGIN
+    if args.from_scratch:
+        stages["vae"] = vae_stage(args, out, t0, budget)
+        vae_ready.set()
+    else:
+        steps = manifest_of(vae_file).get(vae_file.name, {}).get("steps")
+        stages["vae"] = {"pretrained": str(vae_file), "steps": steps}
+    print(f"encoding them with the VAE ({vae_file}) ...", flush=True)
+    t = time.time()
+    encode_pool(vae_file, out / "images", out / "latents")
+    stages["encode"] = {"seconds": time.time() - t}
+    stages["unet"] = unet_stage(args, out, vae_file, t0, budget, reserve, job)
+    shutil.copyfile(out / "unet" / "model.safetensors", out / "model.safetensors")
+    model = load_model(out / "model.safetensors").eval()
+    return model, size, probe_file, job, reserve
+
+
+def scoring_probe(probe_file, job, stages):
+    """Stage 2: the probe, the shipped one or this run's (its process joined), and its figures on
+    held-out renders (the ceilings: as made and through the VAE): (probe, results)."""
+    if job is not None and job.join() is None and job.exitcode != 0:
+        raise SystemExit(
+            f"demo.py: the probe's process failed (exit code {job.exitcode}; traceback above)"
+        )
+    probe, info = load_probe(probe_file), load_probe_info(probe_file)
+    made = {"pretrained": str(probe_file)} if job is None else {"seconds": 60 * info["minutes"]}
+    stages["probe"] = {"steps": info["steps"], **made}
+    return probe, dict(info["results"])
+
+
+def sample_and_measure(args, model, probe, size, results, reserve, stages):
+    """Stage 3: `eval_seeds` samples per (class, level), its prompt a held-out caption, and as many
+    unconditional ones (the floor), scored by the probe into `results`: (targets, images)."""
+    print("sampling and measuring ...", flush=True)
+    start = time.time()
+    targets = eval_targets(size) * args.eval_seeds
+    prompts, levels = [t[0] for t in targets], [t[1] for t in targets]
+    labels = torch.tensor([t[2] for t in targets])
+    lv = torch.tensor(levels)
+    guided = conditions.scales(model.cfg, args.cfg, level=args.level_cfg)
+    images = generate_all(model, prompts, levels, guided, args.steps, size)
+    results["generated, prompt + level (ours)"] = evaluate_probe(probe, images, labels, lv)
+    unguided = conditions.scales(model.cfg, 1.0)
+    n = len(prompts)
+    uncond = generate_all(model, [""] * n, [0.0] * n, unguided, args.steps, size)
+    results["unconditional samples (floor)"] = evaluate_probe(probe, uncond, labels, lv)
+    stages["sampling"] = {
+        "images": 2 * len(prompts),
+        "seconds": time.time() - start,
+        "reserved_seconds": reserve,
+    }
+    return targets, images
+
+
+def overview_rows(targets, images, per_class):
+    """Every class at the GRID_LEVELS: (class name, [(real render, sample, prompt)]) per class;
+    targets come in per_class levels from 10 a class."""
+    picks = [[c * per_class + (level - 10) for level in GRID_LEVELS] for c in range(len(CLASSES))]
+    return [
+        (
+            CLASSES[c].replace("_", " "),
+            [
+                (Image.fromarray(targets[i][3]), tensor_to_pil(images[i]), targets[i][0])
+                for i in pick
+            ],
+        )
+        for c, pick in enumerate(picks)
+    ]
+
+
+def overview_header(args, stages, t0, cores):
+    """The overview's title lines: what was trained where, each stage's steps, the sampling."""
+    made = "the U-Net and text tower trained here; VAE and probe " + (
+        "trained here too"
+        if args.from_scratch
+        else "from configs/pretrained (python demo.py --train-vae --train-probe)"
+    )
+    trained = ", ".join(
+        f"{name} {s['steps']} steps" for name, s in stages.items() if s.get("steps")
+    )
+    return [
+        "text2earth demo: a tiny Text2Earth on the procedural Earth, 32 px, CPU only "
+        f"({cores} cores); {made}",
+        f"stages: {trained}; whole run {(time.time() - t0) / 60:.1f} min; "
+        f"sampling: DPM-Solver++(2M) {args.steps} steps, "
+        f"guidance text {args.cfg:g}, level {args.level_cfg:g}",
+        "each pair: a real render and a sample generated from its caption (beneath); columns: "
+        "Google map level L, resolution_m = 2^(17-L)",
+    ]
+
+
+def write_outputs(args, out, model, size, targets, images, results, stages, t0, budget, cores):
+    """Stage 4: the overview (every class, four levels, the real render beside each sample), the
+    grid, results.json; returns the summary written there."""
+    per_class = len(range(10, 19))
+    rows = overview_rows(targets, images, per_class)
+    image_grid([g for _, row in rows[::2] for _, g, _ in row], cols=len(GRID_LEVELS)).save(
+        out / "grid.png"
+    )
+    header = overview_header(args, stages, t0, cores)
+    guided = conditions.scales(model.cfg, args.cfg, level=args.level_cfg)
+    # inpainting, cloud removal, a canvas: evaluation/showcase.py
+    t, strip = time.time(), editing_strip(model, size, guided, args.steps)
+    stages["editing"] = {"seconds": time.time() - t}
+    columns = [f"L{level} ({resolution_from_level(level):g} m/px)" for level in GRID_LEVELS]
+    overview_page(out / "overview.png", header, columns, rows, results, footer=strip)
+    elapsed = time.time() - t0
+    summary = {
+        "results": results,
+        "total_minutes": elapsed / 60,
+        "budget_minutes": args.minutes if budget else None,
+        "stages": stages,
+        "unet_steps": stages["unet"]["steps"],
+        "cpu": cpu_name(),
+        "cores": cores,
+        **vars(args),
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    print(results_table(results))
+    print(
+        f"done in {elapsed / 60:.1f} min (U-Net {stages['unet']['steps']} steps): "
+        f"{out / 'overview.png'}, {out / 'grid.png'}, weights {out / 'model.safetensors'}"
+    )
+    example = targets[3 * per_class + 6][0]
+    print(
+        f"try: python sample.py --weights {out / 'model.safetensors'} --size {size} {size} "
+        f'--level 16 --cfg {args.cfg:g} --level-cfg {args.level_cfg:g} --prompt "{example}"'
+    )
+    return summary
 
 
 def main(argv=None):
@@ -288,111 +640,26 @@ def main(argv=None):
         out.mkdir(parents=True, exist_ok=True)
         return make_pretrained(args, out, " ".join(["python demo.py", *argv]))
     if (out / "overview.png").exists() and not args.overwrite:
-        print(f"demo.py: error: {out} holds a finished demo; pass --overwrite to redo it or --out=DIR for another "
-              "folder", file=sys.stderr)
+        print(
+            f"demo.py: error: {out} holds a finished demo; pass --overwrite to redo it or "
+            "--out=DIR for another folder",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
-    for trained in ("unet", "vae", "probe.safetensors") if args.overwrite else ():     # redo, not just re-sample
-        shutil.rmtree(out / trained) if (out / trained).is_dir() else (out / trained).unlink(missing_ok=True)
+    # redo, not just re-sample
+    for trained in ("unet", "vae", "probe.safetensors") if args.overwrite else ():
+        path = out / trained
+        shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     torch.manual_seed(0)
     t0 = time.time()
-    budget = None if args.fast or args.unet_steps else args.minutes * 60        # None: fixed steps
-    stages = {}
-
-    # 1. Scenes; the VAE (shipped, or trained now, the probe then beside the U-Net); latents; U-Net + text tower.
-    spec = scenes(args.vae_config, args.pool, args.seed)
-    unet_cfg = load_config(args.unet_config)
-    size = unet_cfg.image_size
-    out.mkdir(parents=True, exist_ok=True)
-    vae_file, probe_file, job, cores = Path(args.vae), Path(args.probe), None, usable_cores()
-    if args.from_scratch:                               # the probe's process, forked first, waits for the VAE
-        vae_file, probe_file = out / "vae" / "model.safetensors", out / "probe.safetensors"
-        fork = multiprocessing.get_context("fork")      # starts at once; the child runs torch on one thread only
-        vae_ready = fork.Event()
-        job = fork.Process(target=probe_job, daemon=True, args=(size, args.probe_train_images, args.probe_steps,
-                           vae_file, vae_ready, probe_file, None if budget is None else t0 + budget - 60))
-        job.start()
-    print(f"rendering {args.pool} training scenes ...", flush=True)
-    t = time.time()
-    render_pool(out / "images", spec, processes=min(cores, 8))
-    stages["render"] = {"scenes": args.pool, "seconds": time.time() - t}
-    reserve = None                                      # seconds kept for the scoring, timed while the CPU is free
-    if budget is not None:
-        reserve = scoring_seconds(unet_cfg.model, args, size) + SAMPLING_MARGIN
-    if args.from_scratch:
-        vae_args = ["--data=shards", f"--data_path={out / 'images'}", f"--seed={args.seed}"]
-        if budget is not None:                          # at most 40% of what is left, fewer steps if slower
-            share = started_budget(out / "vae") or 0.4 * (budget - (time.time() - t0)) / 60
-            vae_args.append(f"--max_minutes={share}")
-        seconds = run_stage(args.vae_config, out / "vae", args.vae_steps, *vae_args)
-        stages["vae"] = {"steps": checkpoint_step(checkpoint_paths(out / "vae")[-1]), "seconds": seconds}
-        vae_ready.set()
-    else:
-        stages["vae"] = {"pretrained": str(vae_file), "steps": manifest_of(vae_file).get(vae_file.name, {}).get("steps")}
-    print(f"encoding them with the VAE ({vae_file}) ...", flush=True)
-    t = time.time()
-    encode_pool(vae_file, out / "images", out / "latents")
-    stages["encode"] = {"seconds": time.time() - t}
-    unet_args = ["--data=shards", f"--data_path={out / 'latents'}", f"--init_from={vae_file}", f"--seed={args.seed}"]
-    if budget is not None:
-        minutes = unet_budget(out / "unet", budget - (time.time() - t0), reserve)
-        unet_args.append(f"--max_minutes={minutes}")
-        stages["unet"] = {"budget_minutes": minutes}
-    seconds = run_stage(args.unet_config, out / "unet", args.unet_steps, *unet_args, beside=job)
-    stages["unet"] = {**stages.get("unet", {}), "steps": checkpoint_step(checkpoint_paths(out / "unet")[-1]),
-                      "seconds": seconds}
-    shutil.copyfile(out / "unet" / "model.safetensors", out / "model.safetensors")
-    model = load_model(out / "model.safetensors").eval()
-
-    # 2. The probe: the shipped one or this run's, with its ceilings (held-out renders, as made and through the VAE).
-    if job is not None and job.join() is None and job.exitcode != 0:
-        raise SystemExit(f"demo.py: the probe's process failed (exit code {job.exitcode}; traceback above)")
-    probe, info = load_probe(probe_file), load_probe_info(probe_file)
-    results = dict(info["results"])
-    stages["probe"] = {"steps": info["steps"], **({"pretrained": str(probe_file)} if job is None else
-                                                  {"seconds": 60 * info["minutes"]})}
-
-    # 3. `eval_seeds` samples per (class, level), its prompt a held-out caption; as many unconditional (the floor).
-    print("sampling and measuring ...", flush=True)
-    t = time.time()
-    targets = eval_targets(size) * args.eval_seeds
-    prompts, levels, labels = [t[0] for t in targets], [t[1] for t in targets], torch.tensor([t[2] for t in targets])
-    lv = torch.tensor(levels)
-    images = generate_all(model, prompts, levels, {"text": args.cfg, "level": args.level_cfg}, args.steps, size)
-    results["generated, prompt + level (ours)"] = evaluate_probe(probe, images, labels, lv)
-    uncond = generate_all(model, [""] * len(prompts), [0.0] * len(prompts), {"text": 1.0, "level": 1.0}, args.steps,
-                          size)
-    results["unconditional samples (floor)"] = evaluate_probe(probe, uncond, labels, lv)
-    stages["sampling"] = {"images": 2 * len(prompts), "seconds": time.time() - t, "reserved_seconds": reserve}
-
-    # 4. Outputs: the overview (every class, four levels, the real render beside each sample), the grid, results.
-    per_class = len(range(10, 19))
-    picks = [[c * per_class + (level - 10) for level in GRID_LEVELS] for c in range(len(CLASSES))]
-    rows = [(CLASSES[c].replace("_", " "), [(Image.fromarray(targets[i][3]), tensor_to_pil(images[i]), prompts[i])
-                                            for i in pick]) for c, pick in enumerate(picks)]
-    image_grid([g for _, row in rows[::2] for _, g, _ in row], cols=len(GRID_LEVELS)).save(out / "grid.png")
-    made = "the U-Net and text tower trained here; VAE and probe " + (
-        "trained here too" if args.from_scratch else "from configs/pretrained (python demo.py --train-vae --train-probe)")
-    header = [f"text2earth demo: a tiny Text2Earth on the procedural Earth, 32 px, CPU only ({cores} cores); {made}",
-              "stages: " + ", ".join(f"{name} {s['steps']} steps" for name, s in stages.items() if s.get("steps")) +
-              f"; whole run {(time.time() - t0) / 60:.1f} min; sampling: DPM-Solver++(2M) {args.steps} steps, guidance "
-              f"text {args.cfg:g}, level {args.level_cfg:g}",
-              "each pair: a real render and a sample generated from its caption (beneath); columns: Google map "
-              "level L, resolution_m = 2^(17-L)"]
-    t, strip = time.time(), editing_strip(model, size, {"text": args.cfg, "level": args.level_cfg}, args.steps)
-    stages["editing"] = {"seconds": time.time() - t}    # inpainting, cloud removal, a canvas: evaluation/showcase.py
-    overview_page(out / "overview.png", header, [f"L{level} ({resolution_from_level(level):g} m/px)"
-                                                 for level in GRID_LEVELS], rows, results, footer=strip)
-    elapsed = time.time() - t0
-    summary = {"results": results, "total_minutes": elapsed / 60, "budget_minutes": args.minutes if budget else None,
-               "stages": stages, "unet_steps": stages["unet"]["steps"], "cpu": cpu_name(), "cores": cores,
-               **vars(args)}
-    (out / "results.json").write_text(json.dumps(summary, indent=1))
-    print(results_table(results))
-    print(f"done in {elapsed / 60:.1f} min (U-Net {stages['unet']['steps']} steps): {out / 'overview.png'}, "
-          f"{out / 'grid.png'}, weights {out / 'model.safetensors'}")
-    print(f"try: python sample.py --weights {out / 'model.safetensors'} --size {size} {size} --level 16 "
-          f"--cfg {args.cfg:g} --level-cfg {args.level_cfg:g} --prompt \"{prompts[3 * per_class + 6]}\"")
-    return summary
+    budget = None if args.fast or args.unet_steps else args.minutes * 60  # None: fixed steps
+    stages, cores = {}, usable_cores()
+    model, size, probe_file, job, reserve = train_models(args, out, t0, budget, cores, stages)
+    probe, results = scoring_probe(probe_file, job, stages)
+    targets, images = sample_and_measure(args, model, probe, size, results, reserve, stages)
+    return write_outputs(
+        args, out, model, size, targets, images, results, stages, t0, budget, cores
+    )
 
 
 if __name__ == "__main__":

@@ -1,25 +1,32 @@
-"""Edit remote-sensing images: inpaint, remove clouds, img2img (super-resolution, dehazing), unbounded canvases.
+"""Edit remote-sensing images: inpaint, remove clouds, img2img (super-resolution, dehazing),
+unbounded canvases.
 
     python edit.py inpaint  --weights W --image IMG --mask MASK --prompt "a dense forest" --level 16
     python edit.py declouds --weights W --image IMG [--mask MASK] [--cloud-threshold 0.75]
-    python edit.py img2img  --weights W --image IMG --strength 0.5 --prompt P --level 15 [--preset sr|dehaze]
-    python edit.py extend   --weights W --prompts FILE --size 1024 4096 --level 16 [--method multidiffusion]
-    python edit.py translate --weights W --controlnet C --control IMG --task pan2rgb --prompt P --level 16
+    python edit.py img2img  --weights W --image IMG --strength 0.5 --prompt P --level 15 \\
+        [--preset sr|dehaze]
+    python edit.py extend   --weights W --prompts FILE --size 1024 4096 --level 16 \\
+        [--method multidiffusion]
+    python edit.py translate --weights W --controlnet C --control IMG --task pan2rgb --prompt P \\
+        --level 16
 
-Masks: white (>= 128) = regenerate, black = keep (the release's convention); a mask of another size is resized
-when its aspect ratio matches the image's. Pixels outside the mask are kept exactly beyond a feathered band of
---feather pixels. A 9-channel inpainting model (Text2Earth-inpainting) inpaints with its own U-Net; a
-text-to-image model by replacing the known latents at every step (--resample N for RePaint's resampling).
-`--preset sr` upsamples the input --scale times and generates at the finer level (--level is the input's),
-`--preset dehaze` regenerates at the same level from the prompt of the clear scene. `extend` builds a canvas
-tile by tile: --prompts FILE holds one prompt per line in row-major tile order (or one for every tile); it prints
-the grid. `translate` generates the target modality of the --control image's frame with a ControlNet
-(model/controlnet.py) on the frozen model: pan2rgb, nir2rgb, sar2rgb, pan2nir take a grey image (a colour one is
-made grey with the training's luma weights), dehaze a hazy RGB image, sr a low-resolution one, up-sampled --scale
-times and generated at level + log2(scale); the output has the control's size. Every PNG carries the command,
-inputs and settings in its text chunks; files are never overwritten unless --overwrite. docs/editing.md has what
-each edit reaches on the procedural Earth, docs/multimodal.md what translation does.
+Masks: white (>= 128) = regenerate, black = keep (the release's convention); a mask of another size
+is resized when its aspect ratio matches the image's. Pixels outside the mask are kept exactly
+beyond a feathered band of --feather pixels. A 9-channel inpainting model (Text2Earth-inpainting)
+inpaints with its own U-Net; a text-to-image model by replacing the known latents at every step
+(--resample N for RePaint's resampling). `--preset sr` upsamples the input --scale times and
+generates at the finer level (--level is the input's), `--preset dehaze` regenerates at the same
+level from the prompt of the clear scene. `extend` builds a canvas tile by tile: --prompts FILE
+holds one prompt per line in row-major tile order (or one for every tile); it prints the grid.
+`translate` generates the target modality of the --control image's frame with a ControlNet
+(model/controlnet.py) on the frozen model: pan2rgb, nir2rgb, sar2rgb, pan2nir take a grey image (a
+colour one is made grey with the training's luma weights), dehaze a hazy RGB image, sr a
+low-resolution one, up-sampled --scale times and generated at level + log2(scale); the output has
+the control's size. Every PNG carries the command, inputs and settings in its text chunks; files are
+never overwritten unless --overwrite. docs/editing.md has what each edit reaches on the procedural
+Earth, docs/multimodal.md what translation does.
 """
+
 import argparse
 import math
 import sys
@@ -29,153 +36,240 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from PIL.PngImagePlugin import PngInfo
 
-from data.levels import asked_level, parse_level_prefix
+from cli import sampling as cli
 from data.modalities import SR_FACTOR, TASKS, to_pan
 from data.samples import to_rgb8
-from data.transforms import pil_to_tensor, tensor_to_pil
-from model import editing
+from data.transforms import pil_to_tensor
+from model import conditions, editing
 from model.controlnet import Controlled, load_controlnet
-from model.lora import apply_loras
-from model.pipeline import default_guidance, device_and_dtype, generate
-from model.samplers import SAMPLERS
-from model.weights import WeightsError, load_weights, trained_size
+from model.pipeline import generate
+from model.weights import WeightsError, trained_size
 
-DEFAULT_WEIGHTS = "out/demo/model.safetensors"   # what the README's demo command trains
 COMMANDS = ("inpaint", "declouds", "img2img", "extend", "translate")
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="edit.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    """(args, parser, values): the flags, checked, and {condition: value} of the scalar conditions
+    asked for."""
+    argv = sys.argv[1:] if argv is None else argv
+    model_cfg = cli.model_config_for(argv)
+    p = argparse.ArgumentParser(
+        prog="edit.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = p.add_subparsers(dest="command", required=True, metavar="{" + ",".join(COMMANDS) + "}")
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--weights", default=DEFAULT_WEIGHTS, help="diffusers-format folder or our .safetensors")
-    common.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
-                        help="merge a LoRA (ours, or diffusers / peft layout) into the model; repeat for several")
-    common.add_argument("--prompt", action="append", default=None, help="text prompt (extend: repeat, one a tile)")
-    common.add_argument("--level", type=float, default=None, help="Google map level, 0 (none) or 1..20")
-    common.add_argument("--resolution-m", type=float, default=None, help="metres per pixel (instead of --level)")
-    common.add_argument("--negative-prompt", default="", help="replaces the empty prompt in the null branch")
-    common.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
-    common.add_argument("--steps", type=int, default=20)
-    common.add_argument("--cfg", type=float, default=None,
-                        help="guidance scale (1 = none; default: the release's, 3.5 for the inpainting model, else 4)")
-    common.add_argument("--level-cfg", type=float, default=None, help="guidance scale of the level on its own")
-    common.add_argument("--seed", type=int, default=0, help="output i uses seed + i")
+    cli.add_model_flags(common)
+    common.add_argument(
+        "--prompt", action="append", default=None, help="text prompt (extend: repeat, one a tile)"
+    )
+    cli.add_sampling_flags(
+        common,
+        cfg=None,
+        cfg_help="guidance scale (1 = none; default: the release's, 3.5 for "
+        "the inpainting model, else 4)",
+    )
+    cli.add_condition_flags(common, model_cfg)
     common.add_argument("--n", type=int, default=1, help="outputs (seeds) per input")
     common.add_argument("--out", default="out/edits", help="output folder")
-    common.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    common.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"],
-                        help="U-Net and text encoder precision (default: bf16 on GPU, fp32 on CPU)")
     common.add_argument("--overwrite", action="store_true", help="replace existing output files")
     images = argparse.ArgumentParser(add_help=False)
     images.add_argument("--image", required=True, help="the input image (PNG, JPEG, TIFF, ...)")
     masked = argparse.ArgumentParser(add_help=False)
-    masked.add_argument("--method", default=None, choices=editing.METHODS,
-                        help="model: a 9-channel inpainting U-Net; replace: any text-to-image U-Net "
-                             "(default: what the weights are)")
-    masked.add_argument("--resample", type=int, default=1, help="RePaint resampling passes a step (replace method)")
-    masked.add_argument("--feather", type=int, default=3, help="paste-back band outside the mask, pixels")
-    for name, parents, help_ in (("inpaint", [common, images, masked], "regenerate the white part of --mask"),
-                                 ("declouds", [common, images, masked], "inpaint the clouds (mask given or found)"),
-                                 ("img2img", [common, images], "SDEdit: re-noise the image and denoise it"),
-                                 ("extend", [common], "a canvas of any size, tile by tile"),
-                                 ("translate", [common], "another modality of the control image's frame")):
+    masked.add_argument(
+        "--method",
+        default=None,
+        choices=editing.METHODS,
+        help="model: a 9-channel inpainting U-Net; replace: any text-to-image U-Net "
+        "(default: what the weights are)",
+    )
+    masked.add_argument(
+        "--resample", type=int, default=1, help="RePaint resampling passes a step (replace method)"
+    )
+    masked.add_argument(
+        "--feather", type=int, default=3, help="paste-back band outside the mask, pixels"
+    )
+    for name, parents, help_ in (
+        ("inpaint", [common, images, masked], "regenerate the white part of --mask"),
+        ("declouds", [common, images, masked], "inpaint the clouds (mask given or found)"),
+        ("img2img", [common, images], "SDEdit: re-noise the image and denoise it"),
+        ("extend", [common], "a canvas of any size, tile by tile"),
+        ("translate", [common], "another modality of the control image's frame"),
+    ):
         s = sub.add_parser(name, parents=parents, help=help_, description=help_)
         if name == "inpaint":
             s.add_argument("--mask", required=True, help="white = regenerate, black = keep")
         if name == "declouds":
-            s.add_argument("--mask", default=None, help="the cloud mask (default: estimated from the image)")
-            s.add_argument("--cloud-threshold", type=float, default=0.75, help="brightness a cloud exceeds, 0-1")
-            s.add_argument("--cloud-saturation", type=float, default=0.12, help="colour spread a cloud stays below")
-            s.add_argument("--dilate", type=int, default=2, help="pixels the estimated mask grows by")
+            s.add_argument(
+                "--mask", default=None, help="the cloud mask (default: estimated from the image)"
+            )
+            s.add_argument(
+                "--cloud-threshold",
+                type=float,
+                default=0.75,
+                help="brightness a cloud exceeds, 0-1",
+            )
+            s.add_argument(
+                "--cloud-saturation",
+                type=float,
+                default=0.12,
+                help="colour spread a cloud stays below",
+            )
+            s.add_argument(
+                "--dilate", type=int, default=2, help="pixels the estimated mask grows by"
+            )
         if name == "img2img":
-            s.add_argument("--strength", type=float, default=None, help="how far the input is re-noised, (0, 1]")
+            s.add_argument(
+                "--strength",
+                type=float,
+                default=None,
+                help="how far the input is re-noised, (0, 1]",
+            )
             s.add_argument("--preset", default=None, choices=sorted(editing.PRESETS))
-            s.add_argument("--scale", type=int, default=2, choices=(2, 4), help="super-resolution factor")
+            s.add_argument(
+                "--scale", type=int, default=2, choices=(2, 4), help="super-resolution factor"
+            )
         if name == "translate":
-            s.add_argument("--controlnet", required=True, help="ControlNet weights: ours, or diffusers' (folder, file)")
-            s.add_argument("--control", required=True, help="the control image (PAN, NIR, SAR, hazy, low-res)")
-            s.add_argument("--task", default=None, choices=sorted(TASKS), help="default: the ControlNet's own")
-            s.add_argument("--control-scale", type=float, default=1.0, help="weight of the ControlNet's residuals")
-            s.add_argument("--scale", type=int, default=SR_FACTOR, help="sr: the up-sampling factor")
-            s.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                           help="output size (must be the control's, after sr's up-sampling)")
+            s.add_argument(
+                "--controlnet",
+                required=True,
+                help="ControlNet weights: ours, or diffusers' (folder, file)",
+            )
+            s.add_argument(
+                "--control", required=True, help="the control image (PAN, NIR, SAR, hazy, low-res)"
+            )
+            s.add_argument(
+                "--task", default=None, choices=sorted(TASKS), help="default: the ControlNet's own"
+            )
+            s.add_argument(
+                "--control-scale",
+                type=float,
+                default=1.0,
+                help="weight of the ControlNet's residuals",
+            )
+            s.add_argument(
+                "--scale", type=int, default=SR_FACTOR, help="sr: the up-sampling factor"
+            )
+            s.add_argument(
+                "--size",
+                type=int,
+                nargs=2,
+                default=None,
+                metavar=("H", "W"),
+                help="output size (must be the control's, after sr's up-sampling)",
+            )
         if name == "extend":
-            s.add_argument("--prompts", default=None, help="file: one prompt per line, row-major tile order")
-            s.add_argument("--size", type=int, nargs=2, required=True, metavar=("H", "W"), help="multiples of 8")
-            s.add_argument("--tile", type=int, default=None, help="tile pixels (default: the training size or 256)")
-            s.add_argument("--overlap", type=int, default=None, help="tile overlap pixels (default: tile / 4)")
+            s.add_argument(
+                "--prompts", default=None, help="file: one prompt per line, row-major tile order"
+            )
+            s.add_argument(
+                "--size",
+                type=int,
+                nargs=2,
+                required=True,
+                metavar=("H", "W"),
+                help="multiples of 8",
+            )
+            s.add_argument(
+                "--tile",
+                type=int,
+                default=None,
+                help="tile pixels (default: the training size or 256)",
+            )
+            s.add_argument(
+                "--overlap", type=int, default=None, help="tile overlap pixels (default: tile / 4)"
+            )
             s.add_argument("--method", default="outpaint", choices=editing.CANVAS_METHODS)
-            s.add_argument("--resample", type=int, default=1, help="RePaint passes a step (outpaint, text-to-image)")
-            s.add_argument("--batch", type=int, default=4, help="tiles run together (multidiffusion)")
+            s.add_argument(
+                "--resample",
+                type=int,
+                default=1,
+                help="RePaint passes a step (outpaint, text-to-image)",
+            )
+            s.add_argument(
+                "--batch", type=int, default=4, help="tiles run together (multidiffusion)"
+            )
     args = p.parse_args(argv)
-    args.parser = p
-    check_args(args, p)
-    return args
+    values = check_args(args, p, model_cfg)
+    return args, p, values
 
 
-def check_args(args, p):
-    """Everything that can be checked before the weights load, each problem one line (exit 2)."""
-    if args.steps < 1 or args.n < 1:
-        p.error(f"--steps and --n must be >= 1, got {args.steps} and {args.n}")
-    if (args.cfg is not None and args.cfg < 0) or (args.level_cfg is not None and args.level_cfg < 0):
-        p.error("--cfg and --level-cfg must be >= 0")
-    try:
-        args.level = asked_level(args.level, args.resolution_m)
-    except ValueError as e:
-        p.error(str(e))
-    try:
-        args.device, args.dtype = device_and_dtype(args.device, args.dtype)
-    except ValueError as e:
-        p.error(str(e))
+def check_args(args, p, model_cfg):
+    """Everything that can be checked before the weights load, each problem one line (exit 2);
+    returns the scalar conditions asked for ({name: value}, the prompt's level prefix over
+    --level)."""
+    args.device, args.dtype = cli.check_sampling(args, p)
+    if args.n < 1:
+        p.error(f"--n must be >= 1, got {args.n}")
+    values = cli.condition_values(args, model_cfg, p)
     if getattr(args, "resample", 1) < 1 or getattr(args, "feather", 0) < 0:
         p.error("--resample must be >= 1 and --feather >= 0")
     if args.command == "extend":
-        if args.prompts:
-            try:
-                lines = Path(args.prompts).read_text().splitlines()
-            except (OSError, UnicodeDecodeError) as e:
-                p.error(f"--prompts {args.prompts}: cannot read it as text ({e})")
-            args.prompt = (args.prompt or []) + [ln.strip() for ln in lines if ln.strip()]
-        if not args.prompt:
-            p.error("extend needs prompts: --prompts FILE (one per line) or --prompt (repeatable); none given"
-                    + (f" ({args.prompts} has no non-empty line)" if args.prompts else ""))
-        for name, v in (("--size", args.size[0]), ("--size", args.size[1]), ("--tile", args.tile),
-                        ("--overlap", args.overlap)):
-            if v is not None and (v % 8 or v < (0 if name == "--overlap" else 8)):
-                p.error(f"{name} {v}: canvas sizes, tiles and overlaps must be multiples of 8 "
-                        f"(got --size {args.size[0]} {args.size[1]})")
+        args.prompt = canvas_prompts(args, p)
     elif args.command == "img2img":
-        preset = editing.PRESETS.get(args.preset, {})
-        args.strength = args.strength if args.strength is not None else preset.get("strength")
-        if args.strength is None:
-            p.error("img2img needs --strength (0, 1] or a --preset")
-        if not 0 < args.strength <= 1:
-            p.error(f"--strength must lie in (0, 1], got {args.strength}")
-        if args.preset == "sr" and not args.level:
-            p.error("--preset sr needs the input's --level (> 0): the output is generated at level + log2(scale)")
+        args.strength = img2img_strength(args, p)
+
     if args.command != "extend" and len(args.prompt or []) > 1:
         p.error(f"{args.command} takes one --prompt, got {len(args.prompt)}")
     if args.command == "translate" and args.scale < 1:
         p.error(f"--scale must be >= 1, got {args.scale}")
     if args.command in ("inpaint", "img2img") and not args.prompt:
-        p.error(f"{args.command} needs --prompt (the scene wanted; \"\" for none)")
+        p.error(f'{args.command} needs --prompt (the scene wanted; "" for none)')
     prompts = []
     for prompt in args.prompt or [""]:
-        try:
-            level, text = parse_level_prefix(prompt, strict=True)
-        except ValueError as e:
-            p.error(str(e))
+        text, asked = cli.split_prompt(prompt, values, p)  # a level prefix: every tile's level
         prompts.append(text)
-        if text == prompt:
-            level = args.level if args.level is not None else 0.0
-        if not 0.0 <= level <= 20.0:
-            p.error(f"level {level:g} (prompt {prompt!r}) is outside [0, 20]")
-        args.level = level
+        values = asked
     args.prompt = prompts
+    needs_level = (args.command == "img2img" and args.preset == "sr") or (
+        args.command == "translate" and args.task == "sr"
+    )
+    if needs_level and not values.get("level"):
+        p.error(
+            f"{'--preset' if args.command == 'img2img' else '--task'} sr needs the input's "
+            "--level (> 0): the output is generated at level + log2(scale)"
+        )
+    return values
+
+
+def canvas_prompts(args, p):
+    """extend: the prompts of --prompt and of the --prompts FILE (one a line), in this order, with
+    the canvas, tile and overlap sizes checked."""
+    prompts = args.prompt
+    if args.prompts:
+        try:
+            lines = Path(args.prompts).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            p.error(f"--prompts {args.prompts}: cannot read it as text ({e})")
+        prompts = (prompts or []) + [ln.strip() for ln in lines if ln.strip()]
+    if not prompts:
+        p.error(
+            "extend needs prompts: --prompts FILE (one per line) or --prompt (repeatable); "
+            "none given" + (f" ({args.prompts} has no non-empty line)" if args.prompts else "")
+        )
+    for name, v in (
+        ("--size", args.size[0]),
+        ("--size", args.size[1]),
+        ("--tile", args.tile),
+        ("--overlap", args.overlap),
+    ):
+        if v is not None and (v % 8 or v < (0 if name == "--overlap" else 8)):
+            p.error(
+                f"{name} {v}: canvas sizes, tiles and overlaps must be multiples of 8 "
+                f"(got --size {args.size[0]} {args.size[1]})"
+            )
+    return prompts
+
+
+def img2img_strength(args, p):
+    """img2img: --strength, else the --preset's, checked to lie in (0, 1]."""
+    preset = editing.PRESETS.get(args.preset, {})
+    strength = args.strength if args.strength is not None else preset.get("strength")
+    if strength is None:
+        p.error("img2img needs --strength (0, 1] or a --preset")
+    if not 0 < strength <= 1:
+        p.error(f"--strength must lie in (0, 1], got {strength}")
+    return strength
 
 
 def read_image(path, p, what="--image"):
@@ -191,20 +285,29 @@ def read_image(path, p, what="--image"):
 
 
 def load_inputs(args, p):
-    """(image (1, 3, H, W) in [-1, 1], mask (1, 1, H, W) of 0 and 1 or None) from the files, checked."""
+    """(image (1, 3, H, W) in [-1, 1], mask (1, 1, H, W) of 0 and 1 or None) from the files,
+    checked."""
     im = read_image(args.image, p).convert("RGB")
     W, H = im.size
     if H % 8 or W % 8:
-        p.error(f"--image {args.image} is {W}x{H}: width and height must be multiples of 8 (crop or pad it)")
+        p.error(
+            f"--image {args.image} is {W}x{H}: width and height must be multiples of 8 "
+            "(crop or pad it)"
+        )
     image = torch.from_numpy(np.asarray(im).copy()).permute(2, 0, 1)[None].float() / 127.5 - 1
     if getattr(args, "mask", None) is None:
         return image, None
     m = read_image(args.mask, p, "--mask").convert("L")
     if m.size != im.size:
-        if abs(m.size[0] * H - m.size[1] * W) > max(H, W):            # aspect ratios differ by more than a pixel
-            p.error(f"--mask {args.mask} is {m.size[0]}x{m.size[1]} and --image {W}x{H}: sizes and aspect ratios "
-                    "differ")
-        warnings.warn(f"--mask {args.mask} is {m.size[0]}x{m.size[1]}: resized to the image's {W}x{H}")
+        # aspect ratios differ by more than a pixel
+        if abs(m.size[0] * H - m.size[1] * W) > max(H, W):
+            p.error(
+                f"--mask {args.mask} is {m.size[0]}x{m.size[1]} and --image {W}x{H}: "
+                "sizes and aspect ratios differ"
+            )
+        warnings.warn(
+            f"--mask {args.mask} is {m.size[0]}x{m.size[1]}: resized to the image's {W}x{H}"
+        )
         m = m.resize((W, H), Image.NEAREST)
     mask = (torch.from_numpy(np.asarray(m).copy()) >= 128).float()[None, None]
     if not mask.any():
@@ -212,158 +315,241 @@ def load_inputs(args, p):
     return image, mask
 
 
-def save(image, path, info):
-    meta = PngInfo()
-    for k, v in info.items():
-        meta.add_text(k, str(v))
-    tensor_to_pil(image[0]).save(path, pnginfo=meta)
-
-
 def main(argv=None):
-    args = parse_args(argv)
-    p = args.parser
+    args, p, values = parse_args(argv)
     out = Path(args.out)
     seeds = [args.seed + i for i in range(args.n)]
-    stem = {"extend": "canvas", "translate": Path(getattr(args, "control", "")).stem}.get(args.command) \
-        or Path(args.image).stem
+    stems = {"extend": "canvas", "translate": Path(getattr(args, "control", "")).stem}
+    stem = stems.get(args.command) or Path(args.image).stem
     names = [out / f"{stem}_{args.command}_seed{s}.png" for s in seeds]
     if args.command == "declouds":
         names.append(out / f"{stem}_cloudmask.png")
-    existing = [n for n in names if n.exists()]
-    if existing and not args.overwrite:
-        p.error(f"{existing[0]} exists ({len(existing)} files would be overwritten); pass --overwrite or another --out")
+    cli.refuse_overwrite(names, args.overwrite, p)
     image = mask = None
     if args.command not in ("extend", "translate"):
         image, mask = load_inputs(args, p)
-    try:
-        model = load_weights(args.weights, args.device, dtype={"unet": args.dtype, "text_encoder": args.dtype})
-    except WeightsError as e:
-        hint = " (train the demo model first: see README)" if args.weights == DEFAULT_WEIGHTS else ""
-        p.error(f"--weights: {e}{hint}")
-    try:
-        apply_loras(model, args.lora)
-    except WeightsError as e:
-        p.error(f"--lora: {e}")
-    model.eval()
-    has_level = "level" in model.cfg.condition_names()
-    if not has_level and (args.level or args.level_cfg is not None):
-        p.error(f"--level / --level-cfg: the U-Net of {args.weights} has no level embedding")
+    model = cli.load_checked(args, p)
+    cli.check_values(values, model.cfg, args.weights, p)
     f = model.vae.downsample
     if image is not None and (image.shape[2] % f or image.shape[3] % f):
         p.error(f"--image {args.image}: width and height must be multiples of {f}")
     if args.cfg is None:
         args.cfg = 3.5 if editing.is_inpainting_model(model) else 4.0
-    level = args.level
     if args.command == "img2img" and args.preset == "sr":
-        level = args.level + math.log2(args.scale)
-        if level > 20:
-            p.error(f"--preset sr: input level {args.level:g} x{args.scale} asks for level {level:g}, beyond 20")
-        print(f"super-resolution x{args.scale}: input level {args.level:g}, output level {level:g}")
-    sampling = dict(sampler=args.sampler, steps=args.steps, guidance=default_guidance(model, args.cfg, args.level_cfg),
-                    negative_prompt=args.negative_prompt, dtype=args.dtype, progress=True)
-    info = {"command": args.command, "weights": args.weights, "prompt": " | ".join(args.prompt), "level": f"{level:g}",
-            "sampler": args.sampler, "steps": args.steps, "cfg": args.cfg, "level_cfg": args.level_cfg,
-            "negative_prompt": args.negative_prompt}
+        values = {**values, "level": finer_level(values["level"], args.scale, "--preset sr", p)}
+    sampling = dict(
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance=cli.guidance_scales(args, model.cfg),
+        negative_prompt=args.negative_prompt,
+        dtype=args.dtype,
+        progress=True,
+    )
+    info = {
+        "command": args.command,
+        "prompt": " | ".join(args.prompt),
+        **cli.condition_text(values),
+        **cli.settings(args, model.cfg),
+    }
     try:
         if args.command == "translate":
-            outputs = translate(args, p, model, seeds, sampling, info)
+            outputs = translate(args, p, model, values, seeds, sampling, info)
         else:
-            outputs = run(args, model, image, mask, level, seeds, sampling, info, out)
-    except ValueError as e:                                           # a combination the library refuses
+            outputs = run(args, model, image, mask, values, seeds, sampling, info, out)
+    except ValueError as e:  # a combination the library refuses
         p.error(str(e))
     out.mkdir(parents=True, exist_ok=True)
     for (picture, extra), name in zip(outputs, names):
-        save(picture, name, {**info, **extra})
-    print(f"wrote {len(outputs)} image(s) to {out}: {', '.join(n.name for n in names[:len(outputs)])}")
+        cli.save_png(picture[0], name, {**info, **extra})
+    print(
+        f"wrote {len(outputs)} image(s) to {out}: "
+        f"{', '.join(n.name for n in names[: len(outputs)])}"
+    )
     return 0
 
 
-def translate(args, p, model, seeds, sampling, info):
-    """The translate command: the ControlNet and its control image checked, then one image a seed, as run()'s
-    [(image (1, 3, H, W), extra text chunks)]; `info` gains the ControlNet's settings and the output level."""
+def finer_level(level, scale, what, p):
+    """The level of an image up-sampled `scale` times from one at `level`: level + log2(scale), at
+    most 20."""
+    finer = level + math.log2(scale)
+    if finer > 20:
+        p.error(f"{what}: input level {level:g} x{scale} asks for level {finer:g}, beyond 20")
+    print(f"super-resolution x{scale}: input level {level:g}, output level {finer:g}")
+    return finer
+
+
+def translate(args, p, model, values, seeds, sampling, info):
+    """The translate command: the ControlNet and its control image checked, then one image a seed,
+    as run()'s [(image (1, 3, H, W), extra text chunks)]; `info` gains the ControlNet's settings and
+    the output level."""
     try:
         net, meta = load_controlnet(args.controlnet, model.unet)
     except WeightsError as e:
         p.error(f"--controlnet: {e}")
     if net.control_cfg.conditioning_channels != 3:
-        p.error(f"--controlnet {args.controlnet} reads {net.control_cfg.conditioning_channels}-channel control "
-                "images; translate gives it 3 (grey bands repeated)")
+        p.error(
+            f"--controlnet {args.controlnet} reads {net.control_cfg.conditioning_channels}-channel "
+            "control images; translate gives it 3 (grey bands repeated)"
+        )
     task = args.task or meta.get("task")
     if task not in TASKS:
         p.error(f"--task: {args.controlnet} records no task; name one of {sorted(TASKS)}")
     if args.task and meta.get("task") and args.task != meta["task"]:
         p.error(f"--task {args.task}: {args.controlnet} was trained for {meta['task']}")
-    if task == "sr" and not args.level:
-        p.error("--task sr needs the input's --level (> 0): the output is generated at level + log2(scale)")
+    if task == "sr" and not values.get("level"):
+        p.error(
+            "--task sr needs the input's --level (> 0): "
+            "the output is generated at level + log2(scale)"
+        )
     im = read_image(args.control, p, "--control")
     if im.mode not in ("L", "RGB", "P", "I;16", "I;16B", "I;16L", "I"):
-        p.error(f"--control {args.control} has mode {im.mode} ({len(im.getbands())} bands): give a grey (1-channel, "
-                "8 or 16 bits) or RGB (3-channel) image")
+        p.error(
+            f"--control {args.control} has mode {im.mode} ({len(im.getbands())} bands): "
+            "give a grey (1-channel, 8 or 16 bits) or RGB (3-channel) image"
+        )
     try:
-        im = to_rgb8(im)[0]                                            # 16-bit grey scaled to 8 bits
+        im = to_rgb8(im)[0]  # 16-bit grey scaled to 8 bits
     except ValueError as e:
         p.error(f"--control {args.control}: {e}")
-    if task == "sr":                                                   # the training's control: LR up-sampled
+    if task == "sr":  # the training's control: LR up-sampled
         im = im.resize((im.size[0] * args.scale, im.size[1] * args.scale), Image.BICUBIC)
     W, H = im.size
     if args.size and tuple(args.size) != (H, W):
-        p.error(f"--size {args.size[0]} {args.size[1]}: the output has the control image's size, {H} {W}"
-                + (f" (after x{args.scale} up-sampling)" if task == "sr" else "") + "; resize the control image")
+        p.error(
+            f"--size {args.size[0]} {args.size[1]}: "
+            f"the output has the control image's size, {H} {W}"
+            + (f" (after x{args.scale} up-sampling)" if task == "sr" else "")
+            + "; resize the control image"
+        )
     f = model.vae.downsample * 2 ** (len(model.cfg.unet.channels) - 1)
     if H % f or W % f:
-        p.error(f"--control {args.control}: {W}x{H}" + (f" after x{args.scale}" if task == "sr" else "") +
-                f": width and height must be multiples of {f} (crop or pad it)")
-    control = pil_to_tensor(im)[None]                                  # 1, 3, H, W in [-1, 1]
+        p.error(
+            f"--control {args.control}: {W}x{H}"
+            + (f" after x{args.scale}" if task == "sr" else "")
+            + f": width and height must be multiples of {f} (crop or pad it)"
+        )
+    control = pil_to_tensor(im)[None]  # 1, 3, H, W in [-1, 1]
     if TASKS[task][0] in ("pan", "nir", "sar"):
-        control = to_pan(control)                                      # grey, as the training's controls
-    level = args.level + (math.log2(args.scale) if task == "sr" else 0.0)
-    if level > 20:
-        p.error(f"--task sr: input level {args.level:g} x{args.scale} asks for level {level:g}, beyond 20")
-    cond = {k: v for k, v in {"text": args.prompt[:1], "level": [level]}.items() if k in model.cfg.condition_names()}
+        control = to_pan(control)  # grey, as the training's controls
+    if task == "sr":
+        values = {**values, "level": finer_level(values["level"], args.scale, "--task sr", p)}
+    cond = conditions.request(model.cfg, 1, text=args.prompt[:1], **values)
     unet = Controlled(model.unet, [(net, control, args.control_scale)])
-    info.update(controlnet=args.controlnet, control=args.control, task=task, control_scale=args.control_scale,
-                level=f"{level:g}")
-    return [(generate(model, cond, seeds=[s], unet=unet, size=(H, W), **sampling), {"seed": s}) for s in seeds]
+    info.update(
+        controlnet=args.controlnet,
+        control=args.control,
+        task=task,
+        control_scale=args.control_scale,
+        **cli.condition_text(values),
+    )
+    return [
+        (generate(model, cond, seeds=[s], unet=unet, size=(H, W), **sampling), {"seed": s})
+        for s in seeds
+    ]
 
 
-def run(args, model, image, mask, level, seeds, sampling, info, out):
-    """The edit itself: [(image (1, 3, H, W), extra text chunks)] in the order of main's file names."""
-    cond = {"text": args.prompt[:1], "level": [level]}
-    cond = {k: v for k, v in cond.items() if k in model.cfg.condition_names()}
+def run(args, model, image, mask, values, seeds, sampling, info, out):
+    """The edit itself: [(image (1, 3, H, W), extra text chunks)] in the order of main's file
+    names."""
+    cond = conditions.request(model.cfg, 1, text=args.prompt[:1], **values)
     if args.command == "extend":
         tile = args.tile or trained_size(args.weights) or 256
         overlap = args.overlap if args.overlap is not None else tile // 4 // 8 * 8
-        origins, (rows, cols) = editing.canvas_tiles(tuple(args.size), tile, overlap, model.vae.downsample)
-        print(f"canvas {args.size[0]}x{args.size[1]}: {rows} x {cols} tiles of {tile} px overlapping {overlap} px "
-              f"({len(origins)} prompts, row-major, or one for all; given {len(args.prompt)})")
-        info.update(size=f"{args.size[0]}x{args.size[1]}", tile=tile, overlap=overlap, method=args.method,
-                    resample=args.resample)
-        return [(editing.extend(model, args.prompt, tuple(args.size), level=level, tile=tile, overlap=overlap,
-                                method=args.method, seed=s, batch=args.batch, resample=args.resample, **sampling),
-                 {"seed": s}) for s in seeds]
+        origins, (rows, cols) = editing.canvas_tiles(
+            tuple(args.size), tile, overlap, model.vae.downsample
+        )
+        print(
+            f"canvas {args.size[0]}x{args.size[1]}: {rows} x {cols} tiles of {tile} px "
+            f"overlapping {overlap} px "
+            f"({len(origins)} prompts, row-major, or one for all; given {len(args.prompt)})"
+        )
+        info.update(
+            size=f"{args.size[0]}x{args.size[1]}",
+            tile=tile,
+            overlap=overlap,
+            method=args.method,
+            resample=args.resample,
+        )
+        return [
+            (
+                editing.extend(
+                    model,
+                    args.prompt,
+                    tuple(args.size),
+                    values=values,
+                    tile=tile,
+                    overlap=overlap,
+                    method=args.method,
+                    seed=s,
+                    batch=args.batch,
+                    resample=args.resample,
+                    **sampling,
+                ),
+                {"seed": s},
+            )
+            for s in seeds
+        ]
     info["image"] = args.image
     if args.command == "img2img":
         info.update(strength=args.strength, preset=args.preset or "")
         if args.preset == "sr":
             info["scale"] = args.scale
-            return [(editing.super_resolve(model, cond, image, args.scale, seeds=[s], strength=args.strength,
-                                           **sampling), {"seed": s}) for s in seeds]
-        return [(editing.img2img(model, cond, image, args.strength, seeds=[s], **sampling), {"seed": s})
-                for s in seeds]
-    info.update(method=editing.inpaint_method(model, args.method), resample=args.resample, feather=args.feather)
+            return [
+                (
+                    editing.super_resolve(
+                        model,
+                        cond,
+                        image,
+                        args.scale,
+                        seeds=[s],
+                        strength=args.strength,
+                        **sampling,
+                    ),
+                    {"seed": s},
+                )
+                for s in seeds
+            ]
+        return [
+            (editing.img2img(model, cond, image, args.strength, seeds=[s], **sampling), {"seed": s})
+            for s in seeds
+        ]
+    info.update(
+        method=editing.inpaint_method(model, args.method),
+        resample=args.resample,
+        feather=args.feather,
+    )
     if args.command == "declouds" and mask is None:
         mask = editing.cloud_mask(image, args.cloud_threshold, args.cloud_saturation, args.dilate)
         if not mask.any():
-            raise ValueError(f"--image {args.image}: no cloud found (no pixel brighter than --cloud-threshold "
-                             f"{args.cloud_threshold} and whiter than --cloud-saturation {args.cloud_saturation}); "
-                             "lower the threshold or give --mask")
+            raise ValueError(
+                f"--image {args.image}: no cloud found (no pixel brighter than --cloud-threshold "
+                f"{args.cloud_threshold} and whiter than --cloud-saturation "
+                f"{args.cloud_saturation}); lower the threshold or give --mask"
+            )
         print(f"estimated cloud cover: {mask.mean().item():.1%} of the image")
     if args.command == "declouds":
-        info["mask"] = args.mask or f"estimated (threshold {args.cloud_threshold}, dilate {args.dilate})"
+        info["mask"] = (
+            args.mask or f"estimated (threshold {args.cloud_threshold}, dilate {args.dilate})"
+        )
     else:
         info["mask"] = args.mask
-    results = [(editing.inpaint(model, cond, image, mask, seeds=[s], method=args.method, resample=args.resample,
-                                feather=args.feather, **sampling), {"seed": s}) for s in seeds]
+    results = [
+        (
+            editing.inpaint(
+                model,
+                cond,
+                image,
+                mask,
+                seeds=[s],
+                method=args.method,
+                resample=args.resample,
+                feather=args.feather,
+                **sampling,
+            ),
+            {"seed": s},
+        )
+        for s in seeds
+    ]
     if args.command == "declouds":
         results.append((mask.expand(-1, 3, -1, -1) * 2 - 1, {"seed": ""}))
     return results

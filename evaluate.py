@@ -1,26 +1,35 @@
-"""Evaluate a text-to-image checkpoint on a captioned test set: generation, then every metric, one report.
+"""Evaluate a text-to-image checkpoint on a captioned test set: generation, then every metric,
+one report.
 
-    python evaluate.py --weights path/to/Text2Earth --test RSICD/dataset_rsicd.json --level 17 --out eval/rsicd \\
-        --inception pt_inception-2015-12-05-6726825d.pth --clip ViT-B-32:RemoteCLIP-ViT-B-32.pt \\
-        --resnet-init resnet18-f37072fd.pth
-    python evaluate.py --weights out/demo/model.safetensors --test procedural:120 --cfg 3 --level-cfg 6 \\
-        --level-net configs/pretrained/demo_probe.safetensors --cls-size 32 --out eval/demo
+    python evaluate.py --weights path/to/Text2Earth --test RSICD/dataset_rsicd.json --level 17 \\
+        --out eval/rsicd --inception pt_inception-2015-12-05-6726825d.pth \\
+        --clip ViT-B-32:RemoteCLIP-ViT-B-32.pt --resnet-init resnet18-f37072fd.pth
+    python evaluate.py --weights out/demo/model.safetensors --test procedural:120 --cfg 3 \\
+        --level-cfg 6 --level-net configs/pretrained/demo_probe.safetensors --cls-size 32 \\
+        --out eval/demo
 
-Generation: --n images (default 10) from the first caption of each test image, at its level (the json's gsd_m,
-the procedural level, or --level), written to OUT/generated/{key}_{k}.png with seed + n * i + k. A rerun keeps the
-images already written (an interrupted run resumes) and refuses other generation settings unless --regenerate.
-Without --weights, the images already in OUT/generated are evaluated as they are (another method's output).
+Generation: --n images (default 10) from the first caption of each test image, at its level (the
+json's gsd_m, the procedural level, or --level), written to OUT/generated/{key}_{k}.png with
+seed + n * i + k. A rerun keeps the images already written (an interrupted run resumes) and refuses
+other generation settings unless --regenerate. Without --weights, the images already in
+OUT/generated are evaluated as they are (another method's output).
 
 Metrics, each run when the network it needs is given (nothing is downloaded):
-  FID, KID, precision / recall   --inception: pytorch-fid's FID Inception-v3 weights (pt_inception-2015-12-05);
-                                 --resize pytorch-fid (bilinear, its default) or clean (clean-fid's PIL bicubic)
-  CLIP score, CMMD               --clip ARCH:FILE, an open_clip checkpoint (RemoteCLIP, GeoRSCLIP, OpenAI CLIP)
-  zero-shot Cls-OA / AA          a ResNet-18 trained on the generated images labelled with their test image's class,
-                                 tested on the real ones (Txt2Img-MHN's protocol); ImageNet init from --resnet-init
-  resolution accuracy            --level-net: a level net (evaluation/classifier.py) or a probe (evaluation/probe.py),
-                                 or --fit-level-net DATA trains one on images of known levels (procedural:N, Git-10M)
-Writes OUT/report.json and OUT/report.md (the paper's table and the settings that define each number).
+  FID, KID, precision / recall   --inception: pytorch-fid's FID Inception-v3 weights
+                                 (pt_inception-2015-12-05); --resize pytorch-fid (bilinear, its
+                                 default) or clean (clean-fid's PIL bicubic)
+  CLIP score, CMMD               --clip ARCH:FILE, an open_clip checkpoint (RemoteCLIP, GeoRSCLIP,
+                                 OpenAI CLIP)
+  zero-shot Cls-OA / AA          a ResNet-18 trained on the generated images labelled with their
+                                 test image's class, tested on the real ones (Txt2Img-MHN's
+                                 protocol); ImageNet init from --resnet-init
+  resolution accuracy            --level-net: a level net (evaluation/classifier.py) or a probe
+                                 (evaluation/probe.py), or --fit-level-net DATA trains one on images
+                                 of known levels (procedural:N, Git-10M)
+Writes OUT/report.json and OUT/report.md (the paper's table and the settings that define each
+number).
 """
+
 import argparse
 import json
 import os
@@ -29,133 +38,226 @@ import warnings
 from pathlib import Path
 
 import torch
-from PIL.PngImagePlugin import PngInfo
 from tqdm.auto import tqdm
 
-from data.levels import asked_level
+from cli import sampling as cli
 from data.synthetic import CLASSES as PROCEDURAL_CLASSES
-from data.transforms import tensor_to_pil
 from evaluation import classifier, clip as clipnet, metrics
 from evaluation.inception import RESIZE_MODES, fid_features, load_fid_inception
 from evaluation.probe import load_probe
 from evaluation.report import evaluation_table
 from evaluation.testset import ImageFiles, check_classes, level_images, load_testset
-from model.pipeline import default_guidance, device_and_dtype, generate
+from model import conditions
+from model.pipeline import generate
 from model.release import WeightsError
-from model.samplers import SAMPLERS
-from model.weights import load_weights, read_metadata, trained_size
-
-GENERATION_KEYS = ("weights", "test", "split", "image_root", "level", "n", "size", "sampler", "steps", "cfg",
-                   "level_cfg", "negative_prompt", "seed", "dtype", "batch")
+from model.weights import read_metadata, trained_size
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--test", required=True,
-                   help="Karpathy json (RSICD, UCM-Captions), a {file: caption} json, or procedural:N")
+    """(args, parser, values): the flags, checked, and {condition: value} of the scalar conditions
+    asked for."""
+    argv = sys.argv[1:] if argv is None else argv
+    model_cfg = cli.model_config_for(argv, default=None)
+    p = argparse.ArgumentParser(
+        prog="evaluate.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--test",
+        required=True,
+        help="Karpathy json (RSICD, UCM-Captions), a {file: caption} json, or procedural:N",
+    )
     p.add_argument("--split", default="test", help="split of a Karpathy json")
-    p.add_argument("--image-root", default=None, help="test images' folder (default: `images` beside the json)")
+    p.add_argument(
+        "--image-root", default=None, help="test images' folder (default: `images` beside the json)"
+    )
     p.add_argument("--limit", type=int, default=None, help="only the first K test images")
-    p.add_argument("--classes", default=None, help="expected class names (comma-separated or a file, one a line)")
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="expected class names (comma-separated or a file, one a line)",
+    )
     p.add_argument("--out", required=True, help="output folder (generated images, caches, report)")
-    p.add_argument("--weights", default=None, help="diffusers-format folder or our .safetensors; omit to evaluate "
-                                                   "the images already in OUT/generated")
+    cli.add_model_flags(
+        p,
+        weights=None,
+        weights_help="diffusers-format folder or our .safetensors; omit to "
+        "evaluate the images already in OUT/generated",
+    )
     p.add_argument("--n", type=int, default=10, help="images generated per test image")
-    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"),
-                   help="generated size (default: the checkpoint's training size, else 256 256)")
-    p.add_argument("--level", type=float, default=None, help="level for test images without one (0 = none)")
-    p.add_argument("--resolution-m", type=float, default=None, help="metres per pixel (instead of --level)")
-    p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=4.0, help="guidance scale (1 = none)")
-    p.add_argument("--level-cfg", type=float, default=None, help="guidance scale of the level on its own")
-    p.add_argument("--negative-prompt", default="")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--size",
+        type=int,
+        nargs=2,
+        default=None,
+        metavar=("H", "W"),
+        help="generated size (default: the checkpoint's training size, else 256 256)",
+    )
+    cli.add_sampling_flags(p)
+    cli.add_condition_flags(p, model_cfg)  # --level: for test images without one
     p.add_argument("--batch", type=int, default=16, help="images generated (and scored) together")
-    p.add_argument("--inception", default=None, help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth)")
-    p.add_argument("--resize", default="pytorch-fid", choices=RESIZE_MODES, help="resize to 299 for FID")
-    p.add_argument("--clip", default=None, help="ARCH:FILE, an open_clip checkpoint, for CLIP score and CMMD")
-    p.add_argument("--resnet-init", default=None, help="torchvision's ImageNet ResNet-18 weights for Cls-OA")
+    p.add_argument(
+        "--inception",
+        default=None,
+        help="FID Inception weights (pt_inception-2015-12-05-6726825d.pth)",
+    )
+    p.add_argument(
+        "--resize", default="pytorch-fid", choices=RESIZE_MODES, help="resize to 299 for FID"
+    )
+    p.add_argument(
+        "--clip", default=None, help="ARCH:FILE, an open_clip checkpoint, for CLIP score and CMMD"
+    )
+    p.add_argument(
+        "--resnet-init", default=None, help="torchvision's ImageNet ResNet-18 weights for Cls-OA"
+    )
     p.add_argument("--cls-epochs", type=int, default=5)
     p.add_argument("--cls-size", type=int, default=256, help="Cls-OA image size")
     p.add_argument("--cls-batch", type=int, default=64)
     p.add_argument("--cls-lr", type=float, default=1e-4)
-    p.add_argument("--level-net", default=None, help="a level net or probe .safetensors, for resolution accuracy")
-    p.add_argument("--fit-level-net", default=None, metavar="DATA",
-                   help="train a level net (OUT/level_net.safetensors) on images of known levels: procedural:N, a "
-                        "Git-10M folder or a caption manifest (.jsonl / .csv) with levels")
-    p.add_argument("--level-images", type=int, default=5000, help="at most this many images for --fit-level-net")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default=None, choices=["fp32", "bf16", "fp16"], help="U-Net / text encoder precision")
-    p.add_argument("--overwrite", action="store_true", help="recompute the metrics of a finished evaluation")
-    p.add_argument("--regenerate", action="store_true",
-                   help="delete the images generated under other settings (or of unknown origin) and start over")
+    p.add_argument(
+        "--level-net",
+        default=None,
+        help="a level net or probe .safetensors, for resolution accuracy",
+    )
+    p.add_argument(
+        "--fit-level-net",
+        default=None,
+        metavar="DATA",
+        help="train a level net (OUT/level_net.safetensors) on images of known levels: "
+        "procedural:N, a Git-10M folder or a caption manifest (.jsonl / .csv) with levels",
+    )
+    p.add_argument(
+        "--level-images",
+        type=int,
+        default=5000,
+        help="at most this many images for --fit-level-net",
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="recompute the metrics of a finished evaluation"
+    )
+    p.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="delete the images generated under other settings (or of unknown origin) "
+        "and start over",
+    )
     args = p.parse_args(argv)
-    if min(args.n, args.steps, args.batch, args.cls_epochs, args.level_images) < 1 or args.cls_batch < 2 or \
-            (args.limit is not None and args.limit < 2) or (args.size is not None and min(args.size) < 8):
-        p.error("--n, --steps, --batch, --cls-epochs and --level-images must be >= 1, --cls-batch and --limit >= 2, "
-                "--size >= 8")
+    if (
+        min(args.n, args.steps, args.batch, args.cls_epochs, args.level_images) < 1
+        or args.cls_batch < 2
+        or (args.limit is not None and args.limit < 2)
+        or (args.size is not None and min(args.size) < 8)
+    ):
+        p.error(
+            "--n, --steps, --batch, --cls-epochs and --level-images must be >= 1, "
+            "--cls-batch and --limit >= 2, --size >= 8"
+        )
+    args.device, args.dtype = cli.check_sampling(args, p)
+    values = cli.condition_values(args, model_cfg, p)
     try:
-        args.level = asked_level(args.level, args.resolution_m)
-        args.device, args.dtype = device_and_dtype(args.device, args.dtype)
         if args.clip:
             args.clip = clipnet.parse_spec(args.clip)
     except ValueError as e:
         p.error(str(e))
-    for flag, path in (("--inception", args.inception), ("--resnet-init", args.resnet_init),
-                       ("--level-net", args.level_net), ("--clip", args.clip and args.clip[1])):
+    for flag, path in (
+        ("--inception", args.inception),
+        ("--resnet-init", args.resnet_init),
+        ("--level-net", args.level_net),
+        ("--clip", args.clip and args.clip[1]),
+    ):
         if path and not Path(path).is_file():
-            what = {"--inception": "pytorch-fid's pt_inception-2015-12-05-6726825d.pth",
-                    "--resnet-init": "torchvision's ImageNet ResNet-18 (resnet18-f37072fd.pth)",
-                    "--level-net": "a level net or probe .safetensors", "--clip": "an open_clip checkpoint"}[flag]
+            what = {
+                "--inception": "pytorch-fid's pt_inception-2015-12-05-6726825d.pth",
+                "--resnet-init": "torchvision's ImageNet ResNet-18 (resnet18-f37072fd.pth)",
+                "--level-net": "a level net or probe .safetensors",
+                "--clip": "an open_clip checkpoint",
+            }[flag]
             p.error(f"{flag} {path}: no such file (expected {what} there)")
     if args.level_net:
         try:
             meta = read_metadata(args.level_net)
         except WeightsError as e:
             p.error(f"--level-net: {e}")
-        kind = json.loads(meta.get("net", "{}")).get("kind") if meta.get("format") == classifier.FORMAT else \
-            "probe" if meta.get("format") == "text2earth-probe" else None
+        kind = (
+            json.loads(meta.get("net", "{}")).get("kind")
+            if meta.get("format") == classifier.FORMAT
+            else ("probe" if meta.get("format") == "text2earth-probe" else None)
+        )
         if kind not in ("levels", "probe"):
-            p.error(f"--level-net {args.level_net}: neither a level net (evaluate.py --fit-level-net) nor a probe "
-                    f"(evaluation/probe.py)" + (" but a scene classifier" if kind == "classes" else ""))
+            p.error(
+                f"--level-net {args.level_net}: neither a level net "
+                "(evaluate.py --fit-level-net) nor a probe (evaluation/probe.py)"
+                + (" but a scene classifier" if kind == "classes" else "")
+            )
         if kind == "probe" and not str(args.test).startswith("procedural:"):
-            p.error(f"--level-net {args.level_net}: a probe reads procedural Earth renders only; give a level net "
-                    f"for {args.test} (--fit-level-net on images of known levels)")
+            p.error(
+                f"--level-net {args.level_net}: a probe reads procedural Earth renders only; "
+                f"give a level net for {args.test} (--fit-level-net on images of known levels)"
+            )
     if args.clip and args.clip[0] not in clipnet.architectures():
-        p.error(f"--clip: unknown open_clip architecture {args.clip[0]!r} (open_clip.list_models() has them)")
+        p.error(
+            f"--clip: unknown open_clip architecture {args.clip[0]!r} "
+            "(open_clip.list_models() has them)"
+        )
     if args.classes:
         src = Path(args.classes)
         names = src.read_text().splitlines() if src.is_file() else args.classes.split(",")
         args.classes = [c.strip() for c in names if c.strip()]
-    args.parser = p
-    return args
+    return args, p, values
 
 
 # ----------------------------------------------------------------------------------------------
 # Generation, resumable
 # ----------------------------------------------------------------------------------------------
 
-def settings_of(args, size):
-    """What defines the generated images. The batch matters to the ddpm sampler only (its noise is drawn per batch)."""
-    return {"weights": str(args.weights), "test": str(args.test), "split": args.split, "image_root": args.image_root,
-            "level": args.level, "n": args.n, "size": list(size), "sampler": args.sampler, "steps": args.steps,
-            "cfg": args.cfg, "level_cfg": args.level_cfg, "negative_prompt": args.negative_prompt, "seed": args.seed,
-            "dtype": str(args.dtype), "batch": args.batch if args.sampler == "ddpm" else None}
+
+def settings_of(args, size, values, model_cfg):
+    """What defines the generated images: the weights and LoRAs, the test set, each condition's
+    value and own guidance scale, the sampler. The batch matters to the ddpm sampler only (its noise
+    is drawn per batch)."""
+    own = {
+        f"{name}_cfg": getattr(args, f"{name}_cfg", None)
+        for name in model_cfg.unet.scalar_conditions
+    }
+    return {
+        "weights": str(args.weights),
+        "lora": list(args.lora),
+        "test": str(args.test),
+        "split": args.split,
+        "image_root": args.image_root,
+        **values,
+        "n": args.n,
+        "size": list(size),
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        **own,
+        "negative_prompt": args.negative_prompt,
+        "seed": args.seed,
+        "dtype": str(args.dtype),
+        "batch": args.batch if args.sampler == "ddpm" else None,
+    }
 
 
 def check_resume(folder, settings, regenerate, p):
-    """The generated folder's settings file against this run's: other settings, or images without a settings file,
-    -> exit 2, or with --regenerate the images are deleted and made again."""
+    """The generated folder's settings file against this run's: other settings, or images without a
+    settings file, -> exit 2, or with --regenerate the images are deleted and made again."""
     record = folder / "generation.json"
     old = json.loads(record.read_text()) if record.is_file() else None
-    differ = [k for k in GENERATION_KEYS if old.get(k) != settings.get(k)] if old is not None else []
+    keys = [*settings, *(k for k in old or {} if k not in settings)]
+    differ = [k for k in keys if old.get(k) != settings.get(k)] if old is not None else []
     unknown = old is None and any(folder.glob("*.png"))
     if (differ or unknown) and not regenerate:
-        what = (f"other settings ({', '.join(differ)}: {', '.join(str(old.get(k)) for k in differ)})" if differ
-                else f"no {record.name}: images of unknown settings")
-        p.error(f"{folder} holds images generated with {what}; pass --regenerate to make them again, or another --out")
+        what = (
+            f"other settings ({', '.join(differ)}: {', '.join(str(old.get(k)) for k in differ)})"
+            if differ
+            else f"no {record.name}: images of unknown settings"
+        )
+        p.error(
+            f"{folder} holds images generated with {what}; "
+            "pass --regenerate to make them again, or another --out"
+        )
     if differ or unknown:
         for f in folder.glob("*.png"):
             f.unlink()
@@ -166,135 +268,240 @@ def check_resume(folder, settings, regenerate, p):
 
 
 def generate_missing(model, guidance, jobs, args, size):
-    """Sample every (path, caption, level, seed) job whose file does not exist yet; files are written atomically."""
-    todo = [j for j in jobs if not j[0].exists()]
-    print(f"generation: {len(jobs) - len(todo)} of {len(jobs)} images already written, {len(todo)} to go")
-    has_level = "level" in model.cfg.condition_names()
+    """Make every (path, cli.Job) whose file does not exist yet; files are written atomically."""
+    todo = [(path, job) for path, job in jobs if not path.exists()]
+    print(
+        f"generation: {len(jobs) - len(todo)} of {len(jobs)} images already written, "
+        f"{len(todo)} to go"
+    )
+    settings = cli.settings(args, model.cfg)
     for i in tqdm(range(0, len(todo), args.batch), desc="generating", disable=not todo):
-        batch = todo[i:i + args.batch]
-        cond = {"text": [j[1] for j in batch]}
-        if has_level:
-            cond["level"] = [j[2] for j in batch]
-        images = generate(model, cond, seeds=[j[3] for j in batch], sampler=args.sampler, steps=args.steps,
-                          guidance=guidance, negative_prompt=args.negative_prompt, size=tuple(size), dtype=args.dtype)
-        for (path, text, level, seed), image in zip(batch, images):
-            info = PngInfo()
-            for k, v in {"prompt": text, "level": "none" if level is None else f"{level:g}", "seed": seed, "sampler": args.sampler,
-                         "steps": args.steps, "cfg": args.cfg, "weights": args.weights}.items():
-                info.add_text(k, str(v))
-            tmp = path.with_suffix(".tmp.png")
-            tensor_to_pil(image).save(tmp, pnginfo=info)
-            os.replace(tmp, path)
+        batch = todo[i : i + args.batch]
+        values = {
+            name: [job.values.get(name) for _, job in batch]
+            for name in model.cfg.unet.scalar_conditions
+        }
+        # not given: its null
+        values = {name: None if None in v else v for name, v in values.items()}
+        cond = conditions.request(
+            model.cfg, len(batch), text=[job.text for _, job in batch], **values
+        )
+        images = generate(
+            model,
+            cond,
+            seeds=[job.seed for _, job in batch],
+            sampler=args.sampler,
+            steps=args.steps,
+            guidance=guidance,
+            negative_prompt=args.negative_prompt,
+            size=tuple(size),
+            dtype=args.dtype,
+        )
+        for (path, job), image in zip(batch, images):
+            info = {
+                "prompt": job.text,
+                **cli.condition_text(job.values),
+                "seed": job.seed,
+                **settings,
+            }
+            cli.save_png(image, path, info)
 
 
 # ----------------------------------------------------------------------------------------------
 # Metrics
 # ----------------------------------------------------------------------------------------------
 
-def inception_sets(args, real, fake, cache):
-    """Inception pool features of the real (cached on disk) and generated images, computed once per run."""
-    if not hasattr(args, "inception_sets"):
+
+def inception_sets(args, real, fake, cache, computed):
+    """Inception pool features of the real (cached on disk in `cache`) and generated images,
+    computed once per run (kept in the dict `computed`)."""
+    if "inception" not in computed:
         net = load_fid_inception(args.inception, args.device)
-        key = metrics.cache_key([*real.paths, args.inception], resize=args.resize)  # the images and the net file
-        fr = metrics.cached_features(cache, "inception", key, lambda: fid_features(net, real.batches(args.batch),
-                                                                                   args.resize, args.batch))
-        args.inception_sets = fr, fid_features(net, fake.batches(args.batch), args.resize, args.batch)
-    return args.inception_sets
+        # the images and the net file
+        key = metrics.cache_key([*real.paths, args.inception], resize=args.resize)
+        fr = metrics.cached_features(
+            cache,
+            "inception",
+            key,
+            lambda: fid_features(net, real.batches(args.batch), args.resize, args.batch),
+        )
+        computed["inception"] = (
+            fr,
+            fid_features(net, fake.batches(args.batch), args.resize, args.batch),
+        )
+    return computed["inception"]
 
 
-def distribution_metrics(args, real, fake, cache):
+def distribution_metrics(args, real, fake, cache, computed):
     """FID (and its eigvals cross-check) and KID on Inception features."""
-    fr, ff = inception_sets(args, real, fake, cache)
+    fr, ff = inception_sets(args, real, fake, cache, computed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fid = metrics.fid(fr, ff)
-    cross = metrics.frechet_distance_eigvals(*metrics.stats(fr), *metrics.stats(ff))     # another route to the same
-    kid = metrics.kernel_distance(ff, fr)              # generated first, as torch-fidelity's input1
+    # another route to the same
+    cross = metrics.frechet_distance_eigvals(*metrics.stats(fr), *metrics.stats(ff))
+    kid = metrics.kernel_distance(ff, fr)  # generated first, as torch-fidelity's input1
     impl = f"pytorch-fid Inception-v3 weights ({Path(args.inception).name}), resize {args.resize}"
-    return {"fid": dict(value=fid, eigvals_form=cross, implementation=impl, n_real=len(fr), n_fake=len(ff),
-                        notes=[str(w.message) for w in caught]),
-            "kid": dict(value=kid["mean"], std=kid["std"], subset_size=kid["subset_size"], subsets=100,
-                        implementation=impl)}
+    return {
+        "fid": dict(
+            value=fid,
+            eigvals_form=cross,
+            implementation=impl,
+            n_real=len(fr),
+            n_fake=len(ff),
+            notes=[str(w.message) for w in caught],
+        ),
+        "kid": dict(
+            value=kid["mean"],
+            std=kid["std"],
+            subset_size=kid["subset_size"],
+            subsets=100,
+            implementation=impl,
+        ),
+    }
 
 
-def coverage_metrics(args, real, fake, cache):
+def coverage_metrics(args, real, fake, cache, computed):
     """Precision and recall (k = 3) on the same Inception features."""
-    pr = metrics.precision_recall(*inception_sets(args, real, fake, cache))
+    pr = metrics.precision_recall(*inception_sets(args, real, fake, cache, computed))
     impl = f"pytorch-fid Inception-v3 weights ({Path(args.inception).name}), resize {args.resize}"
-    return {"precision": dict(value=pr["precision"], k=pr["k"], implementation=impl),
-            "recall": dict(value=pr["recall"], k=pr["k"], implementation=impl)}
+    return {
+        "precision": dict(value=pr["precision"], k=pr["k"], implementation=impl),
+        "recall": dict(value=pr["recall"], k=pr["k"], implementation=impl),
+    }
 
 
 def clip_metrics(args, real, fake, captions, real_captions, cache):
-    """CLIP score of each generated image with its caption (and of the real images, the reference), and CMMD."""
+    """CLIP score of each generated image with its caption (and of the real images, the reference),
+    and CMMD."""
     net = clipnet.load_clip(*args.clip, device=args.device)
     key = metrics.cache_key([*real.paths, args.clip[1]], arch=args.clip[0])
-    er = metrics.cached_features(cache, "clip", key, lambda: clipnet.image_embeddings(net, real.batches(args.batch)))
+    er = metrics.cached_features(
+        cache, "clip", key, lambda: clipnet.image_embeddings(net, real.batches(args.batch))
+    )
     ef = clipnet.image_embeddings(net, fake.batches(args.batch))
-    return {"clip_score": dict(value=clipnet.clip_score(ef, clipnet.text_embeddings(net, captions)),
-                               real_images=clipnet.clip_score(er, clipnet.text_embeddings(net, real_captions)),
-                               implementation=f"100 * max(cos, 0), {net.name}"),
-            "cmmd": dict(value=metrics.clip_mmd(er, ef), implementation=f"RBF sigma 10 x1000, {net.name}")}
+    return {
+        "clip_score": dict(
+            value=clipnet.clip_score(ef, clipnet.text_embeddings(net, captions)),
+            real_images=clipnet.clip_score(er, clipnet.text_embeddings(net, real_captions)),
+            implementation=f"100 * max(cos, 0), {net.name}",
+        ),
+        "cmmd": dict(
+            value=metrics.clip_mmd(er, ef), implementation=f"RBF sigma 10 x1000, {net.name}"
+        ),
+    }
 
 
 def cls_metrics(args, images, jobs, classes):
-    """Zero-shot Cls-OA over the test images that have a class (RSICD's numeric names have none) and their
-    generated images."""
+    """Zero-shot Cls-OA over the test images that have a class (RSICD's numeric names have none) and
+    their generated images."""
     index = {c: i for i, c in enumerate(classes)}
     labelled = [i for i, im in enumerate(images) if im.label is not None]
-    gen = ImageFiles([jobs[args.n * i + k][0] for i in labelled for k in range(args.n)], size=args.cls_size)
+    gen = ImageFiles(
+        [jobs[args.n * i + k][0] for i in labelled for k in range(args.n)], size=args.cls_size
+    )
     test = ImageFiles([images[i].path for i in labelled], size=args.cls_size)
     labels = [index[images[i].label] for i in labelled]
-    r = classifier.zero_shot_cls(gen, [c for c in labels for _ in range(args.n)], test, labels, classes,
-                                 epochs=args.cls_epochs, batch_size=args.cls_batch, lr=args.cls_lr,
-                                 size=args.cls_size, init=args.resnet_init, seed=args.seed, progress=True,
-                                 device=args.device)
-    unlabelled = f", {len(images) - len(labelled)} test images without a class left out" \
-        if len(labelled) < len(images) else ""
-    return {"cls_oa": dict(value=r["oa"], aa=r["aa"], per_class=r["per_class"], n_train=r["n_train"],
-                           n_test=r["n_test"], implementation=f"ResNet-18, {r['init']}, {r['epochs']} epochs, Adam "
-                           f"{r['lr']:g}, batch {r['batch_size']}, {r['size']} px{unlabelled}")}
+    r = classifier.zero_shot_cls(
+        gen,
+        [c for c in labels for _ in range(args.n)],
+        test,
+        labels,
+        classes,
+        epochs=args.cls_epochs,
+        batch_size=args.cls_batch,
+        lr=args.cls_lr,
+        size=args.cls_size,
+        init=args.resnet_init,
+        seed=args.seed,
+        progress=True,
+        device=args.device,
+    )
+    unlabelled = (
+        f", {len(images) - len(labelled)} test images without a class left out"
+        if len(labelled) < len(images)
+        else ""
+    )
+    return {
+        "cls_oa": dict(
+            value=r["oa"],
+            aa=r["aa"],
+            per_class=r["per_class"],
+            n_train=r["n_train"],
+            n_test=r["n_test"],
+            implementation=f"ResNet-18, {r['init']}, {r['epochs']} epochs, Adam "
+            f"{r['lr']:g}, batch {r['batch_size']}, {r['size']} px{unlabelled}",
+        )
+    }
 
 
-def level_metrics(args, fake, asked, fake_names):
-    """Resolution accuracy of the generated images by the level net; with a probe also the class it reads."""
-    is_net = read_metadata(args.level_net).get("format") == classifier.FORMAT
+def level_metrics(args, level_net, fake, asked, fake_names):
+    """Resolution accuracy of the generated images by the level net; with a probe also the class it
+    reads."""
+    is_net = read_metadata(level_net).get("format") == classifier.FORMAT
     out = {}
     if is_net:
-        net, info = classifier.load_net(args.level_net)
+        net, info = classifier.load_net(level_net)
         if info["kind"] != "levels":
-            raise ValueError(f"--level-net {args.level_net}: a scene classifier, not a level net")
+            raise ValueError(f"--level-net {level_net}: a scene classifier, not a level net")
         pred = classifier.predict_levels(net.to(args.device), fake)
     else:
-        probe = load_probe(args.level_net)
-        read = [probe.predict(torch.stack(b)) for b in fake.batches(256)]                # (class, level) per batch
+        probe = load_probe(level_net)
+        # (class, level) per batch
+        read = [probe.predict(torch.stack(b)) for b in fake.batches(256)]
         cls, pred = torch.cat([c for c, _ in read]), torch.cat([lv for _, lv in read])
-        if fake_names is not None and set(fake_names) <= set(PROCEDURAL_CLASSES):    # the probe's own classes
+        # the probe's own classes
+        if fake_names is not None and set(fake_names) <= set(PROCEDURAL_CLASSES):
             read = [PROCEDURAL_CLASSES[c] for c in cls.tolist()]
-            out["probe_class"] = dict(value=sum(a == b for a, b in zip(read, fake_names)) / len(read),
-                                      implementation=f"probe {Path(args.level_net).name}")
+            out["probe_class"] = dict(
+                value=sum(a == b for a, b in zip(read, fake_names)) / len(read),
+                implementation=f"probe {Path(level_net).name}",
+            )
     r = classifier.resolution_accuracy(pred, torch.as_tensor(asked))
-    out["level"] = dict(value=r["exact"], within_one=r["within_one"], corr=metrics.finite_or_none(r["corr"]),
-                        n=r["n"], implementation=f"{'level net' if is_net else 'probe'} "
-                                                 f"{Path(args.level_net).name}")
+    out["level"] = dict(
+        value=r["exact"],
+        within_one=r["within_one"],
+        corr=metrics.finite_or_none(r["corr"]),
+        n=r["n"],
+        implementation=f"{'level net' if is_net else 'probe'} {Path(level_net).name}",
+    )
     return out
 
 
 def fit_level_net(args, path, size):
-    """The level net at `path` trained on --fit-level-net's images at the generated `size` (procedural objects have
-    a physical size, so both sets must be seen at the same pixel scale), ResNet-18 over integer levels with the
-    --cls-* settings; a net already there is reused when it was trained the same way."""
-    recipe = {"trained_on": args.fit_level_net, "render_size": size, "size": args.cls_size, "max_images":
-              args.level_images, "epochs": args.cls_epochs, "lr": args.cls_lr, "batch_size": args.cls_batch,
-              "seed": args.seed}
+    """The level net at `path` trained on --fit-level-net's images at the generated `size`
+    (procedural objects have a physical size, so both sets must be seen at the same pixel scale),
+    ResNet-18 over integer levels with the --cls-* settings; a net already there is reused when it
+    was trained the same way."""
+    recipe = {
+        "trained_on": args.fit_level_net,
+        "render_size": size,
+        "size": args.cls_size,
+        "max_images": args.level_images,
+        "epochs": args.cls_epochs,
+        "lr": args.cls_lr,
+        "batch_size": args.cls_batch,
+        "seed": args.seed,
+    }
     if path.is_file() and all(classifier.load_net(path)[1].get(k) == v for k, v in recipe.items()):
         print(f"level net: {path} (trained on {args.fit_level_net})")
         return path
     images, levels = level_images(args.fit_level_net, size, args.level_images)
-    print(f"level net: {len(images)} images of levels {levels.min():g}..{levels.max():g} from {args.fit_level_net}")
-    net = classifier.train_level_net(list(images), levels, epochs=args.cls_epochs, batch_size=args.cls_batch,
-                                     lr=args.cls_lr, size=args.cls_size, seed=args.seed, progress=True,
-                                     device=args.device)
+    print(
+        f"level net: {len(images)} images of levels {levels.min():g}..{levels.max():g} "
+        f"from {args.fit_level_net}"
+    )
+    net = classifier.train_level_net(
+        list(images),
+        levels,
+        epochs=args.cls_epochs,
+        batch_size=args.cls_batch,
+        lr=args.cls_lr,
+        size=args.cls_size,
+        seed=args.seed,
+        progress=True,
+        device=args.device,
+    )
     classifier.save_net(net.cpu(), path, {**recipe, "images": len(images)})
     return path
 
@@ -303,75 +510,139 @@ def fit_level_net(args, path, size):
 # The protocol
 # ----------------------------------------------------------------------------------------------
 
-def main(argv=None):
-    args = parse_args(argv)
-    p = args.parser
-    out = Path(args.out)
-    gen, report_json, report_md = out / "generated", out / "report.json", out / "report.md"
-    if report_json.exists() and not args.overwrite:
-        p.error(f"{report_json} exists (the evaluation in {out} is complete); pass --overwrite to recompute it")
-    recorded = json.loads((gen / "generation.json").read_text()) if (gen / "generation.json").is_file() else {}
+
+def test_set(args, values, out, recorded, p):
+    """(size, images, classes, levels, jobs): the generated size, the test images (the first
+    --limit), their classes, each one's level (its own, else --level) and the (path, cli.Job) of
+    every image to generate from its caption."""
     try:
         if args.size:
             size = list(args.size)
-        elif args.weights is None:                           # the size the images in place were made at
+        elif args.weights is None:  # the size the images in place were made at
             size = recorded.get("size") or [256, 256]
         else:
             size = [trained_size(args.weights) or 256] * 2
-        images, found = load_testset(args.test, args.split, args.image_root, out=out / "real" / f"{size[0]}px",
-                                     size=size[0])            # procedural scenes rendered at the generated size
+        # procedural scenes rendered at the generated size
+        images, found = load_testset(
+            args.test, args.split, args.image_root, out=out / "real" / f"{size[0]}px", size=size[0]
+        )
         classes = check_classes(found, args.classes)
     except (ValueError, WeightsError) as e:
         p.error(str(e))
-    images = images[:args.limit] if args.limit else images
-    levels = [im.level if im.level is not None else args.level for im in images]
-    jobs = [(gen / f"{im.key}_{k}.png", im.caption, lv, args.seed + args.n * i + k)
-            for i, (im, lv) in enumerate(zip(images, levels)) for k in range(args.n)]
-    if args.weights is not None:
-        try:
-            model = load_weights(args.weights, args.device, dtype={"unet": args.dtype, "text_encoder": args.dtype})
-            guidance = default_guidance(model, args.cfg, args.level_cfg)
-        except (WeightsError, ValueError) as e:
-            p.error(f"--weights: {e}")
-        if model.cfg.unet.in_channels != model.cfg.unet.out_channels:
-            p.error(f"--weights {args.weights}: an inpainting U-Net ({model.cfg.unet.in_channels} input channels) "
-                    "does not generate from text alone")
-        if "level" in model.cfg.condition_names() and any(lv is None for lv in levels):
-            p.error(f"{args.test} gives no level for its images: pass --level or --resolution-m (0 = none)")
-        if size[0] % model.vae.downsample or size[1] % model.vae.downsample:
-            p.error(f"--size {size[0]} {size[1]}: must be multiples of {model.vae.downsample}")
-        settings = settings_of(args, size)
-        check_resume(gen, settings, args.regenerate, p)
-        generate_missing(model.eval(), guidance, jobs, args, size)
-        del model
-    else:
-        differ = [k for k in ("test", "split", "n") if k in recorded and recorded[k] != vars(args)[k]]
-        if differ:
-            p.error(f"{gen} was generated with other {', '.join(differ)} "
-                    f"({', '.join(str(recorded[k]) for k in differ)}) than asked")
-        missing = [j[0] for j in jobs if not j[0].exists()]
-        if missing:
-            p.error(f"without --weights the generated images must exist: {len(missing)} of {len(jobs)} missing, "
-                    f"e.g. {missing[0]}")
-        settings = recorded
+    images = images[: args.limit] if args.limit else images
+    levels = [im.level if im.level is not None else values.get("level") for im in images]
+    gen = out / "generated"
+    jobs = [
+        (
+            gen / f"{im.key}_{k}.png",
+            cli.Job(im.caption, {**values, "level": lv}, args.seed + args.n * i + k),
+        )
+        for i, (im, lv) in enumerate(zip(images, levels))
+        for k in range(args.n)
+    ]
+    return size, images, classes, levels, jobs
 
-    if args.fit_level_net:
-        try:
-            args.level_net = str(fit_level_net(args, out / "level_net.safetensors", size[0]))
-        except (ValueError, WeightsError) as e:
-            p.error(str(e))
-    real, fake = ImageFiles([im.path for im in images]), ImageFiles([j[0] for j in jobs], size=size[0])
-    captions = [j[1] for j in jobs]
-    fake_names = [im.label for im in images for _ in range(args.n)] if all(im.label for im in images) else None
-    steps = [("fid", args.inception, "--inception", lambda: distribution_metrics(args, real, fake, out / "cache")),
-             ("precision_recall", args.inception, "--inception",
-              lambda: coverage_metrics(args, real, fake, out / "cache")),
-             ("clip", args.clip, "--clip", lambda: clip_metrics(args, real, fake, captions,
-                                                                [im.caption for im in images], out / "cache")),
-             ("cls", classes and len(classes) > 1, "two classes or more in the test set",
-              lambda: cls_metrics(args, images, jobs, classes)),
-             ("level", args.level_net and all(lv for lv in levels), "--level-net and known levels",
-              lambda: level_metrics(args, fake, [j[2] for j in jobs], fake_names))]
+
+def generate_test_images(args, p, values, jobs, levels, size, gen):
+    """(jobs, settings): the --weights model loaded and checked, the images not in `gen` yet
+    generated; the jobs lose their level when the model reads none."""
+    model = cli.load_checked(args, p, text_to_image=True)
+    cli.check_values(values, model.cfg, args.weights, p)
+    if "level" not in model.cfg.condition_names():  # the test set's levels: the model reads none
+        jobs = [
+            (
+                path,
+                cli.Job(job.text, {k: v for k, v in job.values.items() if k != "level"}, job.seed),
+            )
+            for path, job in jobs
+        ]
+    guidance = cli.guidance_scales(args, model.cfg)
+    if "level" in model.cfg.condition_names() and any(lv is None for lv in levels):
+        p.error(
+            f"{args.test} gives no level for its images: pass --level or --resolution-m (0 = none)"
+        )
+    if size[0] % model.vae.downsample or size[1] % model.vae.downsample:
+        p.error(f"--size {size[0]} {size[1]}: must be multiples of {model.vae.downsample}")
+    settings = settings_of(args, size, values, model.cfg)
+    check_resume(gen, settings, args.regenerate, p)
+    generate_missing(model.eval(), guidance, jobs, args, size)
+    return jobs, settings
+
+
+def check_generated(args, p, recorded, jobs, gen):
+    """Without --weights: the images in `gen` must all exist, made for the same test set; returns
+    the settings they were generated with (their generation.json, {} if none)."""
+    differ = [k for k in ("test", "split", "n") if k in recorded and recorded[k] != vars(args)[k]]
+    if differ:
+        p.error(
+            f"{gen} was generated with other {', '.join(differ)} "
+            f"({', '.join(str(recorded[k]) for k in differ)}) than asked"
+        )
+    missing = [j[0] for j in jobs if not j[0].exists()]
+    if missing:
+        p.error(
+            f"without --weights the generated images must exist: {len(missing)} of {len(jobs)} "
+            f"missing, e.g. {missing[0]}"
+        )
+    return recorded
+
+
+def level_net_of(args, out, size, p):
+    """The level net or probe to score resolution with: --level-net, or the one --fit-level-net
+    trains (OUT/level_net.safetensors); None: neither given."""
+    if not args.fit_level_net:
+        return args.level_net
+    try:
+        return str(fit_level_net(args, out / "level_net.safetensors", size[0]))
+    except (ValueError, WeightsError) as e:
+        p.error(str(e))
+
+
+def measure(args, level_net, images, jobs, classes, levels, size, cache):
+    """(results, skipped, failed): every metric whose network is given; one that fails is reported
+    and the others are still measured."""
+    real, fake = (
+        ImageFiles([im.path for im in images]),
+        ImageFiles([path for path, _ in jobs], size=size[0]),
+    )
+    captions = [job.text for _, job in jobs]
+    labelled = all(im.label for im in images)
+    fake_names = [im.label for im in images for _ in range(args.n)] if labelled else None
+    computed = {}  # features several metrics share
+    steps = [
+        (
+            "fid",
+            args.inception,
+            "--inception",
+            lambda: distribution_metrics(args, real, fake, cache, computed),
+        ),
+        (
+            "precision_recall",
+            args.inception,
+            "--inception",
+            lambda: coverage_metrics(args, real, fake, cache, computed),
+        ),
+        (
+            "clip",
+            args.clip,
+            "--clip",
+            lambda: clip_metrics(args, real, fake, captions, [im.caption for im in images], cache),
+        ),
+        (
+            "cls",
+            classes and len(classes) > 1,
+            "two classes or more in the test set",
+            lambda: cls_metrics(args, images, jobs, classes),
+        ),
+        (
+            "level",
+            level_net and all(lv for lv in levels),
+            "--level-net and known levels",
+            lambda: level_metrics(
+                args, level_net, fake, [job.values["level"] for _, job in jobs], fake_names
+            ),
+        ),
+    ]
     results, skipped, failed = {}, {}, {}
     for name, needed, flag, run in steps:
         if not needed:
@@ -380,19 +651,62 @@ def main(argv=None):
         print(f"metrics: {name}")
         try:
             results.update(run())
-        except (WeightsError, ValueError) as e:          # the others are still measured and reported
+        except (WeightsError, ValueError) as e:  # the others are still measured and reported
             failed[name] = str(e)
-    report = {"weights": args.weights or settings.get("weights"), "test": str(args.test), "split": args.split,
-              "n_test": len(images), "n_generated": len(jobs), "classes": classes, "generation": settings,
-              "metrics": results, "skipped": skipped, "failed": failed}
-    out.mkdir(parents=True, exist_ok=True)
-    for path, text in ((report_json, json.dumps(report, indent=1)), (report_md, evaluation_table(report))):
+    return results, skipped, failed
+
+
+def write_report(report, report_json, report_md):
+    """report.json and report.md (the table), each written atomically; the table printed."""
+    report_json.parent.mkdir(parents=True, exist_ok=True)
+    for path, text in (
+        (report_json, json.dumps(report, indent=1)),
+        (report_md, evaluation_table(report)),
+    ):
         tmp = path.with_suffix(".tmp")
         tmp.write_text(text)
         os.replace(tmp, path)
     print(report_md.read_text())
+
+
+def main(argv=None):
+    args, p, values = parse_args(argv)
+    out = Path(args.out)
+    gen, report_json, report_md = out / "generated", out / "report.json", out / "report.md"
+    if report_json.exists() and not args.overwrite:
+        p.error(
+            f"{report_json} exists (the evaluation in {out} is complete); "
+            "pass --overwrite to recompute it"
+        )
+    record = gen / "generation.json"
+    recorded = json.loads(record.read_text()) if record.is_file() else {}
+    size, images, classes, levels, jobs = test_set(args, values, out, recorded, p)
+    if args.weights is not None:
+        jobs, settings = generate_test_images(args, p, values, jobs, levels, size, gen)
+    else:
+        settings = check_generated(args, p, recorded, jobs, gen)
+    level_net = level_net_of(args, out, size, p)
+    results, skipped, failed = measure(
+        args, level_net, images, jobs, classes, levels, size, out / "cache"
+    )
+    report = {
+        "weights": args.weights or settings.get("weights"),
+        "test": str(args.test),
+        "split": args.split,
+        "n_test": len(images),
+        "n_generated": len(jobs),
+        "classes": classes,
+        "generation": settings,
+        "metrics": results,
+        "skipped": skipped,
+        "failed": failed,
+    }
+    write_report(report, report_json, report_md)
     if failed:
-        p.error("; ".join(f"{k}: {v}" for k, v in failed.items()) + f" (the other metrics are in {report_json})")
+        p.error(
+            "; ".join(f"{k}: {v}" for k, v in failed.items())
+            + f" (the other metrics are in {report_json})"
+        )
     return 0
 
 

@@ -7,6 +7,7 @@ the CPU-time figure is the fairer one (it still counts cache/SMT contention).
     python benchmarks/bench_synthetic.py                  # 64x64, 600 images
     python benchmarks/bench_synthetic.py --size 256 --n 120
 """
+
 import os
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
@@ -34,7 +35,9 @@ def timed(fn, n):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--n", type=int, default=600, help="images per measurement")
     ap.add_argument("--repeats", type=int, default=3, help="measurements; the best is reported")
@@ -44,19 +47,31 @@ def main():
     rng = np.random.default_rng(0)
     levels = rng.uniform(10.0, 18.0, n)
     ds = ProceduralEarth(n, size=S, seed=0)
-    for i in range(24):                               # warm-up (imports, caches)
+    for i in range(24):  # warm-up (imports, caches)
         sample(i, float(levels[i]), S, cls=i % len(CLASSES))
     rows = []
-    best = lambda f: max((timed(f, n) for _ in range(args.repeats)), key=lambda r: r[1])
-    one = lambda i: sample(i, float(levels[i]), S, cls=i % len(CLASSES))
+
+    def best(f):
+        return max((timed(f, n) for _ in range(args.repeats)), key=lambda r: r[1])
+
+    def one(i):
+        return sample(i, float(levels[i]), S, cls=i % len(CLASSES))
+
     rows.append(("sample() -> uint8 image + caption", *best(one)))
     rows.append(("ProceduralEarth[i] -> tensor item", *best(lambda i: ds[i])))
     scenes = [make_scene(i, i % len(CLASSES)) for i in range(n)]
-    rows.append(("modalities() (all 6 views)", *timed(lambda i: modalities(scenes[i], float(levels[i]), S, i), n)))
+    rows.append(
+        (
+            "modalities() (all 6 views)",
+            *timed(lambda i: modalities(scenes[i], float(levels[i]), S, i), n),
+        )
+    )
 
     print(f"# procedural Earth throughput, {S}x{S}, 1 thread, {n} images, levels U(10, 18)")
-    print(f"{platform.processor() or platform.machine()}, python {platform.python_version()}, "
-          f"numpy {np.__version__}, load average {os.getloadavg()[0]:.1f} over {os.cpu_count()} cpus\n")
+    print(
+        f"{platform.processor() or platform.machine()}, python {platform.python_version()}, numpy "
+        f"{np.__version__}, load average {os.getloadavg()[0]:.1f} over {os.cpu_count()} cpus\n"
+    )
     print("| what | images/s (wall) | images/s (CPU time) |\n|---|---|---|")
     for name, w, c in rows:
         print(f"| {name} | {w:.0f} | {c:.0f} |")

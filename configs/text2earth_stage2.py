@@ -1,13 +1,16 @@
-"""Paper stage 2: continue from stage 1's exported (EMA) weights on the high-quality subset (img_quality_score > 4.8).
+"""Paper stage 2: continue from stage 1's exported (EMA) weights on the high-quality subset
+(img_quality_score > 4.8).
 
-    torchrun --nproc_per_node=8 train.py --config configs/text2earth_stage2.py --data_path=/path/to/Git-10M
+    torchrun --nproc_per_node=8 train.py --config configs/text2earth_stage2.py \\
+        --data_path=/path/to/Git-10M
 """
+
 from model.config import ModelConfig
 
 model = ModelConfig()
 
 out_dir = "out/text2earth_stage2"
-init_from = "out/text2earth_stage1/model.safetensors"   # stage 1's export
+init_from = "out/text2earth_stage1/model.safetensors"  # stage 1's export
 train = "unet"
 data = "git10m"
 min_quality = 4.8

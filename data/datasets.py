@@ -7,18 +7,23 @@ Map-style readers for Text2Earth training data, each yielding the sample dict of
     CaptionFolder      a folder of images + a jsonl or csv manifest
 (the webdataset tar-shard stream and its writer live in data/shards.py)
 
+Each reader names a sample's fields in one dict, {"key", "caption", "level", "quality"} plus
+any other numeric field its source holds per sample (a CaptionFolder manifest's extra columns,
+a Karpathy json's numeric per-image keys), and data/samples.build_sample makes the sample.
 Levels follow data/levels.py: L = 17 - log2(resolution_m), L = 0 means "no resolution".
-Per-sample randomness is seeded by (seed, epoch, index), so with ResumableSampler the order *and*
-the pixels of a run are reproducible and resumable mid-epoch, whatever num_workers is:
+Per-sample randomness is seeded by (seed, epoch, index), so with ResumableSampler the order
+*and* the pixels of a run are reproducible and resumable mid-epoch, whatever num_workers is:
 
     ds = Git10M(root, transform=train_transform(256), min_quality=4.8)
-    sampler = ResumableSampler(len(ds), seed, rank, world_size)        # data/sampler.py; collate: data/samples.py
-    loader = DataLoader(ds, batch_size, sampler=sampler, num_workers=8, collate_fn=collate)
+    sampler = ResumableSampler(len(ds), seed, rank, world_size)      # data/sampler.py
+    loader = DataLoader(ds, batch_size, sampler=sampler, num_workers=8,
+                        collate_fn=collate)                          # data/samples.py
     for epoch in ...:
         sampler.set_epoch(epoch, start_index=steps_done_in_epoch * batch_size)  # 0 unless resuming
         ds.set_epoch(epoch)
-        for batch in loader: ...   # batch None -> every sample was bad; skip it
+        for batch in loader: ...   # an empty batch: every sample was bad or filtered; skip it
 """
+
 import csv
 import json
 import math
@@ -29,8 +34,10 @@ import numpy as np
 import torch
 
 from data.levels import level_from_resolution, parse_google_location, parse_level_prefix
-from data.samples import BadDataCounter, build_sample, sample_generator
+from data.samples import BadDataCounter, build_sample, extra_fields, is_number, sample_generator
 
+MANIFEST_COLUMNS = ("file", "caption", "level", "resolution_m", "quality")  # CaptionFolder's own
+KARPATHY_IDS = ("imgid", "cocoid")  # numeric per-image keys of the Karpathy json that are ids
 
 
 def _to_float(v):
@@ -49,7 +56,8 @@ def _to_float(v):
 
 class CaptionImageDataset(torch.utils.data.Dataset):
     """Base of the map-style readers: subclasses define __len__ and _record(i, generator) ->
-    (key, image bytes or path, caption, level, quality); __getitem__ runs build_sample.
+    (fields, image): the sample's fields by name ({"key", "caption", "level", "quality"} + other
+    numeric fields, see build_sample) and its image bytes or path; __getitem__ runs build_sample.
     Call set_epoch(epoch) (like ResumableSampler's) to change per-sample randomness per epoch."""
 
     def __init__(self, transform=None, min_size=0, counter=None, seed=0, allow_empty_caption=False):
@@ -69,10 +77,16 @@ class CaptionImageDataset(torch.utils.data.Dataset):
         if not 0 <= i < len(self):
             raise IndexError(f"{type(self).__name__} index {i} out of range [0, {len(self)})")
         g = sample_generator(self.seed, self.epoch, i)
-        key, image, caption, level, quality = self._record(i, g)
-        return build_sample(key, image, caption, level, quality, transform=self.transform, generator=g,
-                            counter=self.counter, min_size=self.min_size,
-                            allow_empty_caption=self.allow_empty_caption)
+        fields, image = self._record(i, g)
+        return build_sample(
+            fields,
+            image,
+            transform=self.transform,
+            generator=g,
+            counter=self.counter,
+            min_size=self.min_size,
+            allow_empty_caption=self.allow_empty_caption,
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -83,6 +97,7 @@ def _index_arrow_stream(path):
     """Walk the messages of an Arrow IPC *stream* file (what HF `save_to_disk` writes) without
     decoding data -> (schema, [(byte start, byte end)] of each record batch)."""
     import pyarrow as pa
+
     src = pa.memory_map(str(path), "r")
     try:
         reader = pa.ipc.MessageReader.open_stream(src)
@@ -122,19 +137,34 @@ class Git10M(CaptionImageDataset):
     `root` may also be the split folder itself (the one holding state.json).
     """
 
-    def __init__(self, root, split="train", transform=None, min_quality=None, min_size=0,
-                 counter=None, seed=0, max_open_files=64, allow_empty_caption=False):
+    def __init__(
+        self,
+        root,
+        split="train",
+        transform=None,
+        min_quality=None,
+        min_size=0,
+        counter=None,
+        seed=0,
+        max_open_files=64,
+        allow_empty_caption=False,
+    ):
         super().__init__(transform, min_size, counter, seed, allow_empty_caption)
         import pyarrow  # noqa: F401  (fail here, before indexing, when pyarrow is missing)
+
         root = Path(root)
         split_dir = root if (root / "state.json").is_file() else root / split
         if not (root / "state.json").is_file() and (root / "dataset_dict.json").is_file():
             splits = json.loads((root / "dataset_dict.json").read_text()).get("splits", [])
             if split not in splits:
-                raise ValueError(f"{root / 'dataset_dict.json'}: split {split!r} not in splits {splits}")
+                raise ValueError(
+                    f"{root / 'dataset_dict.json'}: split {split!r} not in splits {splits}"
+                )
         state_path = split_dir / "state.json"
         if not state_path.is_file():
-            raise ValueError(f"Git10M: no state.json at {state_path} (expected an HF save_to_disk folder)")
+            raise ValueError(
+                f"Git10M: no state.json at {state_path} (expected an HF save_to_disk folder)"
+            )
         state = json.loads(state_path.read_text())
         if not state.get("_data_files"):
             raise ValueError(f"{state_path}: no '_data_files' listed")
@@ -143,7 +173,8 @@ class Git10M(CaptionImageDataset):
             if not f.is_file():
                 raise ValueError(f"Git10M: data file {f} listed in {state_path} does not exist")
         self.split_dir, self.max_open_files = split_dir, max_open_files
-        self._maps = OrderedDict()  # file index -> memory-mapped pyarrow.Buffer (per process LRU, not pickled)
+        # file index -> memory-mapped pyarrow.Buffer (an LRU per process, not pickled)
+        self._maps = OrderedDict()
 
         # index: one entry per record batch (file, byte span, rows); nothing is decoded but the
         # batch headers, and the quality column when filtering
@@ -152,28 +183,41 @@ class Git10M(CaptionImageDataset):
             schema, spans = _index_arrow_stream(f)
             names = set(schema.names)
             if fi == 0:
-                self.layout = "caption" if "caption" in names else "text" if "text" in names else None
+                self.layout = (
+                    "caption" if "caption" in names else "text" if "text" in names else None
+                )
                 if self.layout is None or "image" not in names:
-                    raise ValueError(f"{f}: expected columns 'image' and 'caption' (or 'text'), got {sorted(names)}")
+                    raise ValueError(
+                        f"{f}: expected columns 'image' and 'caption' (or 'text'), got "
+                        f"{sorted(names)}"
+                    )
             if not {"image", self.layout} <= names:
-                raise ValueError(f"{f}: missing columns {sorted({'image', self.layout} - names)} (has {sorted(names)})")
+                raise ValueError(
+                    f"{f}: missing columns {sorted({'image', self.layout} - names)} (has "
+                    f"{sorted(names)})"
+                )
             if min_quality is not None and "img_quality_score" not in names:
                 raise ValueError(f"{f}: min_quality={min_quality} needs column 'img_quality_score'")
             self.schemas.append(schema)
             for span in spans:
                 batch = self._batch(fi, span)
                 if min_quality is not None:
-                    q = np.asarray(batch.column("img_quality_score").to_numpy(zero_copy_only=False), dtype=np.float64)
-                    keep.append(np.flatnonzero(q > min_quality) + sum(b_rows))  # nan fails the test
+                    q = batch.column("img_quality_score").to_numpy(zero_copy_only=False)
+                    q = np.asarray(q, dtype=np.float64)
+                    keep.append(np.flatnonzero(q > min_quality) + sum(b_rows))  # nan is never kept
                 b_file.append(fi)
                 b_span.append(span)
                 b_rows.append(batch.num_rows)
         self.batch_file = np.asarray(b_file, dtype=np.int64)  # (n_batches,)
-        self.batch_span = np.asarray(b_span, dtype=np.int64).reshape(-1, 2)  # (n_batches, 2) byte start, end
-        self.batch_offset = np.concatenate([[0], np.cumsum(b_rows)]).astype(np.int64)  # (n_batches + 1,)
-        self.file_offset = self.batch_offset[np.searchsorted(self.batch_file, np.arange(len(self.files)))]  # (n_files,)
-        self.rows = (np.concatenate(keep).astype(np.int64) if keep else np.zeros(0, np.int64)) \
-            if min_quality is not None else None
+        # (n_batches, 2) byte start, end
+        self.batch_span = np.asarray(b_span, dtype=np.int64).reshape(-1, 2)
+        # (n_batches + 1,) first row of each batch
+        self.batch_offset = np.concatenate([[0], np.cumsum(b_rows)]).astype(np.int64)
+        first_batch = np.searchsorted(self.batch_file, np.arange(len(self.files)))
+        self.file_offset = self.batch_offset[first_batch]  # (n_files,) first row of each file
+        self.rows = None  # kept row numbers (min_quality), or None for all
+        if min_quality is not None:
+            self.rows = np.concatenate(keep).astype(np.int64) if keep else np.zeros(0, np.int64)
         self.min_quality = min_quality
         self._maps.clear()
 
@@ -188,6 +232,7 @@ class Git10M(CaptionImageDataset):
     def _batch(self, fi, span):
         """Record batch at byte span (start, end) of file fi, zero-copy from its memory map."""
         import pyarrow as pa
+
         buf = self._maps.pop(fi, None)
         if buf is None:
             with pa.memory_map(str(self.files[fi]), "r") as m:
@@ -196,7 +241,8 @@ class Git10M(CaptionImageDataset):
         while len(self._maps) > self.max_open_files:
             self._maps.popitem(last=False)
         start, end = (int(v) for v in span)
-        return pa.ipc.read_record_batch(pa.ipc.read_message(buf.slice(start, end - start)), self.schemas[fi])
+        message = pa.ipc.read_message(buf.slice(start, end - start))
+        return pa.ipc.read_record_batch(message, self.schemas[fi])
 
     def _record(self, i, generator):
         g = int(self.rows[i]) if self.rows is not None else i
@@ -213,11 +259,11 @@ class Git10M(CaptionImageDataset):
                 image = p if p.is_absolute() else self.split_dir / p
             else:
                 image = None  # -> counted as bad by build_sample
-        quality = _to_float(row.get("img_quality_score"))
+        fields = {"key": key, "quality": _to_float(row.get("img_quality_score"))}
         if self.layout == "text":
             text = row["text"] if isinstance(row["text"], str) else ""
-            level, caption = parse_level_prefix(text)
-            return key, image, caption, level, quality
+            fields["level"], fields["caption"] = parse_level_prefix(text)
+            return fields, image
         level = 0.0
         m = _to_float(row.get("resolution"))
         if math.isfinite(m) and m > 0:
@@ -227,7 +273,7 @@ class Git10M(CaptionImageDataset):
                 level = float(parse_google_location(row["Google_location"])[0])
             except ValueError as e:
                 self.counter.record_converted(key, f"level unknown: {e}")
-        return key, image, row["caption"], level, quality
+        return {**fields, "caption": row["caption"], "level": level}, image
 
 
 # -----------------------------------------------------------------------------
@@ -244,10 +290,23 @@ class KarpathyCaptions(CaptionImageDataset):
     True makes every (image, caption) pair its own sample.
     gsd_m: dataset-wide ground sample distance in m/px -> one level for every image; None uses
     the json's "gsd_m" key when present, else level 0 (unknown).
+    Numeric per-image keys become sample fields of the same name, except the ids (imgid,
+    cocoid) and level, quality (the level comes from gsd_m, the quality is nan).
     """
 
-    def __init__(self, json_path, split="train", image_root=None, transform=None, all_captions=False,
-                 gsd_m=None, min_size=0, counter=None, seed=0, allow_empty_caption=False):
+    def __init__(
+        self,
+        json_path,
+        split="train",
+        image_root=None,
+        transform=None,
+        all_captions=False,
+        gsd_m=None,
+        min_size=0,
+        counter=None,
+        seed=0,
+        allow_empty_caption=False,
+    ):
         super().__init__(transform, min_size, counter, seed, allow_empty_caption)
         json_path = Path(json_path)
         if not json_path.is_file():
@@ -258,13 +317,15 @@ class KarpathyCaptions(CaptionImageDataset):
             raise ValueError(f"{json_path}: not valid json ({e})") from None
         if not isinstance(meta, dict) or not isinstance(meta.get("images"), list):
             raise ValueError(f"{json_path}: expected a Karpathy json with an 'images' list")
-        self.image_root = Path(image_root) if image_root is not None else json_path.parent / "images"
+        self.image_root = Path(
+            image_root if image_root is not None else json_path.parent / "images"
+        )
         splits = {split} if isinstance(split, str) else set(split) if split is not None else None
         if gsd_m is None:
             gsd_m = meta.get("gsd_m")
         self.level = level_from_resolution(gsd_m) if gsd_m is not None else 0.0
         self.all_captions = all_captions
-        self.entries = []  # [(key, path, [captions])]
+        self.entries = []  # [(key, path, [captions], {extra field: number})]
         for n, im in enumerate(meta["images"]):
             if "filename" not in im or "sentences" not in im:
                 raise ValueError(f"{json_path}: images[{n}] lacks 'filename' or 'sentences'")
@@ -272,12 +333,12 @@ class KarpathyCaptions(CaptionImageDataset):
                 continue
             path = self.image_root / im.get("filepath", "") / im["filename"]
             caps = [s.get("raw", "") for s in im["sentences"]] or [""]
-            self.entries.append((im["filename"], path, caps))
+            self.entries.append((im["filename"], path, caps, extra_fields(im, KARPATHY_IDS)))
         if not self.entries:
             found = sorted({str(im.get("split")) for im in meta["images"]})
             raise ValueError(f"{json_path}: no images in split {split!r} (splits present: {found})")
         # all_captions: flat index -> (entry, caption)
-        self.pairs = [(e, c) for e, (_, _, caps) in enumerate(self.entries) for c in range(len(caps))]
+        self.pairs = [(e, c) for e, entry in enumerate(self.entries) for c in range(len(entry[2]))]
 
     def __len__(self):
         return len(self.pairs) if self.all_captions else len(self.entries)
@@ -285,26 +346,62 @@ class KarpathyCaptions(CaptionImageDataset):
     def _record(self, i, generator):
         if self.all_captions:
             e, c = self.pairs[i]
-            key, path, caps = self.entries[e]
+            key, path, caps, extra = self.entries[e]
             key = f"{key}#{c}"
         else:
-            key, path, caps = self.entries[i]
+            key, path, caps, extra = self.entries[i]
             c = int(torch.randint(0, len(caps), (1,), generator=generator))
-        return key, path, caps[c], self.level, float("nan")
+        fields = {
+            **extra,
+            "key": key,
+            "caption": caps[c],
+            "level": self.level,
+            "quality": float("nan"),
+        }
+        return fields, path
 
 
 # -----------------------------------------------------------------------------
 # folder of images + jsonl / csv manifest
 
 
+def _numeric_cells(row, parse_text):
+    """The numeric cells of a manifest row outside MANIFEST_COLUMNS, by column name: ints and
+    floats as they are; with parse_text (csv), text that parses as a float. Empty cells, other
+    text and bools are left out."""
+    out = {}
+    for name, v in row.items():
+        if not isinstance(name, str) or name in MANIFEST_COLUMNS:
+            continue
+        if parse_text and isinstance(v, str):
+            try:
+                v = float(v)
+            except ValueError:
+                continue
+        if is_number(v):
+            out[name] = v
+    return out
+
+
 class CaptionFolder(CaptionImageDataset):
     """Images + a manifest (.jsonl: one object per line, or .csv with a header) with columns
     `file, caption` and optionally `level` or `resolution_m` (level wins when both are set)
-    and `quality`. Files are relative to `image_root` (default: the manifest's folder).
-    min_quality keeps rows whose quality > min_quality."""
+    and `quality`. Every other numeric column (e.g. `cloud`) becomes a sample field of the same
+    name; in a csv a cell is numeric when it parses as a float, and an empty cell leaves the
+    field out of that row's sample. Files are relative to `image_root` (default: the manifest's
+    folder). min_quality keeps rows whose quality > min_quality."""
 
-    def __init__(self, manifest, image_root=None, transform=None, min_quality=None, min_size=0,
-                 counter=None, seed=0, allow_empty_caption=False):
+    def __init__(
+        self,
+        manifest,
+        image_root=None,
+        transform=None,
+        min_quality=None,
+        min_size=0,
+        counter=None,
+        seed=0,
+        allow_empty_caption=False,
+    ):
         super().__init__(transform, min_size, counter, seed, allow_empty_caption)
         manifest = Path(manifest)
         if not manifest.is_file():
@@ -324,7 +421,7 @@ class CaptionFolder(CaptionImageDataset):
                 rows = list(csv.DictReader(f))
         else:
             raise ValueError(f"CaptionFolder: manifest {manifest} must end in .jsonl or .csv")
-        self.rows = []  # [(key, path, caption, level, quality)]
+        self.rows = []  # [(fields, image path)]
         for n, r in enumerate(rows, 1):
             if not isinstance(r, dict) or "file" not in r or "caption" not in r:
                 raise ValueError(f"{manifest}: row {n} lacks 'file' or 'caption' ({r!r})")
@@ -335,7 +432,14 @@ class CaptionFolder(CaptionImageDataset):
             quality = _to_float(r.get("quality"))
             if min_quality is not None and not quality > min_quality:
                 continue
-            self.rows.append((str(r["file"]), self.image_root / str(r["file"]), r["caption"], level, quality))
+            fields = {
+                **_numeric_cells(r, parse_text=manifest.suffix == ".csv"),
+                "key": str(r["file"]),
+                "caption": r["caption"],
+                "level": level,
+                "quality": quality,
+            }
+            self.rows.append((fields, self.image_root / str(r["file"])))
         if not self.rows:
             raise ValueError(f"{manifest}: no rows (after min_quality={min_quality})")
 
@@ -344,4 +448,3 @@ class CaptionFolder(CaptionImageDataset):
 
     def _record(self, i, generator):
         return self.rows[i]
-

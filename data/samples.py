@@ -4,15 +4,22 @@ data/shards.py), and the shared steps that build and batch it:
 
     {"image": (3, H, W) float in [-1, 1], "caption": str, "level": float (Google map level,
      0.0 = unknown), "quality": float or nan, "key": str}  (+ "latent": (4, h, w) from shards)
+    + any other numeric field a reader has for the sample (a condition's value, e.g. "cloud")
+
+A reader names a sample's fields in one dict ({"key", "caption", "level", "quality", ...}) and
+`build_sample` turns it into the sample; a new numeric field needs no change here, in the shards
+(write_shards stores it, ShardDataset reads it back) or in `collate` (batched as (B,) float).
 
 Bad data (unreadable / truncated / missing image, unsupported pixel format, empty caption) never
 kills a run silently and never hides: the sample comes back as None (drop it with `collate`, which
-counts it), and a BadDataCounter logs it with its key and raises BadDataError once the bad fraction
-passes its threshold. A sample a filter leaves out (quality, size) comes back as FILTERED: dropped
-too, but not bad data. Grey, palette, RGBA and 16-bit images are converted to 8-bit RGB.
-Per-sample randomness (caption choice, crop, flips) comes from `sample_generator(seed, epoch,
-index)`, so it does not depend on num_workers and a run resumed mid-epoch sees the same pixels.
+counts it), and a BadDataCounter logs it with its key and raises BadDataError once the bad
+fraction passes its threshold. A sample a filter leaves out (quality, size) comes back as
+FILTERED: dropped too, but not bad data. Grey, palette, RGBA and 16-bit images are converted to
+8-bit RGB. Per-sample randomness (caption choice, crop, flips) comes from
+`sample_generator(seed, epoch, index)`, so it does not depend on num_workers and a run resumed
+mid-epoch sees the same pixels.
 """
+
 import io
 import logging
 from collections import Counter
@@ -25,11 +32,14 @@ from data.transforms import pil_to_tensor
 
 logger = logging.getLogger(__name__)
 
+FIELDS = ("key", "caption", "level", "quality")  # every sample has these (level, quality: numbers)
+TENSORS = ("image", "latent", "control")  # per-sample tensors, never taken from `fields`
+
 # -----------------------------------------------------------------------------
 # bad-data accounting
 
-FILTERED = "filtered"   # what a reader returns for a sample its filter leaves out (not bad data)
-MIN_SAMPLES = 1000      # a bad fraction is judged once this many samples have been read
+FILTERED = "filtered"  # what a reader returns for a sample its filter leaves out (not bad data)
+MIN_SAMPLES = 1000  # a bad fraction is judged once this many samples have been read
 
 
 class BadDataError(RuntimeError):
@@ -45,7 +55,8 @@ class BadDataCounter:
     def __init__(self, max_bad_fraction=0.01, min_samples=MIN_SAMPLES, max_examples=10):
         if not 0.0 <= max_bad_fraction <= 1.0:
             raise ValueError(f"max_bad_fraction must be in [0, 1], got {max_bad_fraction}")
-        self.max_bad_fraction, self.min_samples, self.max_examples = max_bad_fraction, min_samples, max_examples
+        self.max_bad_fraction = max_bad_fraction
+        self.min_samples, self.max_examples = min_samples, max_examples
         self.total = self.bad = self.filtered = self.converted = 0
         self.reasons = Counter()  # reason kind -> count
         self.examples = []  # [(key, reason)] first few bad samples
@@ -76,13 +87,20 @@ class BadDataCounter:
         if self.total >= self.min_samples and self.bad > self.max_bad_fraction * self.total:
             examples = "; ".join(f"{k}: {r}" for k, r in self.examples)
             raise BadDataError(
-                f"{self.bad} of {self.total} samples read were bad ({self.bad / self.total:.2%} > "
-                f"max_bad_fraction {self.max_bad_fraction:.2%}); reasons {dict(self.reasons)}; "
-                f"examples: {examples}")
+                f"{self.bad} of {self.total} samples read were bad "
+                f"({self.bad / self.total:.2%} > max_bad_fraction {self.max_bad_fraction:.2%}); "
+                f"reasons {dict(self.reasons)}; examples: {examples}"
+            )
 
     def summary(self):
-        return dict(total=self.total, bad=self.bad, filtered=self.filtered, converted=self.converted,
-                    reasons=dict(self.reasons), examples=list(self.examples))
+        return dict(
+            total=self.total,
+            bad=self.bad,
+            filtered=self.filtered,
+            converted=self.converted,
+            reasons=dict(self.reasons),
+            examples=list(self.examples),
+        )
 
 
 # -----------------------------------------------------------------------------
@@ -126,13 +144,13 @@ def load_rgb(src):
 def sample_generator(seed, epoch, index):
     """torch.Generator seeded from (seed, epoch, index): per-sample randomness independent of
     worker count and resumable."""
-    state = np.random.SeedSequence([int(seed), int(epoch), int(index)]).generate_state(1, np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+    seq = np.random.SeedSequence([int(seed), int(epoch), int(index)])
+    return torch.Generator().manual_seed(int(seq.generate_state(1, np.uint64)[0]))
 
 
 def decode_image(key, src, counter):
-    """Bytes or a path -> 8-bit RGB PIL image, or None when it cannot be read (recorded bad in `counter`,
-    as are conversions)."""
+    """Bytes or a path -> 8-bit RGB PIL image, or None when it cannot be read (recorded bad in
+    `counter`, as are conversions)."""
     try:
         img, note = load_rgb(src)
     except FileNotFoundError:
@@ -146,11 +164,45 @@ def decode_image(key, src, counter):
     return img
 
 
-def build_sample(key, image, caption, level, quality, *, transform, generator, counter,
-                 min_size=0, allow_empty_caption=False, latent=None):
-    """The shared pipeline: check caption, decode image (bytes/path) or take a latent, filter by
-    size, transform -> sample dict, or None (bad or filtered, counted in `counter`).
-    image may be None when a latent (4, h, w) is given."""
+# -----------------------------------------------------------------------------
+# the sample dict
+
+
+def is_number(v):
+    """Whether v is an int or a float (a bool is not): the values an extra field may hold."""
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def extra_fields(fields, skip=()):
+    """The numeric entries of a dict other than FIELDS, TENSORS and `skip`, unchanged: the extra
+    per-sample fields (a condition's value, e.g. "cloud" or "lat") that readers pass through,
+    shards store and collate batches."""
+    return {
+        k: v
+        for k, v in fields.items()
+        if is_number(v) and k not in FIELDS and k not in TENSORS and k not in skip
+    }
+
+
+def build_sample(
+    fields,
+    image,
+    *,
+    transform,
+    generator,
+    counter,
+    min_size=0,
+    allow_empty_caption=False,
+    latent=None,
+):
+    """The shared pipeline: check the caption, decode the image (bytes/path) or take a latent,
+    filter by size, transform -> sample dict, or None (bad) / FILTERED (counted in `counter`).
+
+    fields: the sample's fields by name: "key", "caption", "level" (missing or None: 0.0),
+    "quality" (missing or None: nan), and any other numeric field, copied into the sample as it
+    is. image: encoded bytes or a path, or None when a latent (4, h, w) is given."""
+    key = fields["key"]
+    caption = fields.get("caption")
     if not isinstance(caption, str):
         counter.record_bad(key, f"caption: not a string ({type(caption).__name__})")
         return None
@@ -158,13 +210,21 @@ def build_sample(key, image, caption, level, quality, *, transform, generator, c
     if not caption and not allow_empty_caption:
         counter.record_bad(key, "empty caption")
         return None
-    sample = {"caption": caption, "level": float(level), "quality": float(quality), "key": key}
+    level, quality = fields.get("level"), fields.get("quality")
+    sample = {
+        **extra_fields(fields),
+        "caption": caption,
+        "key": key,
+        "level": 0.0 if level is None else float(level),
+        "quality": float("nan") if quality is None else float(quality),
+    }
     if image is not None:
         img = decode_image(key, image, counter)
         if img is None:
             return None
         if min(img.size) < min_size:
-            counter.record_filtered(key, f"size {img.size[0]}x{img.size[1]} < min_size {min_size}")
+            size = f"{img.size[0]}x{img.size[1]}"
+            counter.record_filtered(key, f"size {size} < min_size {min_size}")
             return FILTERED
         sample["image"] = transform(img, generator) if transform is not None else pil_to_tensor(img)
     if latent is not None:
@@ -181,30 +241,42 @@ def build_sample(key, image, caption, level, quality, *, transform, generator, c
 
 
 def collate(batch):
-    """List of sample dicts (None = unreadable, FILTERED = left out by a filter) -> {"image": (B, 3, H, W),
-    "latent": (B, 4, h, w), "control": (B, 3, H, W) (each when every sample has it), "caption": [B str],
-    "level": (B,), "quality": (B,), "key": [B str], every other numeric field all samples have: (B,) float,
-    "n_bad": how many were unreadable, "n_filtered": how many filtered}. When no sample is left the batch is
-    {"caption": [], "key": [], "n_bad", "n_filtered"}: a training loop refills it, or skips it and still counts it
-    as consumed, so resume positions stay exact."""
-    counts = {"n_bad": sum(s is None for s in batch), "n_filtered": sum(isinstance(s, str) for s in batch)}
+    """List of sample dicts (None = unreadable, FILTERED = left out by a filter) -> a batch:
+
+        "image" (B, 3, H, W), "latent" (B, 4, h, w), "control" (B, 3, H, W): each when every
+        sample has it; "caption" [B str], "key" [B str], "level" (B,), "quality" (B,);
+        "label" (B,) when every sample has one; every other numeric field all samples have:
+        (B,) float; "n_bad": how many were unreadable, "n_filtered": how many filtered.
+
+    When no sample is left the batch is {"caption": [], "key": [], "n_bad", "n_filtered"}: a
+    training loop refills it, or skips it and still counts it as consumed, so resume positions
+    stay exact."""
+    counts = {
+        "n_bad": sum(s is None for s in batch),
+        "n_filtered": sum(isinstance(s, str) for s in batch),
+    }
     batch = [s for s in batch if isinstance(s, dict)]
     if not batch:
         return {"caption": [], "key": [], **counts}
-    out = {"caption": [s["caption"] for s in batch], "key": [s["key"] for s in batch],
-           "level": torch.tensor([s["level"] for s in batch], dtype=torch.float32),
-           "quality": torch.tensor([s["quality"] for s in batch], dtype=torch.float32)}
-    if all("label" in s for s in batch):                      # class labels (procedural Earth)
+    out = {
+        "caption": [s["caption"] for s in batch],
+        "key": [s["key"] for s in batch],
+        "level": torch.tensor([s["level"] for s in batch], dtype=torch.float32),
+        "quality": torch.tensor([s["quality"] for s in batch], dtype=torch.float32),
+    }
+    if all("label" in s for s in batch):  # class labels (procedural Earth)
         out["label"] = torch.tensor([s["label"] for s in batch])
-    for name in ("image", "latent", "control"):                # control: the paired input of data/modalities.py
+    for name in TENSORS:  # control: the paired input of data/modalities.py
         if all(name in s for s in batch):
             shapes = {tuple(s[name].shape) for s in batch}
             if len(shapes) > 1:
                 ex = [(s["key"], tuple(s[name].shape)) for s in batch[:4]]
-                raise ValueError(f"collate: {name} shapes differ within a batch {sorted(shapes)}; "
-                                 f"e.g. {ex} (use a transform with a fixed size)")
+                raise ValueError(
+                    f"collate: {name} shapes differ within a batch {sorted(shapes)}; e.g. {ex} "
+                    "(use a transform with a fixed size)"
+                )
             out[name] = torch.stack([s[name] for s in batch])
-    for name in set(batch[0]) - set(out) - {"image", "latent", "control"}:  # other numeric fields (a condition's, e.g.)
-        if all(isinstance(s.get(name), (int, float)) and not isinstance(s.get(name), bool) for s in batch):
+    for name in set(batch[0]) - set(out) - set(TENSORS):  # other numeric fields
+        if all(is_number(s.get(name)) for s in batch):
             out[name] = torch.tensor([float(s[name]) for s in batch])
     return {**out, **counts}

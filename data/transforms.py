@@ -8,6 +8,7 @@ augmentation is a pure function of its seed (the readers seed one generator per 
 Overhead images have no "up": besides resize + crop, horizontal/vertical flips and
 90-degree rotations are label-preserving, and all of them are exact pixel permutations.
 """
+
 import numpy as np
 import torch
 from PIL import Image
@@ -46,7 +47,8 @@ def tensor_to_pil(x):
 
 
 def resize_shorter_side(img, size):
-    """Resize so the shorter side is `size` (bicubic, antialiased by PIL); no-op if it already is."""
+    """Resize so the shorter side is `size` (bicubic, antialiased by PIL);
+    no-op if it already is."""
     w, h = img.size
     if min(w, h) == size:
         return img
@@ -105,8 +107,10 @@ class ImageTransform:
         return _uint8_to_unit(x)
 
     def __repr__(self):
-        return (f"ImageTransform(size={self.size}, random_crop={self.random_crop}, "
-                f"hflip={self.hflip}, vflip={self.vflip}, rot90={self.rot90})")
+        return (
+            f"ImageTransform(size={self.size}, random_crop={self.random_crop}, hflip={self.hflip}, "
+            f"vflip={self.vflip}, rot90={self.rot90})"
+        )
 
 
 def train_transform(size=256):
@@ -122,6 +126,7 @@ def eval_transform(size=256):
 def image_grid(images, cols):
     """PIL images of one size -> one PIL image, `cols` per row, row-major."""
     import math
+
     w, h = images[0].size
     rows = math.ceil(len(images) / cols)
     grid = Image.new("RGB", (cols * w, rows * h))

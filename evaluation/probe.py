@@ -6,17 +6,19 @@ Trained on procedural Earth images (data/synthetic/), it scores generated images
 
     images, labels, levels = make_probe_data(4000, size=64, seed=0)
     probe = train_probe((images, labels, levels), steps=1000, batch_size=64, lr=3e-3, seed=0)
-    evaluate_probe(probe, gen_images, asked_labels, asked_levels)   # class_acc, level_acc, level_acc_pm1, level_corr
+    # class_acc, level_acc, level_acc_pm1, level_corr
+    evaluate_probe(probe, gen_images, asked_labels, asked_levels)
     save_probe(probe, "probe.safetensors", {"recipe": ...}); probe = load_probe("probe.safetensors")
 
 The level head classifies the integer levels (9 for 10..18) rather than regressing them: on held-out
-renders after 400 steps, classification reads 43% exact / 73% within +-1, regression + rounding 31% / 70%.
-Training augments with the 8 symmetries of the square (overhead imagery has no up) and, on half the
-images, a mild blur: VAE-decoded images are softer than renders, and the renderer's sharpness at
-pixel scale would otherwise be a cheap cue for the level; blurred copies make the level head judge
-object scale. With blur, class accuracy on blurred test images fell 1 point instead of 4.
+renders after 400 steps, classification reads 43% exact / 73% within +-1, regression + rounding
+31% / 70%. Training augments with the 8 symmetries of the square (overhead imagery has no up) and,
+on half the images, a mild blur: VAE-decoded images are softer than renders, and the renderer's
+sharpness at pixel scale would otherwise be a cheap cue for the level; blurred copies make the level
+head judge object scale. With blur, class accuracy on blurred test images fell 1 point instead of 4.
 Shapes: B batch, C channels, H, W spatial (64, or 32 and up: the heads sit on a global pooling).
 """
+
 import json
 import math
 import time
@@ -40,8 +42,13 @@ class ConvBlock(nn.Module):
     def __init__(self, in_ch, out_ch, stride):
         super().__init__()
         self.net = nn.Sequential(
-            nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True),
-            nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False), nn.BatchNorm2d(out_ch), nn.ReLU(inplace=True))
+            nn.Conv2d(in_ch, out_ch, 3, stride, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_ch, out_ch, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(out_ch),
+            nn.ReLU(inplace=True),
+        )
 
     def forward(self, x):
         return self.net(x)
@@ -61,10 +68,15 @@ class Probe(nn.Module):
         w = width
         self.features = nn.Sequential(
             # (B, w, H/2, W/2): a stride-2 3x3 stem still sees every pixel, at a quarter of the cost
-            nn.Conv2d(3, w, 3, 2, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-            nn.Conv2d(w, w, 3, 1, 1, bias=False), nn.BatchNorm2d(w), nn.ReLU(inplace=True),
-            ConvBlock(w, 2 * w, 2),      # (B, 2w, H/4, W/4)
-            ConvBlock(2 * w, 4 * w, 2))  # (B, 4w, H/8, W/8)
+            nn.Conv2d(3, w, 3, 2, 1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(w, w, 3, 1, 1, bias=False),
+            nn.BatchNorm2d(w),
+            nn.ReLU(inplace=True),
+            ConvBlock(w, 2 * w, 2),  # (B, 2w, H/4, W/4)
+            ConvBlock(2 * w, 4 * w, 2),
+        )  # (B, 4w, H/8, W/8)
         # heads read the mean and the standard deviation of each feature over the image: the spread
         # is a texture statistic (how often a pattern fires), worth ~2 points of level accuracy
         self.class_head = nn.Linear(8 * w, num_classes)
@@ -74,10 +86,12 @@ class Probe(nn.Module):
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"Probe expects images (B, 3, H, W), got shape {tuple(x.shape)}")
         if min(x.shape[-2:]) < 16:
-            raise ValueError(f"Probe expects images of at least 16x16 pixels, got {tuple(x.shape[-2:])}")
-        f = self.features(x)                                   # (B, 4w, H/8, W/8)
+            raise ValueError(
+                f"Probe expects images of at least 16x16 pixels, got {tuple(x.shape[-2:])}"
+            )
+        f = self.features(x)  # (B, 4w, H/8, W/8)
         h = torch.cat([f.mean((-2, -1)), f.std((-2, -1))], 1)  # (B, 8w) global mean and std pool
-        return self.class_head(h), self.level_head(h)          # (B, classes), (B, levels)
+        return self.class_head(h), self.level_head(h)  # (B, classes), (B, levels)
 
     def predict_level(self, level_logits):
         """Integer levels (B,) of the most likely level bin."""
@@ -85,14 +99,15 @@ class Probe(nn.Module):
 
     @torch.no_grad()
     def predict(self, images, batch_size=256):
-        """Predicted (class (N,), level (N,)) int64 for images (N, 3, H, W) in [-1, 1], in eval mode."""
+        """Predicted (class (N,), level (N,)) int64 for images (N, 3, H, W) in
+        [-1, 1], in eval mode."""
         was_training = self.training
         self.eval()
         cls, lev = [], []
         for i in range(0, len(images), batch_size):
-            c, l = self(images[i:i + batch_size].float())
+            c, lv = self(images[i : i + batch_size].float())
             cls.append(c.argmax(-1))
-            lev.append(self.predict_level(l))
+            lev.append(self.predict_level(lv))
         self.train(was_training)
         return torch.cat(cls), torch.cat(lev)
 
@@ -128,7 +143,8 @@ def make_probe_data(n, size=64, seed=0, levels=(10, 18), integer_levels=True):
 
 
 def _as_tensors(data):
-    """(images, labels, levels) from a tuple of tensors or a dataset of dicts (image, label, level)."""
+    """(images, labels, levels) from a tuple of tensors or a dataset of dicts
+    (image, label, level)."""
     if isinstance(data, (tuple, list)) and len(data) == 3:
         images, labels, levels = (torch.as_tensor(t) for t in data)
     else:
@@ -145,15 +161,18 @@ def _check(images, labels, levels):
         raise ValueError(f"images must be (N, 3, H, W), got shape {tuple(images.shape)}")
     n = images.shape[0]
     if labels.shape != (n,) or levels.shape != (n,):
-        raise ValueError(f"labels and levels must be (N,) = ({n},), got {tuple(labels.shape)} and "
-                         f"{tuple(levels.shape)}")
+        raise ValueError(
+            f"labels and levels must be (N,) = ({n},), got {tuple(labels.shape)} and "
+            f"{tuple(levels.shape)}"
+        )
 
 
 # ----------------------------------------------------------------------------------------------
 # Augmentation: symmetries of the square, mild blur, sensor noise
 # ----------------------------------------------------------------------------------------------
-BLUR_P, BLUR_SIGMA = 0.5, (0.3, 1.2)  # half the batch blurred, sigma in pixels: VAE decodes lose ~1 px detail
-NOISE_STD = 0.03                      # up to ~4 grey levels of 255
+# half the batch blurred, sigma in pixels: VAE decodes lose ~1 px detail
+BLUR_P, BLUR_SIGMA = 0.5, (0.3, 1.2)
+NOISE_STD = 0.03  # up to ~4 grey levels of 255
 
 
 def blur(x, sigma):
@@ -161,7 +180,7 @@ def blur(x, sigma):
     C = x.shape[1]
     r = max(1, math.ceil(3 * sigma))
     k = torch.exp(-0.5 * (torch.arange(-r, r + 1, dtype=x.dtype) / sigma) ** 2)
-    k = (k / k.sum()).repeat(C, 1)[:, None]                                         # (C, 1, K)
+    k = (k / k.sum()).repeat(C, 1)[:, None]  # (C, 1, K)
     x = F.conv2d(F.pad(x, (r, r, 0, 0), mode="reflect"), k[:, :, None, :], groups=C)  # along W
     return F.conv2d(F.pad(x, (0, 0, r, r), mode="reflect"), k[:, :, :, None], groups=C)  # along H
 
@@ -170,9 +189,12 @@ def augment(x, gen):
     """Random dihedral symmetry, blur on BLUR_P of the images (one sigma per batch), small gaussian
     noise; x (B, 3, H, W) -> (B, 3, H, W)."""
     B = x.shape[0]
-    flip = lambda m, y, f: torch.where(m[:, None, None, None], f(y), y)
+
+    def flip(m, y, f):
+        return torch.where(m[:, None, None, None], f(y), y)
+
     u = torch.rand(B, 3, generator=gen) < 0.5
-    x = flip(u[:, 0], x, lambda y: y.transpose(-1, -2))    # with the two flips: all 8 symmetries
+    x = flip(u[:, 0], x, lambda y: y.transpose(-1, -2))  # with the two flips: all 8 symmetries
     x = flip(u[:, 1], x, lambda y: y.flip(-1))
     x = flip(u[:, 2], x, lambda y: y.flip(-2))
     sigma = BLUR_SIGMA[0] + (BLUR_SIGMA[1] - BLUR_SIGMA[0]) * torch.rand((), generator=gen).item()
@@ -187,14 +209,25 @@ def augment(x, gen):
 # ----------------------------------------------------------------------------------------------
 # Training and evaluation
 # ----------------------------------------------------------------------------------------------
-def train_probe(data, steps=1000, batch_size=64, lr=3e-3, seed=0, progress=False, levels=(10, 18),
-                width=16, num_classes=len(CLASSES), threads=None):
+def train_probe(
+    data,
+    steps=1000,
+    batch_size=64,
+    lr=3e-3,
+    seed=0,
+    progress=False,
+    levels=(10, 18),
+    width=16,
+    num_classes=len(CLASSES),
+    threads=None,
+):
     """Train a Probe on `data`: (images (N, 3, H, W) in [-1, 1], labels (N,), levels (N,)) or a
     dataset of dicts with image, label, level (e.g. ProceduralEarth). Levels are rounded to the
-    nearest integer and clamped to `levels`. AdamW with a one-cycle schedule; loss = class CE + level CE.
-    Deterministic for a seed (given the same torch thread count). `threads` sets torch's intra-op
-    threads for the call (restored after): 1 is fastest when other processes share the cores, since
-    OpenMP threads that wait on each other stall when descheduled. Returns the probe in eval mode."""
+    nearest integer and clamped to `levels`. AdamW with a one-cycle schedule; loss = class
+    CE + level CE. Deterministic for a seed (given the same torch thread count). `threads` sets
+    torch's intra-op threads for the call (restored after): 1 is fastest when other processes share
+    the cores, since OpenMP threads that wait on each other stall when descheduled. Returns
+    the probe in eval mode."""
     old_threads = torch.get_num_threads()
     if threads is not None:
         torch.set_num_threads(threads)
@@ -211,7 +244,9 @@ def _train(data, steps, batch_size, lr, seed, progress, levels, width, num_class
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)  # weight init
     if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]")
+        raise ValueError(
+            f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
+        )
     probe = Probe(num_classes, (lo, hi), width)
     probe.train()
     opt = torch.optim.AdamW(probe.parameters(), lr=lr, weight_decay=5e-4, fused=True)
@@ -221,11 +256,13 @@ def _train(data, steps, batch_size, lr, seed, progress, levels, width, num_class
     for step in range(steps):
         if pos + batch_size > n:
             perm, pos = torch.randperm(n, generator=g), 0
-        idx = perm[pos:pos + batch_size]
+        idx = perm[pos : pos + batch_size]
         pos += batch_size
         x = augment(images[idx], g)
         cls_logits, lev_logits = probe(x)
-        loss = F.cross_entropy(cls_logits, labels[idx]) + F.cross_entropy(lev_logits, level_idx[idx])
+        loss = F.cross_entropy(cls_logits, labels[idx]) + F.cross_entropy(
+            lev_logits, level_idx[idx]
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -241,7 +278,11 @@ def evaluate_probe(probe, images, labels, levels):
     and levels (N,) (rounded to integers): dict(class_acc, level_acc, level_acc_pm1, level_corr) as
     floats. level_corr is the Pearson correlation of the levels read with the levels asked: it shows
     a level trend even where the reading is biased (0 when either does not vary, ~0 for a floor)."""
-    images, labels, levels = torch.as_tensor(images), torch.as_tensor(labels), torch.as_tensor(levels)
+    images, labels, levels = (
+        torch.as_tensor(images),
+        torch.as_tensor(labels),
+        torch.as_tensor(levels),
+    )
     _check(images, labels, levels)
     if len(images) == 0:
         raise ValueError("evaluate_probe needs at least one image")
@@ -250,31 +291,37 @@ def evaluate_probe(probe, images, labels, levels):
     err = (lev - asked.long()).abs()
     a, b = lev.double() - lev.double().mean(), asked.double() - asked.double().mean()
     denom = (a.square().sum() * b.square().sum()).sqrt()
-    return dict(class_acc=(cls == labels.long()).float().mean().item(),
-                level_acc=(err == 0).float().mean().item(),
-                level_acc_pm1=(err <= 1).float().mean().item(),
-                level_corr=(a * b).sum().div(denom).item() if denom > 0 else 0.0)
+    return dict(
+        class_acc=(cls == labels.long()).float().mean().item(),
+        level_acc=(err == 0).float().mean().item(),
+        level_acc_pm1=(err <= 1).float().mean().item(),
+        level_corr=(a * b).sum().div(denom).item() if denom > 0 else 0.0,
+    )
 
 
 def fit_probe(size, n_train, steps, through=None, n_held=540, seed=0, pace_deadline=None):
-    """The conditioning probe of a text-to-image model whose images come out of a decoder: trained on n_train
-    procedural renders (make_probe_data seed 1), half of them passed through `through` (images -> images, e.g. a
-    VAE's encode-decode) so that it judges content, not the decoder's softness; scored on n_held held-out renders
-    (seed 2), as rendered (its ceiling) and through `through`. pace_deadline (a time.time()): fewer steps if
-    `steps` would not end by then, from the pace of a 20-step trial (at least 200). Returns (probe, {row name:
-    figures}, steps trained)."""
+    """The conditioning probe of a text-to-image model whose images come out of a decoder: trained
+    on n_train procedural renders (make_probe_data seed 1), half of them passed through `through`
+    (images -> images, e.g. a VAE's encode-decode) so that it judges content, not the decoder's
+    softness; scored on n_held held-out renders (seed 2), as rendered (its ceiling) and through
+    `through`. pace_deadline (a time.time()): fewer steps if `steps` would not end by then, from the
+    pace of a 20-step trial (at least 200). Returns (probe, {row name: figures}, steps trained)."""
     images, labels, levels = make_probe_data(n=n_train, size=size, seed=1)
     held = make_probe_data(n=n_held, size=size, seed=2)
     through = through or (lambda x: x)
-    half = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[:len(images) // 2]
+    half = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))[
+        : len(images) // 2
+    ]
     images[half] = through(images[half])
     if pace_deadline is not None:
         t = time.time()
         train_probe((images, labels, levels), steps=20, batch_size=64, seed=seed)
         steps = max(200, min(steps, int((pace_deadline - time.time()) / ((time.time() - t) / 20))))
     probe = train_probe((images, labels, levels), steps=steps, batch_size=64, seed=seed)
-    results = {"real procedural images (ceiling)": evaluate_probe(probe, *held),
-               "real images through the VAE": evaluate_probe(probe, through(held[0]), *held[1:])}
+    results = {
+        "real procedural images (ceiling)": evaluate_probe(probe, *held),
+        "real images through the VAE": evaluate_probe(probe, through(held[0]), *held[1:]),
+    }
     return probe, results, steps
 
 
@@ -282,24 +329,29 @@ def fit_probe(size, n_train, steps, through=None, n_held=540, seed=0, pace_deadl
 # Files: a safetensors state dict, the architecture and what the caller records in its metadata
 # ----------------------------------------------------------------------------------------------
 def save_probe(probe, path, info=None):
-    """Write the probe atomically: its weights and BatchNorm statistics, its architecture, and `info` (a JSON-able
-    dict: its recipe and measured figures), which load_probe_info reads back."""
+    """Write the probe atomically: its weights and BatchNorm statistics, its architecture, and
+    `info` (a JSON-able dict: its recipe and measured figures), which load_probe_info reads back."""
     arch = {"num_classes": probe.num_classes, "levels": list(probe.levels), "width": probe.width}
-    write_tensors(path, probe.state_dict(), {"format": "text2earth-probe", "probe": json.dumps(arch),
-                                             "info": json.dumps(info or {})})
+    write_tensors(
+        path,
+        probe.state_dict(),
+        {"format": "text2earth-probe", "probe": json.dumps(arch), "info": json.dumps(info or {})},
+    )
 
 
 def load_probe_info(path):
     """The `info` dict save_probe wrote."""
     meta = read_metadata(path)
     if meta.get("format") != "text2earth-probe":
-        raise WeightsError(f"{path}: not a probe file (no format 'text2earth-probe' in its safetensors metadata)")
+        raise WeightsError(
+            f"{path}: not a probe file (no format 'text2earth-probe' in its safetensors metadata)"
+        )
     return json.loads(meta.get("info", "{}"))
 
 
 def load_probe(path):
     """A probe written by save_probe, in eval mode."""
-    load_probe_info(path)                                              # the format check
+    load_probe_info(path)  # the format check
     arch = json.loads(read_metadata(path)["probe"])
     probe = Probe(arch["num_classes"], tuple(arch["levels"]), arch["width"])
     load_state_strict(probe, read_tensors(path), path)

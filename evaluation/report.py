@@ -1,38 +1,55 @@
-"""One-page report of a conditioning evaluation: a row per class, a column per level, in each cell the real render a
-prompt was written from beside the image generated from that prompt, enlarged for viewing, the prompt beneath;
-then the probe's table (evaluation/probe.py) with its ceiling and floor rows.
+"""One-page report of a conditioning evaluation: a row per class, a column per level, in each cell
+the real render a prompt was written from beside the image generated from that prompt, enlarged for
+viewing, the prompt beneath; then the probe's table (evaluation/probe.py) with
+its ceiling and floor rows.
 
     overview_page("overview.png", ["title", "a line of facts"], ["L11 (64 m)", ...],
-                  [(row label, [(real, generated, prompt), ...]), ...], {"row name": {"class_acc": ..., ...}})
+                  [(row label, [(real, generated, prompt), ...]), ...],
+                  {"row name": {"class_acc": ..., ...}})
 """
+
 import textwrap
 
 from PIL import Image, ImageDraw, ImageFont
 
-FIGURES = (("class", "class_acc", "{:5.1%}"), ("level exact", "level_acc", "{:5.1%}"),
-           ("level +-1", "level_acc_pm1", "{:5.1%}"), ("level corr.", "level_corr", "{:5.2f}"))
+FIGURES = (
+    ("class", "class_acc", "{:5.1%}"),
+    ("level exact", "level_acc", "{:5.1%}"),
+    ("level +-1", "level_acc_pm1", "{:5.1%}"),
+    ("level corr.", "level_corr", "{:5.2f}"),
+)
 
 
 def load_font(size):
     try:
-        return ImageFont.load_default(size=size)                # a scalable font (Pillow >= 10.1 with FreeType)
+        return ImageFont.load_default(size=size)  # a scalable font (Pillow >= 10.1 with FreeType)
     except (TypeError, OSError, ImportError):
         return ImageFont.load_default()
 
 
 def overview_page(path, header, columns, rows, table, cell=128, footer=None):
-    """Write the page to `path`. header: lines of text at the top; columns: one label per level; rows: (label,
-    [(real PIL image, generated PIL image, prompt) per column]); table: {row name: evaluate_probe figures}. Images
-    are enlarged to `cell` pixels with nearest-neighbour sampling (every pixel the model made stays visible).
-    footer: a PIL image added beneath the table (the demo's editing examples, evaluation/showcase.py)."""
+    """Write the page to `path`. header: lines of text at the top; columns: one label per level;
+    rows: (label, [(real PIL image, generated PIL image, prompt) per column]); table: {row name:
+    evaluate_probe figures}. Images are enlarged to `cell` pixels with nearest-neighbour sampling
+    (every pixel the model made stays visible). footer: a PIL image added beneath the table (the
+    demo's editing examples, evaluation/showcase.py)."""
     font, small, tiny = load_font(15), load_font(12), load_font(10)
     label_w, gap, pad, text_h = 150, 14, 10, 52
     pair_w = 2 * cell + 4 + gap
     row_h = cell + text_h + 8
     top = pad + 22 * len(header) + 44
     table_h = 30 + 22 * (len(table) + 1)
-    width = max(label_w + pair_w * len(columns), 300 + 130 * len(FIGURES), footer.width if footer else 0) + pad
-    page = Image.new("RGB", (width, top + len(rows) * row_h + table_h + (footer.height if footer else 0)), "white")
+    width = (
+        max(
+            label_w + pair_w * len(columns), 300 + 130 * len(FIGURES), footer.width if footer else 0
+        )
+        + pad
+    )
+    page = Image.new(
+        "RGB",
+        (width, top + len(rows) * row_h + table_h + (footer.height if footer else 0)),
+        "white",
+    )
     d = ImageDraw.Draw(page)
     for k, line in enumerate(header):
         d.text((pad, pad + 22 * k), line, fill="black", font=font)
@@ -67,12 +84,15 @@ def overview_page(path, header, columns, rows, table, cell=128, footer=None):
 
 
 def results_table(results):
-    """The probe's figures {row name: evaluate_probe figures} as a text table (what demo.py prints)."""
+    """The probe's figures {row name: evaluate_probe figures} as a text table
+    (what demo.py prints)."""
     lines = [f"\n{'':36s} class   level  level+-1  level corr."]
     for name, r in results.items():
-        lines.append(f"{name:36s} " + "  ".join(f"{100 * r[k]:5.1f}%" for k in ("class_acc", "level_acc",
-                                                                                   "level_acc_pm1"))
-                     + f"  {r['level_corr']:5.2f}")
+        lines.append(
+            f"{name:36s} "
+            + "  ".join(f"{100 * r[k]:5.1f}%" for k in ("class_acc", "level_acc", "level_acc_pm1"))
+            + f"  {r['level_corr']:5.2f}"
+        )
     return "\n".join(lines)
 
 
@@ -81,13 +101,22 @@ def results_table(results):
 # ----------------------------------------------------------------------------------------------
 
 # (column, metric key, field, format): the paper's three columns first, then the rest
-PAPER_COLUMNS = (("FID (lower)", "fid", "value", "{:.2f}"), ("zero-shot Cls-OA", "cls_oa", "value", "{:.2%}"),
-                 ("CLIP score", "clip_score", "value", "{:.2f}"))
-MORE_COLUMNS = (("KID x1000", "kid", "value", "{:.2f}", 1000), ("CMMD", "cmmd", "value", "{:.3f}", 1),
-                ("precision", "precision", "value", "{:.3f}", 1), ("recall", "recall", "value", "{:.3f}", 1),
-                ("Cls-AA", "cls_oa", "aa", "{:.2%}", 1), ("level exact", "level", "value", "{:.1%}", 1),
-                ("level +-1", "level", "within_one", "{:.1%}", 1), ("level corr.", "level", "corr", "{:.2f}", 1),
-                ("probe class", "probe_class", "value", "{:.1%}", 1))
+PAPER_COLUMNS = (
+    ("FID (lower)", "fid", "value", "{:.2f}"),
+    ("zero-shot Cls-OA", "cls_oa", "value", "{:.2%}"),
+    ("CLIP score", "clip_score", "value", "{:.2f}"),
+)
+MORE_COLUMNS = (
+    ("KID x1000", "kid", "value", "{:.2f}", 1000),
+    ("CMMD", "cmmd", "value", "{:.3f}", 1),
+    ("precision", "precision", "value", "{:.3f}", 1),
+    ("recall", "recall", "value", "{:.3f}", 1),
+    ("Cls-AA", "cls_oa", "aa", "{:.2%}", 1),
+    ("level exact", "level", "value", "{:.1%}", 1),
+    ("level +-1", "level", "within_one", "{:.1%}", 1),
+    ("level corr.", "level", "corr", "{:.2f}", 1),
+    ("probe class", "probe_class", "value", "{:.1%}", 1),
+)
 
 
 def _cell(metrics, key, field, fmt, scale=1):
@@ -96,27 +125,41 @@ def _cell(metrics, key, field, fmt, scale=1):
 
 
 def evaluation_table(report):
-    """Markdown: the paper's table (FID, zero-shot Cls-OA, CLIP score) for this model, the other figures, and the
-    settings that define every number (implementation, resize, N, sampler, steps, guidance, seed)."""
+    """Markdown: the paper's table (FID, zero-shot Cls-OA, CLIP score) for this model, the other
+    figures, and the settings that define every number (implementation, resize, N, sampler,
+    steps, guidance, seed)."""
     m, g = report["metrics"], report.get("generation", {})
     name = report.get("weights") or "generated images"
-    lines = [f"# Evaluation of {name} on {report['test']} ({report['split']})", "",
-             "| method | " + " | ".join(c[0] for c in PAPER_COLUMNS) + " |", "|---" * (len(PAPER_COLUMNS) + 1) + "|",
-             f"| {name} | " + " | ".join(_cell(m, *c[1:]) for c in PAPER_COLUMNS) + " |", "",
-             "| " + " | ".join(c[0] for c in MORE_COLUMNS) + " |", "|---" * len(MORE_COLUMNS) + "|",
-             "| " + " | ".join(_cell(m, *c[1:]) for c in MORE_COLUMNS) + " |", "", "Settings:",
-             f"- test set: {report['test']}, split {report['split']}, {report['n_test']} images, "
-             f"{len(report['classes'] or [])} classes; {report['n_generated']} generated ({g.get('n', '?')} per test "
-             f"image, from its first caption)",
-             f"- generation: {g.get('size', ['?'])[0]} px, sampler {g.get('sampler')}, {g.get('steps')} steps, "
-             f"guidance {g.get('cfg')} (level {g.get('level_cfg')}), negative prompt {g.get('negative_prompt')!r}, "
-             f"seed {g.get('seed')} + n * i + k"]
+    lines = [
+        f"# Evaluation of {name} on {report['test']} ({report['split']})",
+        "",
+        "| method | " + " | ".join(c[0] for c in PAPER_COLUMNS) + " |",
+        "|---" * (len(PAPER_COLUMNS) + 1) + "|",
+        f"| {name} | " + " | ".join(_cell(m, *c[1:]) for c in PAPER_COLUMNS) + " |",
+        "",
+        "| " + " | ".join(c[0] for c in MORE_COLUMNS) + " |",
+        "|---" * len(MORE_COLUMNS) + "|",
+        "| " + " | ".join(_cell(m, *c[1:]) for c in MORE_COLUMNS) + " |",
+        "",
+        "Settings:",
+        f"- test set: {report['test']}, split {report['split']}, {report['n_test']} images, "
+        f"{len(report['classes'] or [])} classes; {report['n_generated']} generated "
+        f"({g.get('n', '?')} per test image, from its first caption)",
+        f"- generation: {g.get('size', ['?'])[0]} px, sampler {g.get('sampler')}, {g.get('steps')} "
+        f"steps, guidance {g.get('cfg')} (level {g.get('level_cfg')}), negative prompt "
+        f"{g.get('negative_prompt')!r}, seed {g.get('seed')} + n * i + k",
+    ]
     for key, r in m.items():
-        extra = "".join(f", {k} {r[k]}" for k in ("n_real", "n_fake", "subset_size", "k", "n_train", "n_test", "n")
-                        if k in r)
+        extra = "".join(
+            f", {k} {r[k]}"
+            for k in ("n_real", "n_fake", "subset_size", "k", "n_train", "n_test", "n")
+            if k in r
+        )
         lines.append(f"- {key}: {r.get('implementation', '')}{extra}")
         if key == "clip_score" and r.get("real_images") is not None:
-            lines.append(f"- clip_score of the real test images with their captions: {r['real_images']:.2f}")
+            lines.append(
+                f"- clip_score of the real test images with their captions: {r['real_images']:.2f}"
+            )
         lines += [f"- {key}: note: {n}" for n in r.get("notes", [])]
     lines += [f"- not measured: {k} ({why})" for k, why in report.get("skipped", {}).items()]
     return "\n".join(lines) + "\n"

@@ -1,19 +1,23 @@
-"""The editing capabilities on one page strip (demo.py's overview): inpainting, cloud removal and a canvas, made by
-a model of the procedural Earth from held-out scenes, each beside what it started from.
+"""The editing capabilities on one page strip (demo.py's overview): inpainting, cloud removal and a
+canvas, made by a model of the procedural Earth from held-out scenes, each
+beside what it started from.
 
-    strip = editing_strip(model, size=32, guidance={"text": 3.0, "level": 6.0}, steps=20)   # a PIL image
+    strip = editing_strip(model, size=32, guidance=conditions.scales(model.cfg, 3.0, level=6.0),
+                          steps=20)
 """
+
 import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
 from data.synthetic import CLASSES, make_scene, modalities, sample
 from data.transforms import tensor_to_pil
-from model import editing
+from model import conditions, editing
 from evaluation.report import load_font
 
-SHOW_CLASSES = ("river", "desert", "dense_residential")        # what the inpainting and cloud examples start from
-FILL_CLASS = "forest"                                    # what the inpainted hole is asked to become
+# what the inpainting and cloud examples start from
+SHOW_CLASSES = ("river", "desert", "dense_residential")
+FILL_CLASS = "forest"  # what the inpainted hole is asked to become
 
 
 def _tensor(u8):
@@ -21,44 +25,69 @@ def _tensor(u8):
 
 
 def editing_examples(model, size, guidance, steps, level=14.0, seed=20_000):
-    """{row title: [(caption, PIL image), ...]}: three inpaintings (the centre asked to be forest), three cloud
-    removals (estimated masks) with the truth, and a canvas of 8 tiles (outpainting)."""
+    """{row title: [(caption, PIL image), ...]}: three inpaintings (the centre asked to be forest),
+    three cloud removals (estimated masks) with the truth, and a canvas of 8 tiles (outpainting)."""
     kw = dict(steps=steps, guidance=guidance)
     rows = {}
-    starts = [sample(seed + i, level, size, cls=CLASSES.index(c)) for i, c in enumerate(SHOW_CLASSES)]
+    starts = [
+        sample(seed + i, level, size, cls=CLASSES.index(c)) for i, c in enumerate(SHOW_CLASSES)
+    ]
     image = torch.cat([_tensor(s["image"]) for s in starts])
     mask = torch.zeros(len(starts), 1, size, size)
-    mask[:, :, size // 4:3 * size // 4, size // 4:3 * size // 4] = 1
+    mask[:, :, size // 4 : 3 * size // 4, size // 4 : 3 * size // 4] = 1
     fill = sample(seed + 99, level, size, cls=CLASSES.index(FILL_CLASS))["caption"]
-    done = editing.inpaint(model, {"text": [fill] * len(starts), "level": [level] * len(starts)}, image, mask,
-                           seeds=list(range(len(starts))), **kw)
+    asked = conditions.request(model.cfg, len(starts), text=fill, level=level)
+    done = editing.inpaint(model, asked, image, mask, seeds=list(range(len(starts))), **kw)
     rows[f"inpainting: the centre asked to be {FILL_CLASS}"] = [
-        item for k in range(len(starts)) for item in
-        (("input", tensor_to_pil(image[k])), ("masked", tensor_to_pil(image[k] * (mask[k] < 0.5))),
-         ("inpainted", tensor_to_pil(done[k])))]
-    views = [modalities(make_scene(seed + 10 + i, CLASSES.index(c)), level, size, seed=i)
-             for i, c in enumerate(SHOW_CLASSES)]
+        item
+        for k in range(len(starts))
+        for item in (
+            ("input", tensor_to_pil(image[k])),
+            ("masked", tensor_to_pil(image[k] * (mask[k] < 0.5))),
+            ("inpainted", tensor_to_pil(done[k])),
+        )
+    ]
+    views = [
+        modalities(make_scene(seed + 10 + i, CLASSES.index(c)), level, size, seed=i)
+        for i, c in enumerate(SHOW_CLASSES)
+    ]
     cloudy = torch.cat([_tensor(v["cloud"]) for v in views])
     clouds = editing.cloud_mask(cloudy)
-    captions = [sample(seed + 10 + i, level, size, cls=CLASSES.index(c))["caption"] for i, c in
-                enumerate(SHOW_CLASSES)]
-    clear = editing.inpaint(model, {"text": captions, "level": [level] * len(views)}, cloudy, clouds,
-                            seeds=list(range(len(views))), **kw)
+    captions = [
+        sample(seed + 10 + i, level, size, cls=CLASSES.index(c))["caption"]
+        for i, c in enumerate(SHOW_CLASSES)
+    ]
+    asked = conditions.request(model.cfg, len(views), text=captions, level=level)
+    clear = editing.inpaint(model, asked, cloudy, clouds, seeds=list(range(len(views))), **kw)
     rows["cloud removal: the mask estimated, the clouds inpainted"] = [
-        item for k, v in enumerate(views) for item in
-        (("cloudy", tensor_to_pil(cloudy[k])), ("cloud-free", tensor_to_pil(clear[k])),
-         ("truth", Image.fromarray(v["rgb"])))]
+        item
+        for k, v in enumerate(views)
+        for item in (
+            ("cloudy", tensor_to_pil(cloudy[k])),
+            ("cloud-free", tensor_to_pil(clear[k])),
+            ("truth", Image.fromarray(v["rgb"])),
+        )
+    ]
     tile, overlap = size, size // 2
     width = tile + 7 * (tile - overlap)
-    canvas = editing.extend(model, [sample(seed + 50, level, size, cls=CLASSES.index("farmland"))["caption"]],
-                            (size, width), level=level, tile=tile, overlap=overlap, **kw)
+    canvas = editing.extend(
+        model,
+        [sample(seed + 50, level, size, cls=CLASSES.index("farmland"))["caption"]],
+        (size, width),
+        values={"level": level},
+        tile=tile,
+        overlap=overlap,
+        **kw,
+    )
     rows[f"canvas: 8 tiles of {tile} px outpainted one after another ({size}x{width})"] = [
-        ("", tensor_to_pil(canvas[0]))]
+        ("", tensor_to_pil(canvas[0]))
+    ]
     return rows
 
 
 def editing_strip(model, size, guidance, steps, cell=96, **kw):
-    """The examples drawn as rows of captioned images, each enlarged `cell / size` times (nearest neighbour)."""
+    """The examples drawn as rows of captioned images, each enlarged `cell / size`
+    times (nearest neighbour)."""
     rows = editing_examples(model, size, guidance, steps, **kw)
     font, small = load_font(15), load_font(11)
     scale, pad, gap = cell / size, 10, 6

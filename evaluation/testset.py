@@ -1,12 +1,17 @@
 """Test sets for evaluation: each image with its first caption, its scene class and its level.
 
-    images, classes = load_testset("data/rsicd/dataset_rsicd.json", split="test")   # Karpathy json (RSICD, UCM)
-    images, classes = load_testset("rsicd_sample/captions.json")                    # {file name: caption}
-    images, classes = load_testset("procedural:120", out="eval/real")              # procedural Earth renders
+    # Karpathy json (RSICD, UCM)
+    images, classes = load_testset("data/rsicd/dataset_rsicd.json", split="test")
+    # {file name: caption}
+    images, classes = load_testset("rsicd_sample/captions.json")
+    # procedural Earth renders
+    images, classes = load_testset("procedural:120", out="eval/real")
 
-RSICD's classes are its file names' prefix (`<class>_<n>.jpg`; numeric names have none); UCM-Captions gives a
-`class_id` per image into its `classes` list. Levels come from the json's dataset-wide `gsd_m` (or --level).
+RSICD's classes are its file names' prefix (`<class>_<n>.jpg`; numeric names have none);
+UCM-Captions gives a `class_id` per image into its `classes` list. Levels come from the json's
+dataset-wide `gsd_m` (or --level).
 """
+
 import json
 import math
 import re
@@ -26,18 +31,19 @@ from evaluation.probe import make_probe_data
 
 @dataclass
 class EvalImage:
-    key: str                    # unique name (the file name's stem), the generated images' prefix
+    key: str  # unique name (the file name's stem), the generated images' prefix
     path: Path
-    caption: str                # the first caption
-    label: str = None           # scene class name, None when the set has none
-    level: float = None         # Google map level, None when unknown
+    caption: str  # the first caption
+    label: str = None  # scene class name, None when the set has none
+    level: float = None  # Google map level, None when unknown
 
 
 _RSICD_NAME = re.compile(r"^([a-z]+(?:[a-z_]*[a-z])?)_\d+$")
 
 
 def class_from_name(filename):
-    """RSICD's class of a file name: 'denseresidential_12.jpg' -> 'denseresidential'; None for '00012.jpg'."""
+    """RSICD's class of a file name: 'denseresidential_12.jpg' -> 'denseresidential';
+    None for '00012.jpg'."""
     m = _RSICD_NAME.match(Path(filename).stem)
     return m.group(1) if m else None
 
@@ -53,8 +59,9 @@ def _read_json(path):
 
 
 def karpathy(path, split="test", image_root=None):
-    """The `split` images of a Karpathy-format json ({"images": [{"filename", "split", "sentences", "class_id"?}],
-    "classes"?, "gsd_m"?}); images in image_root (default: `images` beside the json)."""
+    """The `split` images of a Karpathy-format json ({"images": [{"filename", "split", "sentences",
+    "class_id"?}], "classes"?, "gsd_m"?}); images in image_root (default:
+    `images` beside the json)."""
     meta = _read_json(path)
     root = Path(image_root) if image_root else Path(path).parent / "images"
     names = meta.get("classes")
@@ -68,25 +75,38 @@ def karpathy(path, split="test", image_root=None):
         first = im["sentences"][0]
         caption = first.get("raw") if isinstance(first, dict) else None
         if not isinstance(caption, str) or not caption.strip():
-            raise ValueError(f"{path}: images[{n}] ({im['filename']}): its first sentence has no 'raw' caption")
+            raise ValueError(
+                f"{path}: images[{n}] ({im['filename']}): its first sentence has no 'raw' caption"
+            )
         if names is not None and "class_id" in im:
             if not isinstance(im["class_id"], int) or not 0 <= im["class_id"] < len(names):
-                raise ValueError(f"{path}: images[{n}] ({im['filename']}): class_id {im['class_id']!r} is not an "
-                                 f"index into its {len(names)} classes")
+                raise ValueError(
+                    f"{path}: images[{n}] ({im['filename']}): class_id {im['class_id']!r} is not "
+                    f"an index into its {len(names)} classes"
+                )
             label = names[im["class_id"]]
         else:
             label = class_from_name(im["filename"])
-        out.append(EvalImage(Path(im["filename"]).stem, root / im.get("filepath", "") / im["filename"],
-                             caption.strip(), label, level))
+        out.append(
+            EvalImage(
+                Path(im["filename"]).stem,
+                root / im.get("filepath", "") / im["filename"],
+                caption.strip(),
+                label,
+                level,
+            )
+        )
     if not out:
         found = sorted({str(im.get("split")) for im in meta.get("images", [])})
-        raise ValueError(f"{path}: no images in split {split!r} (splits present: {', '.join(found) or 'none'})")
+        raise ValueError(
+            f"{path}: no images in split {split!r} (splits present: {', '.join(found) or 'none'})"
+        )
     return out
 
 
 def caption_map(path, image_root=None):
-    """A json {file name: caption} (RSICD's naming gives the classes), images in image_root (default: an `images`
-    folder beside the json, else the json's folder)."""
+    """A json {file name: caption} (RSICD's naming gives the classes), images in image_root
+    (default: an `images` folder beside the json, else the json's folder)."""
     meta = _read_json(path)
     root = Path(image_root) if image_root else Path(path).parent
     if not image_root and (root / "images").is_dir():
@@ -94,12 +114,16 @@ def caption_map(path, image_root=None):
     empty = [f for f, c in meta.items() if not str(c).strip()]
     if empty:
         raise ValueError(f"{path}: {len(empty)} images have an empty caption, e.g. {empty[0]}")
-    return [EvalImage(Path(f).stem, root / f, str(c).strip(), class_from_name(f)) for f, c in sorted(meta.items())]
+    return [
+        EvalImage(Path(f).stem, root / f, str(c).strip(), class_from_name(f))
+        for f, c in sorted(meta.items())
+    ]
 
 
 def procedural(n, out, size=32, seed=0, levels=(10, 18)):
-    """n procedural Earth renders written once to out/{key}.png: class i % 12, integer level lo + 4 b % 9 for block
-    b = i // 12 (every 108 images hold each pair once), scenes seeded from (seed, i, 23), disjoint from training's."""
+    """n procedural Earth renders written once to out/{key}.png: class i % 12, integer level lo + 4
+    b % 9 for block b = i // 12 (every 108 images hold each pair once), scenes seeded from
+    (seed, i, 23), disjoint from training's."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     lo, hi = levels
@@ -108,37 +132,52 @@ def procedural(n, out, size=32, seed=0, levels=(10, 18)):
     images = []
     for i in range(n):
         level = float(lo + (i // len(PROCEDURAL_CLASSES)) * stride % span)
-        s = sample(int(np.random.default_rng([int(seed), i, 23]).integers(1 << 62)), level, size,
-                   cls=i % len(PROCEDURAL_CLASSES))
+        s = sample(
+            int(np.random.default_rng([int(seed), i, 23]).integers(1 << 62)),
+            level,
+            size,
+            cls=i % len(PROCEDURAL_CLASSES),
+        )
         path = out / f"scene{i:05d}.png"
         if not path.exists():
             tmp = path.with_suffix(".tmp.png")
             Image.fromarray(s["image"]).save(tmp)
             tmp.replace(path)
-        images.append(EvalImage(path.stem, path, s["caption"], PROCEDURAL_CLASSES[s["label"]], level))
+        images.append(
+            EvalImage(path.stem, path, s["caption"], PROCEDURAL_CLASSES[s["label"]], level)
+        )
     return images
 
 
 def load_testset(spec, split="test", image_root=None, out=None, size=32, seed=0):
-    """(test images, sorted class names or None) for a test-set spec: "procedural:N", a Karpathy json, or a
-    {file name: caption} json. Every image file must exist, keys must be unique."""
+    """(test images, sorted class names or None) for a test-set spec: "procedural:N", a Karpathy
+    json, or a {file name: caption} json. Every image file must exist, keys must be unique."""
     if str(spec).startswith("procedural:"):
         try:
             n = int(str(spec).split(":", 1)[1])
         except ValueError:
-            raise ValueError(f"test set {spec!r}: expected procedural:N with N a whole number") from None
+            raise ValueError(
+                f"test set {spec!r}: expected procedural:N with N a whole number"
+            ) from None
         if n < 2:
             raise ValueError(f"test set {spec!r}: needs at least 2 images")
         images = procedural(n, out, size=size, seed=seed)
     else:
         meta = _read_json(spec)
         is_karpathy = isinstance(meta, dict) and isinstance(meta.get("images"), list)
-        if not is_karpathy and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
-            raise ValueError(f"test set {spec}: neither a Karpathy json (an 'images' list) nor {{file name: caption}}")
+        if not is_karpathy and not (
+            isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())
+        ):
+            raise ValueError(
+                f"test set {spec}: neither a Karpathy json (an 'images' list) nor {{file name: "
+                f"caption}}"
+            )
         images = karpathy(spec, split, image_root) if is_karpathy else caption_map(spec, image_root)
     missing = [im.path for im in images if not im.path.is_file()]
     if missing:
-        raise ValueError(f"test set {spec}: {len(missing)} image files are missing, e.g. {missing[0]}")
+        raise ValueError(
+            f"test set {spec}: {len(missing)} image files are missing, e.g. {missing[0]}"
+        )
     keys = [im.key for im in images]
     if len(set(keys)) != len(keys):
         dup = next(k for k in keys if keys.count(k) > 1)
@@ -148,26 +187,36 @@ def load_testset(spec, split="test", image_root=None, out=None, size=32, seed=0)
 
 
 def check_classes(found, given):
-    """The class list to use: `given` (a list of names) must hold exactly the classes found in the test set;
-    otherwise a ValueError names the ones on either side only."""
+    """The class list to use: `given` (a list of names) must hold exactly the classes found in the
+    test set; otherwise a ValueError names the ones on either side only."""
     if given is None:
         return found
     extra, absent = sorted(set(found or []) - set(given)), sorted(set(given) - set(found or []))
     if extra or absent:
-        raise ValueError("--classes does not match the test set's classes: "
-                         + "; ".join(s for s in (f"in the test set only: {', '.join(extra)}" if extra else "",
-                                                  f"in --classes only: {', '.join(absent)}" if absent else "") if s))
+        raise ValueError(
+            "--classes does not match the test set's classes: "
+            + "; ".join(
+                s
+                for s in (
+                    f"in the test set only: {', '.join(extra)}" if extra else "",
+                    f"in --classes only: {', '.join(absent)}" if absent else "",
+                )
+                if s
+            )
+        )
     return list(given)
 
 
 def level_images(spec, size, limit):
-    """Images of known levels to train a level net on: (images (N, 3, size, size) in [-1, 1], levels (N,)), at most
-    `limit`, from "procedural:N" (renders at integer levels 10..18), a Git-10M folder or a caption manifest."""
+    """Images of known levels to train a level net on: (images (N, 3, size, size) in [-1, 1], levels
+    (N,)), at most `limit`, from "procedural:N" (renders at integer levels 10..18), a Git-10M folder
+    or a caption manifest."""
     if spec.startswith("procedural:"):
         n = int(spec.split(":", 1)[1]) if spec.split(":", 1)[1].isdigit() else 0
         if n < 2:
             raise ValueError(f"--fit-level-net {spec!r}: expected procedural:N, N >= 2")
-        images, _, levels = make_probe_data(min(n, limit), size=size, seed=7)   # scenes apart from the test set's
+        # scenes apart from the test set's
+        images, _, levels = make_probe_data(min(n, limit), size=size, seed=7)
         return images, levels
     path, transform = Path(spec), eval_transform(size)
     if path.is_dir():
@@ -176,7 +225,11 @@ def level_images(spec, size, limit):
         data = CaptionFolder(path, transform=transform)
     else:
         raise ValueError(f"--fit-level-net {spec}: no such folder or manifest")
-    items = [x for x in (data[i] for i in range(min(len(data), limit))) if x is not None and x["level"] > 0]
+    items = [
+        x
+        for x in (data[i] for i in range(min(len(data), limit)))
+        if x is not None and x["level"] > 0
+    ]
     if len(items) < 2:
         raise ValueError(f"--fit-level-net {spec}: fewer than 2 images with a known level (> 0)")
     return torch.stack([x["image"] for x in items]), torch.tensor([x["level"] for x in items])
@@ -186,14 +239,17 @@ def level_images(spec, size, limit):
 # Image files as tensors
 # ----------------------------------------------------------------------------------------------
 
+
 def read_image(path, size=None):
-    """An image file -> (3, H, W) float32 in [-1, 1] (RGB), resized to size x size (bilinear, antialiased) if given."""
+    """An image file -> (3, H, W) float32 in [-1, 1] (RGB), resized to size x size (bilinear,
+    antialiased) if given."""
     with Image.open(path) as im:
         u8 = np.asarray(im.convert("RGB"))
     x = torch.from_numpy(u8.copy()).permute(2, 0, 1).float() / 127.5 - 1
     if size is not None and tuple(x.shape[1:]) != (size, size):
-        x = torch.nn.functional.interpolate(x[None], (size, size), mode="bilinear", antialias=True,
-                                            align_corners=False)[0].clamp(-1, 1)
+        x = torch.nn.functional.interpolate(
+            x[None], (size, size), mode="bilinear", antialias=True, align_corners=False
+        )[0].clamp(-1, 1)
     return x
 
 
@@ -210,6 +266,7 @@ class ImageFiles(torch.utils.data.Dataset):
         return read_image(self.paths[i], self.size)
 
     def batches(self, batch_size):
-        """Lists of (3, H, W) tensors, batch_size at a time (sizes may differ between files when size is None)."""
+        """Lists of (3, H, W) tensors, batch_size at a time (sizes may differ between
+        files when size is None)."""
         for i in range(0, len(self), batch_size):
             yield [self[j] for j in range(i, min(i + batch_size, len(self)))]

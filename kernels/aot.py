@@ -1,19 +1,24 @@
 """
-Ahead-of-time compilation of the attention kernels (kernels/flash_attention.py) for GPUs this machine lacks.
+Ahead-of-time compilation of the attention kernels
+(kernels/flash_attention.py) for GPUs this machine lacks.
 
-    rec = compile_for("_attn_fwd", config, "bf16", 128, SM90)   # -> Record: shared memory, warps, seconds, error
-    jobs = kernel_configs(128)                                   # (kernel, config) pairs the autotuner may pick
+    # returns a Record: shared memory, warps, seconds, error
+    rec = compile_for("_attn_fwd", config, "bf16", 128, SM90)
+    # the (kernel, config) pairs the autotuner may pick
+    jobs = kernel_configs(128)
 
-triton.compile lowers a kernel to a cubin for a target given by hand (ptxas ships in the triton wheel), no GPU
-or driver needed. That catches what only shows on the GPU: compiler errors in one config, or a config whose
-shared memory exceeds the device's limit per block (Triton refuses to launch it, OutOfResources).
+triton.compile lowers a kernel to a cubin for a target given by hand (ptxas ships in the triton
+wheel), no GPU or driver needed. That catches what only shows on the GPU: compiler errors in one
+config, or a config whose shared memory exceeds the device's limit per block (Triton refuses to
+launch it, OutOfResources).
 
-The compiled launch is the common one: contiguous inputs (unit last stride, pointers and other strides
-16-aligned, as Triton specialises them at launch), sequence lengths that are not block multiples
-(EVEN_M = EVEN_N = False, the masked path).
+The compiled launch is the common one: contiguous inputs (unit last stride, pointers and other
+strides 16-aligned, as Triton specialises them at launch), sequence lengths that are not block
+multiples (EVEN_M = EVEN_N = False, the masked path).
 
-Needs triton.language imported without TRITON_INTERPRET=1 (its helpers tl.sum, tl.max must be JIT functions);
-under the interpreter, run this in a fresh process without the variable (see tests/test_kernel_aot.py).
+Needs triton.language imported without TRITON_INTERPRET=1 (its helpers tl.sum, tl.max must be JIT
+functions); under the interpreter, run this in a fresh process without the variable
+(see tests/test_kernel_aot.py).
 """
 
 import inspect
@@ -43,8 +48,9 @@ SM90 = Target("sm_90 (H100/H200)", 90, 227 * 1024)
 SM80 = Target("sm_80 (A100)", 80, 163 * 1024)
 CHECKS = [("bf16", SM90), ("fp16", SM80)]  # (dtype, target) pairs the kernels are compiled for
 
-# Each kernel's launch configs, from the lists its triton.autotune decorator holds on the GPU (the
-# interpreter's single small config is not the one GPUs run); the preprocess kernel has one fixed block.
+# Each kernel's launch configs, from the lists its triton.autotune decorator holds on the
+# GPU (the interpreter's single small config is not the one GPUs run); the preprocess kernel
+# has one fixed block.
 _CONFIGS = {
     "_attn_fwd": lambda: fa._fwd_configs(interpret=False),
     "_attn_bwd_preprocess": lambda: [triton.Config({"BLOCK_M": fa._PRE_BLOCK_M})],
@@ -83,15 +89,18 @@ def describe(config):
 
 
 def _head_dim_pad(head_dim):
-    return max(16, triton.next_power_of_2(head_dim))  # as _kernel_constants in kernels/flash_attention.py
+    # as _kernel_constants in kernels/flash_attention.py
+    return max(16, triton.next_power_of_2(head_dim))
 
 
 def kernel_configs(head_dim, largest_only=False):
-    """(kernel name, triton.Config) for every kernel and every config its autotuner may pick at this head dim.
+    """(kernel name, triton.Config) for every kernel and every config its autotuner may
+    pick at this head dim.
 
-    The kernels' own pruning (_prune_configs) is applied with long sequences, so only its head-dim rule drops
-    configs. largest_only: per kernel, the configs with the largest BLOCK_M * BLOCK_N, then the most stages;
-    all that tie, since 128x64 and 64x128 tiles stage differently sized blocks in shared memory.
+    The kernels' own pruning (_prune_configs) is applied with long sequences, so only its head-dim
+    rule drops configs. largest_only: per kernel, the configs with the largest BLOCK_M * BLOCK_N,
+    then the most stages; all that tie, since 128x64 and 64x128 tiles stage differently sized
+    blocks in shared memory.
     """
     long_seq = {"N_CTX_Q": 1 << 16, "N_CTX_K": 1 << 16}
     jobs = []
@@ -107,21 +116,30 @@ def kernel_configs(head_dim, largest_only=False):
 
 
 def _source(kernel, config, dtype, head_dim):
-    """The ASTSource of one specialisation: per-argument types, constexpr values and divisibility hints."""
-    # Unwrap autotune / heuristics (.fn) down to the Python function and jit it afresh: under TRITON_INTERPRET
-    # the module's kernels are InterpretedFunctions, which triton.compile cannot take.
+    """The ASTSource of one specialisation: per-argument types,
+    constexpr values and divisibility hints."""
+    # Unwrap autotune / heuristics (.fn) down to the Python function and jit it afresh:
+    # under TRITON_INTERPRET the module's kernels are InterpretedFunctions, which
+    # triton.compile cannot take.
     fn = getattr(fa, kernel)
     while not inspect.isfunction(fn):
         fn = fn.fn
     fn = JITFunction(fn)
-    values = dict(config.kwargs, HEAD_DIM=head_dim, HEAD_DIM_PAD=_head_dim_pad(head_dim),
-                  DOT_PRECISION=None, EVEN_M=False, EVEN_N=False)  # None: the default (tensor-core) dot
+    values = dict(
+        config.kwargs,
+        HEAD_DIM=head_dim,
+        HEAD_DIM_PAD=_head_dim_pad(head_dim),
+        DOT_PRECISION=None,  # None: the default (tensor-core) dot
+        EVEN_M=False,
+        EVEN_N=False,
+    )
     signature, constexprs, attrs = {}, {}, {}
     aligned = [["tt.divisibility", 16]]
     for i, p in enumerate(fn.params):
         if p.is_constexpr:
             signature[p.name], constexprs[p.name] = "constexpr", values[p.name]
-        elif p.name.startswith("stride_") and p.name.endswith("d"):  # stride over D: 1, a constant at launch
+        elif p.name.startswith("stride_") and p.name.endswith("d"):
+            # stride over D: 1, a constant at launch
             signature[p.name], constexprs[p.name] = "constexpr", 1
         elif p.name.startswith("stride_"):
             signature[p.name], attrs[(i,)] = "i32", aligned
@@ -136,22 +154,29 @@ def _source(kernel, config, dtype, head_dim):
 
 
 def compile_for(kernel, config, dtype, head_dim, target):
-    """Compile one kernel in one config for dtype ("bf16", "fp16", "fp32") and head_dim on target -> Record.
+    """Compile one kernel in one config for dtype ("bf16", "fp16", "fp32") and head_dim on target
+    -> Record.
 
     A failure is recorded in Record.error, not raised.
     """
     rec = Record(kernel, describe(config), target.name, dtype, head_dim, target.shared_limit)
     if not isinstance(tl.sum, JITFunction):
-        rec.error = "triton.language was imported with TRITON_INTERPRET=1; compile in a process without it"
+        rec.error = (
+            "triton.language was imported with TRITON_INTERPRET=1; compile in a process without it"
+        )
         return rec
     t0 = time.perf_counter()
     try:
-        compiled = triton.compile(_source(kernel, config, dtype, head_dim),
-                                  target=GPUTarget("cuda", target.arch, 32),
-                                  options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+        compiled = triton.compile(
+            _source(kernel, config, dtype, head_dim),
+            target=GPUTarget("cuda", target.arch, 32),
+            options=dict(num_warps=config.num_warps, num_stages=config.num_stages),
+        )
         rec.shared, rec.num_warps = compiled.metadata.shared, compiled.metadata.num_warps
     except Exception as e:  # a compiler or ptxas error of this one config
-        rec.error = f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        rec.error = (
+            f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e).strip() else ''}"
+        )
     rec.seconds = time.perf_counter() - t0
     return rec
 

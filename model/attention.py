@@ -2,11 +2,15 @@
 
 Every attention call in the U-Net goes through `attention()`. Which implementation runs is chosen in
 exactly one place, `set_backend()`:
-  "sdpa"   torch.nn.functional.scaled_dot_product_attention (default; flash / efficient / cuDNN / math on its own)
-  "triton" our fused FlashAttention-2 kernel (kernels/flash_attention.py) for CUDA tensors (and any tensor under
-           TRITON_INTERPRET=1, Triton's CPU interpreter, which is how CI tests it); otherwise SDPA
-  "math"   the plain softmax(q k^T / sqrt(D)) v in fp32 math (kernels/reference.py), for reading and testing
+  "sdpa"   torch.nn.functional.scaled_dot_product_attention (default; flash / efficient /
+           cuDNN / math on its own)
+  "triton" our fused FlashAttention-2 kernel (kernels/flash_attention.py) for CUDA tensors
+           (and any tensor under TRITON_INTERPRET=1, Triton's CPU interpreter, which is how CI
+           tests it); otherwise SDPA
+  "math"   the plain softmax(q k^T / sqrt(D)) v in fp32 math (kernels/reference.py),
+           for reading and testing
 """
+
 import os
 
 import torch.nn as nn
@@ -32,9 +36,12 @@ def get_backend():
 
 
 def attention(q, k, v):
-    """Scaled dot-product attention, no mask: q (B, heads, Lq, D), k/v (B, heads, Lk, D) -> (B, heads, Lq, D)."""
+    """Scaled dot-product attention, no mask:
+    q (B, heads, Lq, D), k/v (B, heads, Lk, D) -> (B, heads, Lq, D)."""
     if _backend == "triton" and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
-        from kernels.flash_attention import flash_attention  # imported lazily: triton is only needed on the GPU
+        # imported lazily: triton is only needed on the GPU
+        from kernels.flash_attention import flash_attention
+
         return flash_attention(q, k, v)
     if _backend == "math":
         return attention_reference(q, k, v)
@@ -42,7 +49,8 @@ def attention(q, k, v):
 
 
 class Attention(nn.Module):
-    """Multi-head attention; self-attention when `context_dim` is None, else cross-attention to the context."""
+    """Multi-head attention; self-attention when `context_dim` is None,
+    else cross-attention to the context."""
 
     def __init__(self, dim, heads, context_dim=None):
         super().__init__()
@@ -54,11 +62,11 @@ class Attention(nn.Module):
         self.to_out = nn.Linear(dim, dim)
 
     def forward(self, x, context=None):
-        context = x if context is None else context                    # x: B, L, C; context: B, Lc, Cc
+        context = x if context is None else context  # x: B, L, C; context: B, Lc, Cc
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)
         q, k, v = (rearrange(t, "b l (h d) -> b h l d", h=self.heads) for t in (q, k, v))
-        out = attention(q, k, v)                                        # B, heads, L, D
-        return self.to_out(rearrange(out, "b h l d -> b l (h d)"))      # B, L, C
+        out = attention(q, k, v)  # B, heads, L, D
+        return self.to_out(rearrange(out, "b h l d -> b l (h d)"))  # B, L, C
 
 
 class FeedForward(nn.Module):
@@ -66,7 +74,7 @@ class FeedForward(nn.Module):
 
     def __init__(self, dim, mult=4):
         super().__init__()
-        self.proj_in = nn.Linear(dim, 2 * mult * dim)   # value and gate in one matmul, value first
+        self.proj_in = nn.Linear(dim, 2 * mult * dim)  # value and gate in one matmul, value first
         self.proj_out = nn.Linear(mult * dim, dim)
 
     def forward(self, x):
@@ -93,7 +101,8 @@ class TransformerBlock(nn.Module):
 
 
 class SpatialTransformer(nn.Module):
-    """Feature map -> tokens -> transformer block -> feature map, with a residual around it (SD2: linear projections)."""
+    """Feature map -> tokens -> transformer block -> feature map, with a residual around it
+    (SD2: linear projections)."""
 
     def __init__(self, channels, heads, context_dim, norm_groups=32):
         super().__init__()
@@ -104,6 +113,6 @@ class SpatialTransformer(nn.Module):
 
     def forward(self, x, context):
         B, C, H, W = x.shape
-        h = rearrange(self.norm(x), "b c h w -> b (h w) c")           # B, L=HW, C
-        h = self.proj_out(self.block(self.proj_in(h), context))       # B, L, C
+        h = rearrange(self.norm(x), "b c h w -> b (h w) c")  # B, L=HW, C
+        h = self.proj_out(self.block(self.proj_in(h), context))  # B, L, C
         return x + rearrange(h, "b (h w) c -> b c h w", h=H, w=W)

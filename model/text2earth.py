@@ -1,6 +1,8 @@
-"""The whole model: U-Net, KL-VAE and text encoder built from one `ModelConfig`, plus the small glue
-between them (conditions -> what the U-Net reads, prompts -> context, images <-> scaled latents).
-Diffusion and sampling live elsewhere (model/diffusion.py, model/pipeline.py); this class holds weights only."""
+"""The whole model: U-Net, KL-VAE and text encoder built from one `ModelConfig`, plus the small
+glue between them (conditions -> what the U-Net reads, prompts -> context, images <-> scaled
+latents). Diffusion and sampling live elsewhere (model/diffusion.py, model/pipeline.py); this
+class holds weights only."""
+
 import torch
 import torch.nn as nn
 
@@ -15,8 +17,10 @@ class Text2Earth(nn.Module):
         super().__init__()
         missing = [name for name in cfg.condition_names() if name not in cfg.conditions]
         if missing:
-            raise ValueError(f"model config: the U-Net reads the conditions {missing}, which model.conditions lacks "
-                             f"(it has {sorted(cfg.conditions)}): give each its field, null and p_drop")
+            raise ValueError(
+                f"model config: the U-Net reads the conditions {missing}, which model.conditions "
+                f"lacks (it has {sorted(cfg.conditions)}): give each its field, null and p_drop"
+            )
         self.cfg = cfg
         self.unet = UNet(cfg.unet)
         self.vae = AutoencoderKL(cfg.vae)
@@ -24,23 +28,26 @@ class Text2Earth(nn.Module):
         self.tokenizer = Tokenizer(cfg.text.context_length)
 
     def encode_text(self, prompts):
-        """list[str] -> (B, 77, width) context; "" gives the null condition used by classifier-free guidance."""
+        """list[str] -> (B, 77, width) context; "" gives the null condition used by
+        classifier-free guidance."""
         return encode_prompts(self.text_encoder, self.tokenizer, prompts)
 
     def encode_conditions(self, cond, device=None):
-        """Raw conditions (model/conditions.py: {"text": [B str], "level": (B,)}) -> what the U-Net reads: the
-        text through the text encoder (with grad if it trains), every scalar as a float tensor on `device`. A text
-        given as a tensor is an encoded context already (B, 77, width) and is used as it is, so sampling can encode
-        its prompts once and then free the text encoder (sample.py)."""
+        """Raw conditions (model/conditions.py: {"text": [B str], "level": (B,)}) -> what the
+        U-Net reads: the text through the text encoder (with grad if it trains), every scalar as a
+        float tensor on `device`. A text given as a tensor is an encoded context already
+        (B, 77, width) and is used as it is, so sampling can encode its prompts once and then free
+        the text encoder (sample.py)."""
         device = device or next(self.text_encoder.parameters()).device
         out = {}
         for name in self.cfg.condition_names():
             if name == "text" and torch.is_tensor(cond[name]):
-                out[name] = cond[name].to(device)                                                # B, 77, width
+                out[name] = cond[name].to(device)  # B, 77, width
             elif name == "text":
-                out[name] = self.text_encoder(self.tokenizer(list(cond[name])).to(device))      # B, 77, width
+                # B, 77, width
+                out[name] = self.text_encoder(self.tokenizer(list(cond[name])).to(device))
             else:
-                out[name] = torch.as_tensor(cond[name], dtype=torch.float32).to(device)          # B
+                out[name] = torch.as_tensor(cond[name], dtype=torch.float32).to(device)  # B
         return out
 
     @torch.no_grad()
@@ -55,7 +62,9 @@ class Text2Earth(nn.Module):
 
     def parameter_counts(self):
         """Parameters per component and in total (works on the meta device)."""
-        counts = {name: sum(p.numel() for p in getattr(self, name).parameters())
-                  for name in ("unet", "vae", "text_encoder")}
+        counts = {
+            name: sum(p.numel() for p in getattr(self, name).parameters())
+            for name in ("unet", "vae", "text_encoder")
+        }
         counts["total"] = sum(counts.values())
         return counts

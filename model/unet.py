@@ -1,17 +1,21 @@
-"""The denoising U-Net: SD2-base layout (Rombach et al. 2022) plus Text2Earth's resolution embedding.
+"""The denoising U-Net: SD2-base layout (Rombach et al. 2022) plus Text2Earth's
+resolution embedding.
 
     unet(x_t, t, cond) -> prediction (eps, v or x0, as the diffusion config says)
     cond = {"text": (B, L, D) context, "level": (B,), ...}     (model/conditions.py)
 
-The Google map level L (resolution_m = 2 ** (17 - L); 0 = "no resolution") is embedded exactly like the
-timestep and *added* to the time embedding, so every res-block is told the ground resolution. Every name in
-`scalar_conditions` is embedded that way, each with its own MLP: a new scalar condition needs no new code here.
+The Google map level L (resolution_m = 2 ** (17 - L); 0 = "no resolution") is embedded exactly like
+the timestep and *added* to the time embedding, so every res-block is told the ground resolution.
+Every name in `scalar_conditions` is embedded that way, each with its own MLP: a new scalar
+condition needs no new code here.
 
 Open for extension without rewrites:
-- `in_channels` = 9 gives the inpainting model ([x_t, mask, masked-image latent] concatenated on channels);
+- `in_channels` = 9 gives the inpainting model
+  ([x_t, mask, masked-image latent] concatenated on channels);
 - `down_residuals` / `mid_residual` are added to the skip features (what a ControlNet produces);
 - every linear / conv is a plain nn.Linear / nn.Conv2d that an adapter (LoRA) can wrap.
 """
+
 import math
 
 import torch
@@ -24,11 +28,14 @@ from model.config import UNetConfig
 
 
 def sinusoidal_embedding(t, dim, max_period=10000.0):
-    """t: (B,) float -> (B, dim) as [cos(t w_i), sin(t w_i)], w_i = max_period ** (-i / (dim / 2)) (DDPM's, cos first)."""
+    """t: (B,) float -> (B, dim) as [cos(t w_i), sin(t w_i)], w_i = max_period ** (-i / (dim / 2))
+    (DDPM's, cos first)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    angles = t.float()[:, None] * freqs[None]                                       # B, dim/2
-    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)                # B, dim
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+    )
+    angles = t.float()[:, None] * freqs[None]  # B, dim/2
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # B, dim
 
 
 class EmbeddingMLP(nn.Module):
@@ -47,8 +54,8 @@ class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, the time embedding added in between (DDPM / SD residual block).
 
     scale_shift: the embedding sets a per-channel scale and shift of the normalised features instead
-    (ADM's AdaGN, Dhariwal & Nichol 2021): h = norm2(h) * (1 + scale) + shift. SD's additive bias comes
-    before norm2, which removes its mean over each channel group."""
+    (ADM's AdaGN, Dhariwal & Nichol 2021): h = norm2(h) * (1 + scale) + shift. SD's additive bias
+    comes before norm2, which removes its mean over each channel group."""
 
     def __init__(self, in_ch, out_ch, emb_dim, groups, eps, scale_shift=False):
         super().__init__()
@@ -61,8 +68,8 @@ class ResBlock(nn.Module):
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
 
     def forward(self, x, emb):
-        h = self.conv1(F.silu(self.norm1(x)))                             # B, out, H, W
-        e = self.emb_proj(F.silu(emb))[:, :, None, None]                  # B, out (or 2 out), 1, 1
+        h = self.conv1(F.silu(self.norm1(x)))  # B, out, H, W
+        e = self.emb_proj(F.silu(emb))[:, :, None, None]  # B, out (or 2 out), 1, 1
         if self.scale_shift:
             scale, shift = e.chunk(2, dim=1)
             h = self.norm2(h) * (1 + scale) + shift
@@ -91,14 +98,20 @@ class Upsample(nn.Module):
 
 
 class Level(nn.Module):
-    """One resolution level: res-blocks, each optionally followed by a spatial transformer, then a resampler."""
+    """One resolution level: res-blocks, each optionally followed by a spatial transformer,
+    then a resampler."""
 
     def __init__(self, in_chs, out_ch, emb_dim, heads, cfg, attention, resample):
         super().__init__()
         g, eps = cfg.norm_groups, cfg.norm_eps
-        self.res = nn.ModuleList([ResBlock(c, out_ch, emb_dim, g, eps, cfg.scale_shift_norm) for c in in_chs])
-        self.attn = nn.ModuleList([SpatialTransformer(out_ch, heads, cfg.context_dim, g) for _ in in_chs]
-                                  if attention else [])
+        self.res = nn.ModuleList(
+            [ResBlock(c, out_ch, emb_dim, g, eps, cfg.scale_shift_norm) for c in in_chs]
+        )
+        self.attn = nn.ModuleList(
+            [SpatialTransformer(out_ch, heads, cfg.context_dim, g) for _ in in_chs]
+            if attention
+            else []
+        )
         self.resample = resample
 
 
@@ -111,64 +124,92 @@ class MidBlock(nn.Module):
 
 
 class Encoder(nn.Module):
-    """The first half of the U-Net: embeddings, input conv, down path and middle block. UNet completes it with the
-    up path; a ControlNet (model/controlnet.py) is a trainable copy of it, so both have the same parameter names."""
+    """The first half of the U-Net: embeddings, input conv, down path and middle block. UNet
+    completes it with the up path; a ControlNet (model/controlnet.py) is a trainable copy of it, so
+    both have the same parameter names."""
 
     def _build_encoder(self, cfg: UNetConfig):
-        """Build the shared modules; returns (time-embedding width, channels of every skip feature kept)."""
+        """Build the shared modules; returns (time-embedding width,
+        channels of every skip feature kept)."""
         n = len(cfg.channels)
         if not (len(cfg.attention) == len(cfg.heads) == n):
-            raise ValueError(f"UNetConfig: channels {cfg.channels}, attention {cfg.attention} and heads {cfg.heads} "
-                             "must have one entry per level")
+            raise ValueError(
+                f"UNetConfig: channels {cfg.channels}, attention {cfg.attention} and heads "
+                f"{cfg.heads} must have one entry per level"
+            )
         self.cfg = cfg
         ch0 = cfg.channels[0]
         emb_dim = cfg.time_dim or 4 * ch0
         self.time_embed = EmbeddingMLP(ch0, emb_dim)
-        self.cond_embed = nn.ModuleDict({name: EmbeddingMLP(ch0, emb_dim) for name in cfg.scalar_conditions})
+        self.cond_embed = nn.ModuleDict(
+            {name: EmbeddingMLP(ch0, emb_dim) for name in cfg.scalar_conditions}
+        )
         self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
         skips, ch = [ch0], ch0
         self.down = nn.ModuleList()
         for i, out in enumerate(cfg.channels):
             last = i == n - 1
             in_chs = [ch] + [out] * (cfg.layers_per_level - 1)
-            self.down.append(Level(in_chs, out, emb_dim, cfg.heads[i], cfg, cfg.attention[i],
-                                   None if last else Downsample(out)))
+            self.down.append(
+                Level(
+                    in_chs,
+                    out,
+                    emb_dim,
+                    cfg.heads[i],
+                    cfg,
+                    cfg.attention[i],
+                    None if last else Downsample(out),
+                )
+            )
             skips += [out] * (cfg.layers_per_level + (0 if last else 1))
             ch = out
         self.mid = MidBlock(ch, emb_dim, cfg.heads[-1], cfg)
         return emb_dim, skips
 
     def _call(self, module, *args):
-        """Run a block, recomputing its activations in the backward pass when gradient checkpointing is on."""
+        """Run a block, recomputing its activations in the backward pass when gradient
+        checkpointing is on."""
         if self.cfg.gradient_checkpointing and self.training and torch.is_grad_enabled():
             return checkpoint(module, *args, use_reentrant=False)
         return module(*args)
 
     def embed(self, t, cond):
-        """Time embedding plus the embedding of every scalar condition: t (B,), cond[name] (B,) -> (B, time_dim)."""
+        """Time embedding plus the embedding of every scalar condition:
+        t (B,), cond[name] (B,) -> (B, time_dim)."""
         ch0 = self.cfg.channels[0]
         dtype = self.time_embed.fc1.weight.dtype
         emb = self.time_embed(sinusoidal_embedding(t, ch0).to(dtype))
         for name, mlp in self.cond_embed.items():
             if name not in cond:
-                raise ValueError(f"this U-Net reads the condition {name!r}: pass it in cond (its null value means "
-                                 "absent, e.g. level 0 = no resolution)")
+                raise ValueError(
+                    f"this U-Net reads the condition {name!r}: pass it in cond (its null value "
+                    "means absent, e.g. level 0 = no resolution)"
+                )
             emb = emb + mlp(sinusoidal_embedding(cond[name], ch0).to(dtype))
         return emb
 
     def encode(self, x, t, cond, hint=None):
-        """x: (B, in_channels, H, W), t: (B,) or scalar, cond: {"text": (B, Lc, context_dim), scalar name: (B,) or
-        scalar}; hint (B, C0, H, W) is added after the input conv (a ControlNet's embedded control image).
-        Returns (middle block output, skip features [B, C, H', W'], time embedding (B, time_dim))."""
+        """x: (B, in_channels, H, W), t: (B,) or scalar,
+        cond: {"text": (B, Lc, context_dim), scalar name: (B,) or scalar}; hint (B, C0, H, W) is
+        added after the input conv (a ControlNet's embedded control image). Returns (middle block
+        output, skip features [B, C, H', W'], time embedding (B, time_dim))."""
         B = x.shape[0]
         if x.shape[1] != self.cfg.in_channels:
-            raise ValueError(f"U-Net expects {self.cfg.in_channels} input channels, got x of shape {tuple(x.shape)}")
+            raise ValueError(
+                f"U-Net expects {self.cfg.in_channels} input channels, got x of shape "
+                f"{tuple(x.shape)}"
+            )
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
-        scalars = {name: torch.as_tensor(cond[name], device=x.device, dtype=torch.float32).reshape(-1).expand(B)
-                   for name in self.cond_embed if name in cond}
-        emb = self.embed(t, scalars)                                             # B, time_dim
-        context = cond["text"]                                                   # B, Lc, context_dim
-        h = self.conv_in(x)                                                      # B, C0, H, W
+        scalars = {
+            name: torch.as_tensor(cond[name], device=x.device, dtype=torch.float32)
+            .reshape(-1)
+            .expand(B)
+            for name in self.cond_embed
+            if name in cond
+        }
+        emb = self.embed(t, scalars)  # B, time_dim
+        context = cond["text"]  # B, Lc, context_dim
+        h = self.conv_in(x)  # B, C0, H, W
         if hint is not None:
             h = h + hint
         feats = [h]
@@ -179,7 +220,7 @@ class Encoder(nn.Module):
                     h = self._call(lvl.attn[j], h, context)
                 feats.append(h)
             if lvl.resample is not None:
-                h = lvl.resample(h)                                              # B, C, H/2, W/2
+                h = lvl.resample(h)  # B, C, H/2, W/2
                 feats.append(h)
         h = self._call(self.mid.res1, h, emb)
         h = self._call(self.mid.attn, h, context)
@@ -199,21 +240,33 @@ class UNet(Encoder):
             for _ in range(cfg.layers_per_level + 1):
                 in_chs.append(ch + skips.pop())
                 ch = out
-            self.up.append(Level(in_chs, out, emb_dim, cfg.heads[i], cfg, cfg.attention[i],
-                                 Upsample(out) if i > 0 else None))
+            self.up.append(
+                Level(
+                    in_chs,
+                    out,
+                    emb_dim,
+                    cfg.heads[i],
+                    cfg,
+                    cfg.attention[i],
+                    Upsample(out) if i > 0 else None,
+                )
+            )
         self.norm_out = nn.GroupNorm(cfg.norm_groups, cfg.channels[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(cfg.channels[0], cfg.out_channels, 3, padding=1)
 
     def forward(self, x, t, cond, down_residuals=None, mid_residual=None):
-        """x: (B, in_channels, H, W), t: (B,) or scalar, cond: {"text": (B, Lc, context_dim), scalar name: (B,) or
-        scalar}. H and W must be multiples of 2 ** (levels - 1). Returns (B, out_channels, H, W).
-        down_residuals (one per skip feature) and mid_residual are added to the skips and to the middle block's
-        output (what a ControlNet produces, model/controlnet.py).
+        """x: (B, in_channels, H, W), t: (B,) or scalar,
+        cond: {"text": (B, Lc, context_dim), scalar name: (B,) or scalar}. H and W must be multiples
+        of 2 ** (levels - 1). Returns (B, out_channels, H, W). down_residuals (one per skip
+        feature) and mid_residual are added to the skips and to the middle block's output (what a
+        ControlNet produces, model/controlnet.py).
         """
         h, feats, emb = self.encode(x, t, cond)
-        if down_residuals is not None:                                           # ControlNet: one per skip feature
+        if down_residuals is not None:  # ControlNet: one per skip feature
             if len(down_residuals) != len(feats):
-                raise ValueError(f"down_residuals: expected {len(feats)} tensors, got {len(down_residuals)}")
+                raise ValueError(
+                    f"down_residuals: expected {len(feats)} tensors, got {len(down_residuals)}"
+                )
             feats = [f + r for f, r in zip(feats, down_residuals)]
         if mid_residual is not None:
             h = h + mid_residual
@@ -224,5 +277,5 @@ class UNet(Encoder):
                 if lvl.attn:
                     h = self._call(lvl.attn[j], h, context)
             if lvl.resample is not None:
-                h = lvl.resample(h)                                              # B, C, 2H, 2W
-        return self.conv_out(F.silu(self.norm_out(h)))                           # B, out_channels, H, W
+                h = lvl.resample(h)  # B, C, 2H, 2W
+        return self.conv_out(F.silu(self.norm_out(h)))  # B, out_channels, H, W

@@ -19,6 +19,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 def tiny_release(tmp_path_factory):
     """A tiny release-shaped diffusers folder with random weights, and the reference modules it was saved from."""
     from release import make_release
+
     folder = tmp_path_factory.mktemp("release")
     refs = make_release(folder)
     return folder, refs
@@ -30,6 +31,7 @@ def tiny_ckpt(tmp_path_factory):
     from model.config import load_config
     from model.text2earth import Text2Earth
     from model.weights import save_model
+
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     save_model(Text2Earth(load_config("configs/tiny.py").model), path)
@@ -41,6 +43,7 @@ def fast_demo(tmp_path_factory):
     """The shortened from-scratch demo (demo.py --fast), run once for every test that reads it: (out folder, the
     summary demo.main returns); out holds model.safetensors and its own probe.safetensors."""
     import demo
+
     out = tmp_path_factory.mktemp("demo")
     summary = demo.main(["--fast", f"--out={out}"])
     return out, summary
@@ -54,6 +57,7 @@ def random_fid_inception(tmp_path_factory):
     constant); BatchNorm weight, bias and running statistics are random, so eval-mode BN is not an identity."""
     import torch.nn as nn
     from evaluation.inception import INCEPTION_FILE, FIDInception
+
     torch.manual_seed(0)
     net = FIDInception()
     with torch.no_grad():
@@ -67,9 +71,12 @@ def random_fid_inception(tmp_path_factory):
     torch.save(net.state_dict(), path)
     return path, net.eval()
 
-TINY_CLIP = {"embed_dim": 16,
-             "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
-             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+TINY_CLIP = {
+    "embed_dim": 16,
+    "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "head_width": 16, "patch_size": 16},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
 
 
 @pytest.fixture(scope="session")
@@ -77,6 +84,7 @@ def tiny_clip(tmp_path_factory):
     """A registered tiny open_clip architecture 'tiny-clip-test' and a random checkpoint of it (its path)."""
     import json
     import open_clip
+
     d = tmp_path_factory.mktemp("clip")
     (d / "tiny-clip-test.json").write_text(json.dumps(TINY_CLIP))
     open_clip.add_model_config(d / "tiny-clip-test.json")

@@ -1,5 +1,6 @@
 """Cls-OA and resolution accuracy: preprocessing, accuracy arithmetic, ImageNet init files, errors, determinism,
 save/load, and the protocol end to end on UC Merced images (real images as the generated set, then noise)."""
+
 import json
 from pathlib import Path
 
@@ -9,9 +10,21 @@ import torch
 import torchvision
 from safetensors.torch import save_file
 
-from evaluation.classifier import (IMAGENET_MEAN, IMAGENET_STD, accuracy, load_net, predict, predict_levels,
-                                   preprocess, resnet18, resolution_accuracy, save_net, train_classifier,
-                                   train_level_net, zero_shot_cls)
+from evaluation.classifier import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    accuracy,
+    load_net,
+    predict,
+    predict_levels,
+    preprocess,
+    resnet18,
+    resolution_accuracy,
+    save_net,
+    train_classifier,
+    train_level_net,
+    zero_shot_cls,
+)
 from model.release import WeightsError
 
 UCM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ucm_captions"
@@ -28,13 +41,15 @@ def _tiny_set(n=12, size=32, seed=0):
 # ----------------------------------------------------------------------------------------------
 def test_preprocess_resizes_and_normalises():
     x = torch.zeros(2, 3, 64, 48)
-    x[:, 0], x[:, 1], x[:, 2] = -1.0, 0.0, 1.0                 # [0, 1] values 0, 0.5, 1 per channel
+    x[:, 0], x[:, 1], x[:, 2] = -1.0, 0.0, 1.0  # [0, 1] values 0, 0.5, 1 per channel
     y = preprocess(x, 32)
     assert y.shape == (2, 3, 32, 32) and y.dtype == torch.float32
     for c, v in enumerate((0.0, 0.5, 1.0)):
-        assert torch.allclose(y[:, c], torch.full((2, 32, 32), (v - IMAGENET_MEAN[c]) / IMAGENET_STD[c]), atol=1e-6)
-    assert torch.equal(preprocess(x[0], 32), y[0])             # one image (3, H, W) alike
-    z = torch.rand(3, 32, 32) * 2 - 1                           # at its size already: normalised only
+        assert torch.allclose(
+            y[:, c], torch.full((2, 32, 32), (v - IMAGENET_MEAN[c]) / IMAGENET_STD[c]), atol=1e-6
+        )
+    assert torch.equal(preprocess(x[0], 32), y[0])  # one image (3, H, W) alike
+    z = torch.rand(3, 32, 32) * 2 - 1  # at its size already: normalised only
     mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
     assert torch.allclose(preprocess(z, 32), ((z + 1) / 2 - mean) / std, atol=1e-6)
     with pytest.raises(ValueError, match=r"\(3, H, W\)"):
@@ -42,21 +57,25 @@ def test_preprocess_resizes_and_normalises():
 
 
 def test_accuracy_oa_and_aa_differ_on_unbalanced_classes():
-    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])      # class 3 absent from the labels
-    pred = torch.tensor([0, 0, 0, 0, 0, 0, 1, 0, 0, 3])        # class 0: 6/6, class 1: 1/2, class 2: 0/2
+    labels = torch.tensor([0, 0, 0, 0, 0, 0, 1, 1, 2, 2])  # class 3 absent from the labels
+    pred = torch.tensor([0, 0, 0, 0, 0, 0, 1, 0, 0, 3])  # class 0: 6/6, class 1: 1/2, class 2: 0/2
     acc = accuracy(pred, labels, num_classes=4)
-    assert acc["oa"] == pytest.approx(0.7) and acc["aa"] == pytest.approx(0.5)   # AA = (1 + 0.5 + 0) / 3
+    assert acc["oa"] == pytest.approx(0.7) and acc["aa"] == pytest.approx(
+        0.5
+    )  # AA = (1 + 0.5 + 0) / 3
     assert acc["per_class"] == [1.0, 0.5, 0.0, None] and acc["n"] == 10
     with pytest.raises(ValueError, match="same non-empty"):
         accuracy(pred[:3], labels, 4)
 
 
 def test_resolution_accuracy_on_hand_made_levels():
-    pred, asked = [10, 11, 13, 15], [10, 12, 12.4, 18]          # errors 0, 1, 1, 3 (12.4 asks level 12)
+    pred, asked = [10, 11, 13, 15], [10, 12, 12.4, 18]  # errors 0, 1, 1, 3 (12.4 asks level 12)
     r = resolution_accuracy(pred, asked)
     assert r["exact"] == 0.25 and r["within_one"] == 0.75 and r["n"] == 4
     assert r["corr"] == pytest.approx(np.corrcoef(pred, asked)[0, 1])
-    assert resolution_accuracy([12, 12, 12], [10, 11, 12])["corr"] == 0.0     # constant reading: no trend
+    assert (
+        resolution_accuracy([12, 12, 12], [10, 11, 12])["corr"] == 0.0
+    )  # constant reading: no trend
     assert resolution_accuracy([12, 12, 12], [12, 12, 12])["exact"] == 1.0
 
 
@@ -79,7 +98,7 @@ def test_init_loads_every_trunk_tensor(imagenet_like, tmp_path, fmt):
     if fmt == "safetensors":
         path = tmp_path / "resnet18.safetensors"
         save_file(state, str(path))
-    elif fmt != "pth":                                          # the layout of older torchvision files
+    elif fmt != "pth":  # the layout of older torchvision files
         path = tmp_path / "old.pth"
         torch.save({k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}, path)
     net = resnet18(5, init=path)
@@ -92,8 +111,14 @@ def test_init_loads_every_trunk_tensor(imagenet_like, tmp_path, fmt):
 
 def test_zero_shot_cls_reports_its_init(imagenet_like):
     x, y = _tiny_set()
-    r = zero_shot_cls(x, y, x[:6], y[:6], ["a", "b", "c"], init=imagenet_like[0], epochs=1, batch_size=4, size=32)
-    assert r["init"] == "ImageNet from resnet18-f37072fd.pth" and r["n_train"] == 12 and r["n_test"] == 6
+    r = zero_shot_cls(
+        x, y, x[:6], y[:6], ["a", "b", "c"], init=imagenet_like[0], epochs=1, batch_size=4, size=32
+    )
+    assert (
+        r["init"] == "ImageNet from resnet18-f37072fd.pth"
+        and r["n_train"] == 12
+        and r["n_test"] == 6
+    )
     assert 0 <= r["aa"] <= 1 and set(r["per_class"]) == {"a", "b", "c"}
 
 
@@ -103,10 +128,15 @@ def test_init_errors_name_the_file_and_key(imagenet_like, tmp_path):
     with pytest.raises(WeightsError, match="--resnet-init") as e:
         resnet18(5, init=missing)
     assert str(missing) in str(e.value) and "ImageNet" in str(e.value)
-    for name, edit, key in [("renamed", lambda s: s.update({"layer1.0.conv1.weights": s.pop("layer1.0.conv1.weight")}),
-                             "layer1.0.conv1.weight"),
-                            ("extra", lambda s: s.update({"extra.weight": torch.zeros(2)}), "extra.weight"),
-                            ("shape", lambda s: s.update({"conv1.weight": torch.zeros(64, 3, 3, 3)}), "conv1.weight")]:
+    for name, edit, key in [
+        (
+            "renamed",
+            lambda s: s.update({"layer1.0.conv1.weights": s.pop("layer1.0.conv1.weight")}),
+            "layer1.0.conv1.weight",
+        ),
+        ("extra", lambda s: s.update({"extra.weight": torch.zeros(2)}), "extra.weight"),
+        ("shape", lambda s: s.update({"conv1.weight": torch.zeros(64, 3, 3, 3)}), "conv1.weight"),
+    ]:
         bad = dict(state)
         edit(bad)
         f = tmp_path / f"{name}.pth"
@@ -139,7 +169,7 @@ def test_training_is_seeded_and_leaves_the_global_rng_alone():
     a = train_classifier(x, y, 3, seed=0, **kw)
     after = torch.rand(3)
     torch.manual_seed(123)
-    assert torch.equal(torch.rand(3), after)                    # training drew nothing from the global RNG
+    assert torch.equal(torch.rand(3), after)  # training drew nothing from the global RNG
     b = train_classifier(x, y, 3, seed=0, **kw)
     c = train_classifier(x, y, 3, seed=1, **kw)
     sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
@@ -156,7 +186,7 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(predict(net, x), predict(net2, x)) and net2.size == 32 and not net2.training
     assert info["kind"] == "classes" and info["classes"] == ["a", "b", "c"] and info["oa"] == 0.5
 
-    levels = torch.tensor([10.2, 11, 12, 12.6] * 3)             # rounded: levels 10..13, four bins
+    levels = torch.tensor([10.2, 11, 12, 12.6] * 3)  # rounded: levels 10..13, four bins
     lnet = train_level_net(x, levels, epochs=1, batch_size=4, size=32)
     assert lnet.levels == (10, 13) and lnet.fc.out_features == 4
     read = predict_levels(lnet, x)
@@ -168,7 +198,9 @@ def test_save_load_round_trip(tmp_path):
 
     with pytest.raises(ValueError, match="names 2 classes"):
         save_net(net, tmp_path / "bad.safetensors", {"classes": ["a", "b"]})
-    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "something"})
+    save_file(
+        {"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"), metadata={"format": "something"}
+    )
     for f in (tmp_path / "other.safetensors", tmp_path / "absent.safetensors"):
         with pytest.raises(WeightsError, match=str(f)):
             load_net(f)
@@ -187,13 +219,16 @@ def ucm_subset():
         pytest.skip(f"UCM-Captions not found at {UCM} (shared data, absent on a fresh clone)")
     from PIL import Image
     from data.transforms import pil_to_tensor
+
     d = json.loads((UCM / "dataset.json").read_text())
     ids = [d["classes"].index(c) for c in UCM_CLASSES]
     sets = {}
     for split, n in (("train", 40), ("test", 10)):
         images, labels = [], []
         for k, cid in enumerate(ids):
-            for item in [i for i in d["images"] if i["split"] == split and i["class_id"] == cid][:n]:
+            for item in [i for i in d["images"] if i["split"] == split and i["class_id"] == cid][
+                :n
+            ]:
                 with Image.open(UCM / "images" / item["filename"]) as im:
                     images.append(pil_to_tensor(im.convert("RGB")))
                 labels.append(k)
@@ -214,8 +249,8 @@ def test_ucm_real_images_as_the_generated_set(ucm_subset):
     r = zero_shot_cls(tr, trl, te, tel, UCM_CLASSES, **UCM_KW)
     assert r["n_train"] == 240 and r["n_test"] == 60 and r["init"] == "scratch"
     assert set(r["per_class"]) == set(UCM_CLASSES) and r["epochs"] == 10 and r["size"] == 64
-    assert r["oa"] >= 0.5 and r["aa"] >= 0.5, r                 # 3x chance; measured 0.667
-    assert r["per_class"]["forest"] >= 0.8, r                   # measured 1.0 at seeds 0-3
+    assert r["oa"] >= 0.5 and r["aa"] >= 0.5, r  # 3x chance; measured 0.667
+    assert r["per_class"]["forest"] >= 0.8, r  # measured 1.0 at seeds 0-3
 
 
 def test_ucm_noise_as_the_generated_set(ucm_subset):
@@ -224,4 +259,4 @@ def test_ucm_noise_as_the_generated_set(ucm_subset):
     (tr, trl), (te, tel) = ucm_subset
     noise = torch.randn(len(tr), 3, 64, 64, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
     r = zero_shot_cls(noise, trl, te, tel, UCM_CLASSES, **UCM_KW)
-    assert r["oa"] < 2 / len(UCM_CLASSES), r                     # under 2x chance
+    assert r["oa"] < 2 / len(UCM_CLASSES), r  # under 2x chance

@@ -1,4 +1,6 @@
-"""Tests for the data readers (data/datasets.py, data/shards.py, data/transforms.py) on tiny generated data."""
+"""Tests for the data readers (data/datasets.py, data/shards.py, data/transforms.py) on tiny
+generated data."""
+
 import io
 import json
 import logging
@@ -13,12 +15,22 @@ import torch.nn.functional as F
 from PIL import Image
 
 from data.datasets import CaptionFolder, Git10M, KarpathyCaptions
-from data.levels import level_from_resolution, parse_google_location, parse_level_prefix, tile_to_lonlat
+from data.levels import (
+    level_from_resolution,
+    parse_google_location,
+    parse_level_prefix,
+    tile_to_lonlat,
+)
 from data.sampler import ResumableSampler
-from data.samples import FILTERED, BadDataCounter, BadDataError, collate
+from data.samples import FILTERED, BadDataCounter, BadDataError, build_sample, collate
 from data.shards import ShardDataset, write_shards
-from data.transforms import (ImageTransform, eval_transform, pil_to_tensor,
-                             random_dihedral, train_transform)
+from data.transforms import (
+    ImageTransform,
+    eval_transform,
+    pil_to_tensor,
+    random_dihedral,
+    train_transform,
+)
 
 UCM = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "ucm_captions"
 
@@ -41,12 +53,19 @@ def _tensor(arr):
 
 
 def _make_folder(tmp, n=10, fmt="jsonl", extra=None):
-    """n PNG images + a manifest; row i has caption 'cap i', resolution_m 2**(i % 3) (level 17 - i % 3)."""
+    """n PNG images + a manifest; row i has caption 'cap i', resolution_m 2**(i % 3)
+    (level 17 - i % 3)."""
     rows = []
     for i in range(n):
         (tmp / f"im{i}.png").write_bytes(_png(_rgb(i)))
-        rows.append({"file": f"im{i}.png", "caption": f"cap {i}", "resolution_m": 2.0 ** (i % 3),
-                     "quality": 4.0 + 0.2 * i})
+        rows.append(
+            {
+                "file": f"im{i}.png",
+                "caption": f"cap {i}",
+                "resolution_m": 2.0 ** (i % 3),
+                "quality": 4.0 + 0.2 * i,
+            }
+        )
     for r in extra or []:
         rows.append(r)
     if fmt == "jsonl":
@@ -55,28 +74,41 @@ def _make_folder(tmp, n=10, fmt="jsonl", extra=None):
     else:
         p = tmp / "meta.csv"
         cols = ["file", "caption", "resolution_m", "quality"]
-        p.write_text(",".join(cols) + "\n" + "".join(",".join(str(r.get(c, "")) for c in cols) + "\n" for r in rows))
+        lines = [",".join(str(r.get(c, "")) for c in cols) for r in rows]
+        p.write_text("\n".join([",".join(cols)] + lines) + "\n")
     return p
 
 
 def _make_git10m(tmp, layout="caption", files=((2, 1), (3, 2)), image_as_struct=True):
     """HF save_to_disk folder; each file is a list of record-batch sizes. Row g: image seed g."""
     import pyarrow as pa
+
     root = tmp / "git10m"
     (root / "train").mkdir(parents=True)
     (root / "dataset_dict.json").write_text(json.dumps({"splits": ["train"]}))
-    img_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())]) if image_as_struct else pa.binary()
+    img_t = pa.binary()
+    if image_as_struct:
+        img_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     if layout == "caption":
-        schema = pa.schema([("image", img_t), ("img_name", pa.string()), ("img_quality_score", pa.float64()),
-                            ("caption", pa.string()), ("caption_length", pa.int64()),
-                            ("resolution", pa.float64()), ("Google_location", pa.string())])
+        schema = pa.schema(
+            [
+                ("image", img_t),
+                ("img_name", pa.string()),
+                ("img_quality_score", pa.float64()),
+                ("caption", pa.string()),
+                ("caption_length", pa.int64()),
+                ("resolution", pa.float64()),
+                ("Google_location", pa.string()),
+            ]
+        )
     else:
         schema = pa.schema([("image", img_t), ("text", pa.string())])
     names, g = [], 0
     for fi, batches in enumerate(files):
         name = f"data-{fi:05d}-of-{len(files):05d}.arrow"
         names.append({"filename": name})
-        with pa.OSFile(str(root / "train" / name), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
+        sink = pa.OSFile(str(root / "train" / name), "wb")
+        with sink, pa.ipc.new_stream(sink, schema) as w:
             for nb in batches:
                 cols = {n: [] for n in schema.names}
                 for _ in range(nb):
@@ -87,16 +119,31 @@ def _make_git10m(tmp, layout="caption", files=((2, 1), (3, 2)), image_as_struct=
                         cols["img_quality_score"].append([5.0, 4.0, None, 4.9][g % 4])
                         cols["caption"].append(f"caption {g}")
                         cols["caption_length"].append(2)
-                        cols["resolution"].append([0.5, None, None, 4.0][g % 4])  # g%4==1: from location
+                        # g % 4 == 1: level from the location
+                        cols["resolution"].append([0.5, None, None, 4.0][g % 4])
                         cols["Google_location"].append([None, f"16_{g}_7", None, "12_0_0"][g % 4])
                     else:
                         cols["text"].append(f"{[18, 0, 14][g % 3]}_GOOGLE_LEVEL_caption {g}")
                     g += 1
-                w.write_batch(pa.record_batch([pa.array(cols[n], type=schema.field(n).type)
-                                               for n in schema.names], schema=schema))
-    (root / "train" / "state.json").write_text(json.dumps(
-        {"_data_files": names, "_fingerprint": "x", "_format_columns": None, "_format_kwargs": {},
-         "_format_type": None, "_output_all_columns": False, "_split": "train"}))
+                w.write_batch(
+                    pa.record_batch(
+                        [pa.array(cols[n], type=schema.field(n).type) for n in schema.names],
+                        schema=schema,
+                    )
+                )
+    (root / "train" / "state.json").write_text(
+        json.dumps(
+            {
+                "_data_files": names,
+                "_fingerprint": "x",
+                "_format_columns": None,
+                "_format_kwargs": {},
+                "_format_type": None,
+                "_output_all_columns": False,
+                "_split": "train",
+            }
+        )
+    )
     return root, g
 
 
@@ -105,8 +152,14 @@ def _karpathy(tmp, n_train=3, n_val=1, gsd=None):
     images = []
     for i in range(n_train + n_val):
         (tmp / "images" / f"{i}.png").write_bytes(_png(_rgb(i)))
-        images.append({"filename": f"{i}.png", "imgid": i, "split": "train" if i < n_train else "val",
-                       "sentences": [{"raw": f"img {i} sentence {s}"} for s in range(5)]})
+        images.append(
+            {
+                "filename": f"{i}.png",
+                "imgid": i,
+                "split": "train" if i < n_train else "val",
+                "sentences": [{"raw": f"img {i} sentence {s}"} for s in range(5)],
+            }
+        )
     meta = {"images": images, "dataset": "toy"}
     if gsd is not None:
         meta["gsd_m"] = gsd
@@ -177,23 +230,31 @@ def test_git10m_quality_filter_and_pickle(tmp_path):
     root, n = _make_git10m(tmp_path)
     ds = Git10M(root, min_quality=4.8)
     keys = [ds[i]["key"] for i in range(len(ds))]
-    assert keys == [f"img_{g}.png" for g in range(n) if g % 4 in (0, 3)]  # 5.0 and 4.9; not 4.0 or null
+    # 5.0 and 4.9 kept; not 4.0 or null
+    assert keys == [f"img_{g}.png" for g in range(n) if g % 4 in (0, 3)]
     ds2 = pickle.loads(pickle.dumps(ds))  # open memory maps are not pickled (DataLoader workers)
     assert not ds2._maps and [ds2[i]["key"] for i in range(len(ds2))] == keys
 
 
 def test_git10m_image_cell_variants(tmp_path):
     import pyarrow as pa
+
     root = tmp_path / "split"
     root.mkdir()
     (root / "im.png").write_bytes(_png(_rgb(9)))
     img_t = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
     schema = pa.schema([("image", img_t), ("caption", pa.string())])
-    images = [{"bytes": None, "path": "im.png"}, {"bytes": None, "path": None}, {"bytes": b"junk", "path": None}]
-    with pa.OSFile(str(root / "data-00000-of-00001.arrow"), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
-        w.write_batch(pa.record_batch([pa.array(images, type=img_t), pa.array(["a", "b", "c"])], schema=schema))
-    (root / "state.json").write_text(json.dumps({"_data_files": [{"filename": "data-00000-of-00001.arrow"}]}))
-    c = BadDataCounter(min_samples=10 ** 9)
+    images = [
+        {"bytes": None, "path": "im.png"},
+        {"bytes": None, "path": None},
+        {"bytes": b"junk", "path": None},
+    ]
+    name = "data-00000-of-00001.arrow"
+    with pa.OSFile(str(root / name), "wb") as sink, pa.ipc.new_stream(sink, schema) as w:
+        columns = [pa.array(images, type=img_t), pa.array(["a", "b", "c"])]
+        w.write_batch(pa.record_batch(columns, schema=schema))
+    (root / "state.json").write_text(json.dumps({"_data_files": [{"filename": name}]}))
+    c = BadDataCounter(min_samples=10**9)
     ds = Git10M(root, counter=c)
     s = ds[0]  # bytes missing: read from the path, relative to the split folder
     assert torch.equal(s["image"], _tensor(_rgb(9))) and s["key"] == "data-00000-of-00001.arrow:0"
@@ -246,10 +307,29 @@ def test_karpathy_without_gsd_is_level_zero(tmp_path):
     assert ds[0]["level"] == 0.0
 
 
-@pytest.mark.skipif(not (UCM / "dataset.json").is_file(), reason="shared UCM-Captions data not present")
+def test_karpathy_numeric_image_keys_become_fields(tmp_path):
+    """A numeric per-image key ("cloud") is a sample field; the ids (imgid) and text are not."""
+    path = _karpathy(tmp_path)
+    meta = json.loads(path.read_text())
+    for i, im in enumerate(meta["images"]):
+        im["cloud"], im["sensor"], im["level"] = 0.1 * i, "toy", 99.0
+    path.write_text(json.dumps(meta))
+    for ds in (KarpathyCaptions(path), KarpathyCaptions(path, all_captions=True)):
+        s = ds[len(ds) - 1]
+        assert s["cloud"] == pytest.approx(0.2) and s["level"] == 0.0  # the json's level: not used
+        assert "imgid" not in s and "sensor" not in s
+    batch = collate([KarpathyCaptions(path)[i] for i in range(3)])
+    assert torch.allclose(batch["cloud"], torch.tensor([0.0, 0.1, 0.2]))
+
+
+@pytest.mark.skipif(
+    not (UCM / "dataset.json").is_file(), reason="shared UCM-Captions data not present"
+)
 def test_ucm_captions_real():
-    splits = {s: KarpathyCaptions(UCM / "dataset.json", split=s, transform=eval_transform(256)) for s in
-              ("train", "val", "test")}
+    splits = {
+        s: KarpathyCaptions(UCM / "dataset.json", split=s, transform=eval_transform(256))
+        for s in ("train", "val", "test")
+    }
     assert {s: len(d) for s, d in splits.items()} == {"train": 1680, "val": 210, "test": 210}
     ds = splits["test"]
     assert ds.level == pytest.approx(18.71407, abs=1e-5)
@@ -258,7 +338,9 @@ def test_ucm_captions_real():
     batch = collate([ds[i] for i in range(0, 210, 15)])
     assert batch["image"].shape == (14, 3, 256, 256)
     assert batch["image"].min() >= -1 and batch["image"].max() <= 1 and batch["image"].std() > 0.05
-    assert all(c.strip() in [r.strip() for r in raw[k]] for c, k in zip(batch["caption"], batch["key"]))
+    assert all(
+        c.strip() in [r.strip() for r in raw[k]] for c, k in zip(batch["caption"], batch["key"])
+    )
     assert ds.counter.bad == 0
 
 
@@ -268,8 +350,10 @@ def test_ucm_captions_real():
 
 @pytest.mark.parametrize("fmt", ["jsonl", "csv"])
 def test_caption_folder(tmp_path, fmt):
-    extra = [{"file": "im0.png", "caption": "with level", "level": 12.5},
-             {"file": "im1.png", "caption": "no level"}]
+    extra = [
+        {"file": "im0.png", "caption": "with level", "level": 12.5},
+        {"file": "im1.png", "caption": "no level"},
+    ]
     ds = CaptionFolder(_make_folder(tmp_path, 4, fmt, extra), transform=None)
     assert len(ds) == 6
     assert [ds[i]["level"] for i in range(4)] == [17.0, 16.0, 15.0, 17.0]
@@ -280,6 +364,61 @@ def test_caption_folder(tmp_path, fmt):
     assert ds[5]["level"] == 0.0
     q = CaptionFolder(tmp_path / f"meta.{fmt}", min_quality=4.3)
     assert [q[i]["key"] for i in range(len(q))] == ["im2.png", "im3.png"]
+
+
+def _cloud_folder(tmp, fmt):
+    """4 PNG images + a manifest with the extra columns `cloud` (numeric; empty for im3 in the
+    csv, missing in the jsonl), `year` (int) and `sensor` (text)."""
+    rows = []
+    for i in range(4):
+        (tmp / f"im{i}.png").write_bytes(_png(_rgb(i, 16, 16)))
+        rows.append(
+            {
+                "file": f"im{i}.png",
+                "caption": f"cap {i}",
+                "cloud": 0.25 * i,
+                "year": 2020 + i,
+                "sensor": "toy",
+            }
+        )
+    del rows[3]["cloud"]
+    if fmt == "jsonl":
+        p = tmp / "meta.jsonl"
+        p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    else:
+        p, cols = tmp / "meta.csv", ["file", "caption", "cloud", "year", "sensor"]
+        lines = [",".join(str(r.get(c, "")) for c in cols) for r in rows]
+        p.write_text("\n".join([",".join(cols)] + lines) + "\n")
+    return p
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "csv"])
+def test_caption_folder_extra_numeric_columns(tmp_path, fmt):
+    """Every other numeric column is a sample field of its name, batched by collate as (B,)."""
+    ds = CaptionFolder(_cloud_folder(tmp_path, fmt), transform=None)
+    got = [ds[i] for i in range(4)]
+    assert [s["cloud"] for s in got[:3]] == [0.0, 0.25, 0.5] and "cloud" not in got[3]
+    assert [s["year"] for s in got] == [2020, 2021, 2022, 2023]
+    assert all("sensor" not in s for s in got)  # text, not a number
+    assert got[0]["level"] == 0.0 and math.isnan(got[0]["quality"])
+    batch = collate(got[:3])
+    assert batch["cloud"].dtype == torch.float32 and batch["cloud"].shape == (3,)
+    assert batch["cloud"].tolist() == [0.0, 0.25, 0.5]
+    assert batch["year"].tolist() == [2020.0, 2021.0, 2022.0]
+    assert "cloud" not in collate(got) and "year" in collate(got)  # kept when all samples have it
+
+
+def test_shards_keep_extra_fields(tmp_path):
+    """write_shards stores a sample's extra numeric fields; ShardDataset reads them back."""
+    src = CaptionFolder(_cloud_folder(tmp_path, "jsonl"), transform=eval_transform(16))
+    write_shards(src, tmp_path / "shards", samples_per_shard=3, image_format="png")
+    got = list(ShardDataset(tmp_path / "shards", shuffle_buffer=0, shuffle_shards=False))
+    assert [s["key"] for s in got] == [f"im{i}.png" for i in range(4)]
+    for i, s in enumerate(got):
+        ref = src[i]
+        assert s.get("cloud") == ref.get("cloud") and s["year"] == ref["year"]
+    assert type(got[0]["year"]) is int and "cloud" not in got[3]
+    assert collate(got[:3])["cloud"].tolist() == [0.0, 0.25, 0.5]
 
 
 def test_caption_folder_bad_manifest(tmp_path):
@@ -307,7 +446,8 @@ def test_write_and_read_shards(tmp_path):
     out = tmp_path / "shards"
     paths = write_shards(src, out, samples_per_shard=3, image_format="png")
     assert [p.name for p in paths] == [f"shard-{i:06d}.tar" for i in range(4)]
-    assert [s["count"] for s in json.loads((out / "index.json").read_text())["shards"]] == [3, 3, 3, 1]
+    index = json.loads((out / "index.json").read_text())
+    assert [s["count"] for s in index["shards"]] == [3, 3, 3, 1]
     ds = ShardDataset(out, shuffle_buffer=0, shuffle_shards=False)
     got = list(ds)
     assert [s["key"] for s in got] == [f"im{i}.png" for i in range(10)]
@@ -327,23 +467,41 @@ def test_write_and_read_shards(tmp_path):
 
 def test_shards_with_latents(tmp_path):
     src = CaptionFolder(_make_folder(tmp_path, 5), transform=eval_transform(16))
-    write_shards(src, tmp_path / "a", samples_per_shard=2, encode_fn=_toy_encode, batch_size=2,
-                 latent_dtype=torch.float32)
+    write_shards(
+        src,
+        tmp_path / "a",
+        samples_per_shard=2,
+        encode_fn=_toy_encode,
+        batch_size=2,
+        latent_dtype=torch.float32,
+    )
     got = list(ShardDataset(tmp_path / "a", shuffle_buffer=0, shuffle_shards=False))
     for i, s in enumerate(got):
         assert s["latent"].shape == (4, 4, 4) and s["image"].shape == (3, 16, 16)
         assert torch.allclose(s["latent"], _toy_encode(src[i]["image"][None])[0], atol=1e-6)
-    write_shards(src, tmp_path / "b", samples_per_shard=2, encode_fn=_toy_encode, write_images=False)
-    ds = ShardDataset(tmp_path / "b", shuffle_buffer=0, shuffle_shards=False, load_images=False,
-                      augment_latents=True)
+    write_shards(
+        src, tmp_path / "b", samples_per_shard=2, encode_fn=_toy_encode, write_images=False
+    )
+    ds = ShardDataset(
+        tmp_path / "b",
+        shuffle_buffer=0,
+        shuffle_shards=False,
+        load_images=False,
+        augment_latents=True,
+    )
     batch = collate(list(ds))
-    assert "image" not in batch and batch["latent"].shape == (5, 4, 4, 4) and batch["latent"].dtype == torch.float32
+    assert "image" not in batch and batch["latent"].shape == (5, 4, 4, 4)
+    assert batch["latent"].dtype == torch.float32
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     (mixed / "small.png").write_bytes(_png(_rgb(0, 16, 16)))
     (mixed / "big.png").write_bytes(_png(_rgb(1, 24, 24)))
-    (mixed / "m.jsonl").write_text(json.dumps({"file": "small.png", "caption": "a"}) + "\n"
-                                   + json.dumps({"file": "big.png", "caption": "b"}) + "\n")
+    (mixed / "m.jsonl").write_text(
+        json.dumps({"file": "small.png", "caption": "a"})
+        + "\n"
+        + json.dumps({"file": "big.png", "caption": "b"})
+        + "\n"
+    )
     with pytest.raises(ValueError, match="equal image sizes"):
         write_shards(CaptionFolder(mixed / "m.jsonl"), tmp_path / "c", encode_fn=_toy_encode)
 
@@ -360,8 +518,11 @@ def test_shard_rank_worker_split_covers_once(tmp_path):
     write_shards(src, out, samples_per_shard=3)
     every = {f"im{i}.png" for i in range(23)}
     for world, workers in ((1, 0), (2, 2), (3, 2)):
-        keys = [k for r in range(world) for k in
-                _keys_for(out, r, world, workers, drop_remainder=False, shuffle_buffer=4)]
+        keys = [
+            k
+            for r in range(world)
+            for k in _keys_for(out, r, world, workers, drop_remainder=False, shuffle_buffer=4)
+        ]
         assert len(keys) == 23 and set(keys) == every, (world, workers)
     # drop_remainder: equal counts per rank, still no duplicates
     per = [_keys_for(out, r, 3, 2, shuffle_buffer=4) for r in range(3)]
@@ -381,18 +542,22 @@ def test_shard_order_reproducible_and_resumable(tmp_path):
         return [list(zip(b["key"], b["image"])) for b in dl]
 
     def same(xs, ys):
-        return [k for k, _ in xs] == [k for k, _ in ys] and all(torch.equal(a, b) for (_, a), (_, b) in zip(xs, ys))
+        return [k for k, _ in xs] == [k for k, _ in ys] and all(
+            torch.equal(a, b) for (_, a), (_, b) in zip(xs, ys)
+        )
 
     full = run()
     flat = sum(full, [])
     assert len(flat) == 11 and len({k for k, _ in flat}) == 11
     assert same(flat, sum(run(), []))
     assert [k for k, _ in sum(run(epoch=1), [])] != [k for k, _ in flat]
-    for skip in (1, 3, 4, 5):  # batches; 2 workers with 5 and 6 samples -> batches of 2, 2, 2, 2, 1, 2
+    # skip counts batches; 2 workers with 5 and 6 samples -> batches of 2, 2, 2, 2, 1, 2
+    for skip in (1, 3, 4, 5):
         assert same(sum(run(skip=skip), []), sum(full[skip:], [])), skip
     assert run(skip=6) == []
     with pytest.raises(ValueError, match="past the end"):
-        run(skip=7, workers=0)  # (in a worker it raises too, but the test would wait on worker shutdown)
+        # (in a worker it raises too, but the test would wait on the worker's shutdown)
+        run(skip=7, workers=0)
     single = [s["key"] for s in ShardDataset(out, **kw)]  # no DataLoader: batches of 1
     assert [s["key"] for s in ShardDataset(out, skip_batches=5, **kw)] == single[5:]
     assert sorted(single) == sorted(k for k, _ in flat)
@@ -411,7 +576,8 @@ def test_resumable_sampler():
             s.set_epoch(epoch)
             parts.append(list(s))
         flat = sum(parts, [])
-        assert [len(p) for p in parts] == [7, 7, 7] and len(set(flat)) == 21 and set(flat) <= set(range(n))
+        assert [len(p) for p in parts] == [7, 7, 7]
+        assert len(set(flat)) == 21 and set(flat) <= set(range(n))
         if epoch == 0:
             first = parts
     assert parts != first
@@ -419,7 +585,9 @@ def test_resumable_sampler():
     assert list(s) == first[1][4:] and len(s) == 3
     s.set_epoch(0)  # start_index applies to the resumed epoch only
     assert list(s) == first[1]
-    pad = [list(ResumableSampler(n, seed=7, rank=r, world_size=W, drop_last=False)) for r in range(W)]
+    pad = [
+        list(ResumableSampler(n, seed=7, rank=r, world_size=W, drop_last=False)) for r in range(W)
+    ]
     assert [len(p) for p in pad] == [8, 8, 8] and set(sum(pad, [])) == set(range(n))
     tiny = [i for r in range(5) for i in ResumableSampler(2, rank=r, world_size=5, drop_last=False)]
     assert sorted(tiny) == [0, 0, 0, 1, 1]
@@ -436,7 +604,9 @@ def test_map_style_resume_reproduces_samples(tmp_path):
         sampler = ResumableSampler(len(ds), seed=5, rank=0, world_size=1)
         sampler.set_epoch(2, start)
         ds.set_epoch(2)
-        dl = torch.utils.data.DataLoader(ds, batch_size=2, sampler=sampler, num_workers=workers, collate_fn=collate)
+        dl = torch.utils.data.DataLoader(
+            ds, batch_size=2, sampler=sampler, num_workers=workers, collate_fn=collate
+        )
         return [(k, c, img) for b in dl for k, c, img in zip(b["key"], b["caption"], b["image"])]
 
     full = run(0, 0)
@@ -470,10 +640,11 @@ def test_image_transform_shapes_and_crops():
     arr = _rgb(0, w=24, h=16)
     img = Image.fromarray(arr)
     full = pil_to_tensor(img)  # (3, 16, 24)
-    windows = [full[:, :, i:i + 16] for i in range(9)]
+    windows = [full[:, :, i : i + 16] for i in range(9)]
     seen = set()
     for seed in range(30):
-        y = ImageTransform(16, hflip=False, vflip=False, rot90=False)(img, torch.Generator().manual_seed(seed))
+        crop = ImageTransform(16, hflip=False, vflip=False, rot90=False)
+        y = crop(img, torch.Generator().manual_seed(seed))
         idx = [i for i, w in enumerate(windows) if torch.equal(y, w)]
         assert len(idx) == 1
         seen.add(idx[0])
@@ -493,7 +664,7 @@ def _one(tmp_path, data, caption="a caption", name="x.png", counter=None, **kw):
     if data is not None:
         (tmp_path / name).write_bytes(data)
     (tmp_path / "m.jsonl").write_text(json.dumps({"file": name, "caption": caption}) + "\n")
-    counter = counter or BadDataCounter(min_samples=10 ** 9)
+    counter = counter or BadDataCounter(min_samples=10**9)
     return CaptionFolder(tmp_path / "m.jsonl", counter=counter, **kw)[0], counter
 
 
@@ -575,27 +746,80 @@ def test_bad_fraction_threshold_raises(tmp_path):
 
 def test_bad_shard_members(tmp_path):
     import tarfile
+
     path = tmp_path / "s.tar"
     with tarfile.open(path, "w") as tar:
-        for name, data in [("a.json", b'{"caption": "ok"}'), ("a.png", _png(_rgb(0))),
-                           ("b.json", b"{broken"), ("b.png", _png(_rgb(1))),
-                           ("c.json", b'{"caption": "no image"}'),
-                           ("d.json", b'{"caption": "bad jpeg"}'), ("d.jpg", b"garbage")]:
+        for name, data in [
+            ("a.json", b'{"caption": "ok"}'),
+            ("a.png", _png(_rgb(0))),
+            ("b.json", b"{broken"),
+            ("b.png", _png(_rgb(1))),
+            ("c.json", b'{"caption": "no image"}'),
+            ("d.json", b'{"caption": "bad jpeg"}'),
+            ("d.jpg", b"garbage"),
+        ]:
             ti = tarfile.TarInfo(name)
             ti.size = len(data)
             tar.addfile(ti, io.BytesIO(data))
-    c = BadDataCounter(min_samples=10 ** 9)
+    c = BadDataCounter(min_samples=10**9)
     got = list(ShardDataset(path, shuffle_buffer=0, counter=c))
     assert [s is not None for s in got] == [True, False, False, False] and c.bad == 3
     assert [k for k, _ in c.examples] == ["b", "c", "d"]
 
 
+def test_build_sample_takes_fields_by_name():
+    """build_sample copies every extra int / float field as it is (bools, text and the names
+    of tensors are left out), fills level 0.0 and quality nan when missing, checks the
+    caption."""
+    c = BadDataCounter(min_samples=10**9)
+    kw = dict(transform=None, generator=None, counter=c)
+    fields = {
+        "key": "k",
+        "caption": " a field ",
+        "cloud": 0.25,
+        "lat": -33.9,
+        "year": 2020,
+        "flag": True,
+        "sensor": "toy",
+        "image": 1.0,
+    }
+    s = build_sample(fields, _png(_rgb(0, 8, 8)), **kw)
+    assert s["caption"] == "a field" and s["key"] == "k"
+    assert s["cloud"] == 0.25 and s["lat"] == -33.9 and s["year"] == 2020
+    assert type(s["year"]) is int and s["level"] == 0.0 and math.isnan(s["quality"])
+    assert "flag" not in s and "sensor" not in s and s["image"].shape == (3, 8, 8)
+    assert fields["caption"] == " a field "  # the reader's dict is not changed
+    s = build_sample(
+        {"key": "k", "caption": "a", "level": 12, "quality": None},
+        None,
+        **kw,
+        latent=torch.zeros(4, 2, 2),
+    )
+    assert s["level"] == 12.0 and math.isnan(s["quality"]) and s["latent"].shape == (4, 2, 2)
+    assert build_sample({"key": "e", "caption": " "}, _png(_rgb(0)), **kw) is None
+    assert build_sample({"key": "n"}, _png(_rgb(0)), **kw) is None
+    assert [r for _, r in c.examples] == ["empty caption", "caption: not a string (NoneType)"]
+
+
 def test_collate():
-    s = lambda k, size: {"image": torch.zeros(3, size, size), "caption": k, "level": 1.0,
-                         "quality": float("nan"), "key": k}
+    def s(k, size):
+        return {
+            "image": torch.zeros(3, size, size),
+            "caption": k,
+            "level": 1.0,
+            "quality": float("nan"),
+            "key": k,
+        }
+
     b = collate([s("a", 4), None, s("b", 4), FILTERED])
-    assert b["image"].shape == (2, 3, 4, 4) and b["key"] == ["a", "b"] and b["level"].tolist() == [1.0, 1.0]
-    assert b["n_bad"] == 1 and b["n_filtered"] == 1                  # counted apart: a filter is not bad data
-    assert collate([None, FILTERED, None]) == {"caption": [], "key": [], "n_bad": 2, "n_filtered": 1}
+    assert b["image"].shape == (2, 3, 4, 4) and b["key"] == ["a", "b"]
+    assert b["level"].tolist() == [1.0, 1.0]
+    assert b["n_bad"] == 1 and b["n_filtered"] == 1  # counted apart: a filter is not bad data
+    assert collate([None, FILTERED, None]) == {
+        "caption": [],
+        "key": [],
+        "n_bad": 2,
+        "n_filtered": 1,
+    }
     with pytest.raises(ValueError, match="shapes differ"):
         collate([s("a", 4), s("b", 8)])

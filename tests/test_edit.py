@@ -1,5 +1,6 @@
 """Editing (model/editing.py, edit.py): what stays, what changes, the samplers' editing hooks, canvases, bad input.
 Tiny random models: these check the procedures; tests/test_edit_truth.py checks what a trained model reaches."""
+
 import math
 import re
 
@@ -34,7 +35,7 @@ def models():
 
 def scene(b=2, h=32, w=48, seed=0):
     g = torch.Generator().manual_seed(seed)
-    image = (torch.rand(b, 3, h, w, generator=g) * 255).round() / 127.5 - 1          # as read from a PNG
+    image = (torch.rand(b, 3, h, w, generator=g) * 255).round() / 127.5 - 1  # as read from a PNG
     mask = torch.zeros(b, 1, h, w)
     mask[:, :, 8:21, 10:29] = 1
     return image, mask
@@ -46,14 +47,22 @@ def test_unmasked_pixels_are_kept_and_masked_ones_change(models, method, sampler
     """Outside the feathered band every pixel is the input's (<= 1/255: exactly, up to float arithmetic); inside
     the mask the model's pixels replace them; in the band a blend of both."""
     image, mask = scene()
-    out = inpaint(models[method], {"text": ["a forest", "a lake"], "level": [15.0, 17.0]}, image, mask,
-                  seeds=[0, 1], sampler=sampler, feather=3, **STEPS)
+    out = inpaint(
+        models[method],
+        {"text": ["a forest", "a lake"], "level": [15.0, 17.0]},
+        image,
+        mask,
+        seeds=[0, 1],
+        sampler=sampler,
+        feather=3,
+        **STEPS,
+    )
     band = (feathered(mask, 3) > 0).expand_as(image)
     inside = mask.bool().expand_as(image)
     assert out.shape == image.shape
     assert (out - image).abs()[~band].max() <= 1 / 255
     assert (out - image).abs()[inside].mean() > 0.1
-    assert (out - image).abs()[band & ~inside].max() > 0                         # the band blends
+    assert (out - image).abs()[band & ~inside].max() > 0  # the band blends
 
 
 def test_feathered_band_falls_linearly_outside_the_mask():
@@ -69,7 +78,9 @@ def test_replace_method_keeps_the_known_latents_exactly(models):
     z = inpaint_latents(model, {"text": ["x"], "level": [15.0]}, image, mask, seeds=[0], **STEPS)
     z0 = editing.encode(model, image)
     keep = 1 - editing.latent_mask(mask, model.vae.downsample, mode="any")
-    assert torch.equal((z * keep), (z0 * keep)) and not torch.allclose(z * (1 - keep), z0 * (1 - keep))
+    assert torch.equal((z * keep), (z0 * keep)) and not torch.allclose(
+        z * (1 - keep), z0 * (1 - keep)
+    )
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "dpmpp_2m", "ddpm"])
@@ -86,9 +97,14 @@ def test_replace_hook_sees_the_variance_preserving_state_at_its_level(sampler):
     skip = 2
     t0 = int(make_timesteps(1000, 10, spacing, 0 if spacing == "trailing" else 1)[skip])
 
-    def model_fn(x, t):                                                          # eps of the point mass at z0
-        ab = ac[t.long()].reshape(-1, 1, 1, 1).float() if sampler != "euler" else \
-            torch.from_numpy(np.interp(t.numpy(), np.arange(1000), ac.numpy())).reshape(-1, 1, 1, 1).float()
+    def model_fn(x, t):  # eps of the point mass at z0
+        ab = (
+            ac[t.long()].reshape(-1, 1, 1, 1).float()
+            if sampler != "euler"
+            else torch.from_numpy(np.interp(t.numpy(), np.arange(1000), ac.numpy()))
+            .reshape(-1, 1, 1, 1)
+            .float()
+        )
         return (x - ab.sqrt() * z0) / (1 - ab).sqrt()
 
     seen = []
@@ -96,26 +112,54 @@ def test_replace_hook_sees_the_variance_preserving_state_at_its_level(sampler):
     def replace(x, abar):
         seen.append(abar)
         if sampler != "ddpm":
-            assert torch.allclose(x, renoise(z0, n, abar), atol=2e-4), (abar, (x - renoise(z0, n, abar)).abs().max())
+            assert torch.allclose(x, renoise(z0, n, abar), atol=2e-4), (
+                abar,
+                (x - renoise(z0, n, abar)).abs().max(),
+            )
         return x
 
     x = renoise(z0, n, ac[t0].item())
-    out = SAMPLERS[sampler](model_fn, x, d, 10, spacing=spacing, steps_offset=0 if spacing == "trailing" else 1,
-                            skip=skip, replace=replace, generator=torch.Generator().manual_seed(1))
+    out = SAMPLERS[sampler](
+        model_fn,
+        x,
+        d,
+        10,
+        spacing=spacing,
+        steps_offset=0 if spacing == "trailing" else 1,
+        skip=skip,
+        replace=replace,
+        generator=torch.Generator().manual_seed(1),
+    )
     assert len(seen) == 10 - skip + 1 and seen[0] == pytest.approx(ac[t0].item(), rel=1e-4)
-    assert all(b > a for a, b in zip(seen, seen[1:]))                           # ever less noise
-    if sampler != "ddim":                                                        # DDIM ends at abar_0 (release)
+    assert all(b > a for a, b in zip(seen, seen[1:]))  # ever less noise
+    if sampler != "ddim":  # DDIM ends at abar_0 (release)
         assert seen[-1] == 1.0 and torch.allclose(out, z0, atol=2e-4)
 
 
 def test_repaint_resampling_runs_and_keeps_the_known_region(models):
     image, mask = scene(1)
-    out = inpaint(models["replace"], {"text": ["x"], "level": [15.0]}, image, mask, seeds=[0], sampler="ddim",
-                  resample=3, **STEPS)
+    out = inpaint(
+        models["replace"],
+        {"text": ["x"], "level": [15.0]},
+        image,
+        mask,
+        seeds=[0],
+        sampler="ddim",
+        resample=3,
+        **STEPS,
+    )
     band = (feathered(mask, 3) > 0).expand_as(image)
     assert (out - image).abs()[~band].max() <= 1 / 255
     with pytest.raises(ValueError, match="sampler 'ddim' or 'ddpm'"):
-        inpaint(models["replace"], {"text": ["x"], "level": [15.0]}, image, mask, seeds=[0], resample=2, **STEPS)
+        inpaint(
+            models["replace"],
+            {"text": ["x"], "level": [15.0]},
+            image,
+            mask,
+            seeds=[0],
+            resample=2,
+            **STEPS,
+        )
 
 
 def test_methods_refuse_the_wrong_model(models):
@@ -128,12 +172,20 @@ def test_methods_refuse_the_wrong_model(models):
     with pytest.raises(ValueError, match="img2img needs a text-to-image U-Net"):
         editing.img2img(models["model"], cond, image, 0.5, seeds=[0], **STEPS)
     with pytest.raises(ValueError, match="multidiffusion needs a text-to-image U-Net"):
-        editing.extend(models["model"], ["x"], (32, 64), level=15, tile=32, overlap=16, method="multidiffusion")
+        editing.extend(
+            models["model"],
+            ["x"],
+            (32, 64),
+            values={"level": 15},
+            tile=32,
+            overlap=16,
+            method="multidiffusion",
+        )
 
 
 def test_img2img_strength_counts_steps_as_diffusers_does():
     assert editing.strength_skip(20, 1.0) == 0 and editing.strength_skip(20, 0.5) == 10
-    assert editing.strength_skip(20, 0.01) == 19                                 # at least one step runs
+    assert editing.strength_skip(20, 0.01) == 19  # at least one step runs
     for bad in (0, -0.1, 1.01):
         with pytest.raises(ValueError, match=r"strength must lie in \(0, 1\]"):
             editing.strength_skip(20, bad)
@@ -142,8 +194,16 @@ def test_img2img_strength_counts_steps_as_diffusers_does():
 def test_img2img_and_super_resolution_shapes(models):
     image, _ = scene(1, 16, 24)
     cond = {"text": ["x"], "level": [16.0]}
-    assert editing.img2img(models["replace"], cond, image, 0.5, seeds=[0], **STEPS).shape == image.shape
-    assert editing.super_resolve(models["replace"], cond, image, 2, seeds=[0], **STEPS).shape == (1, 3, 32, 48)
+    assert (
+        editing.img2img(models["replace"], cond, image, 0.5, seeds=[0], **STEPS).shape
+        == image.shape
+    )
+    assert editing.super_resolve(models["replace"], cond, image, 2, seeds=[0], **STEPS).shape == (
+        1,
+        3,
+        32,
+        48,
+    )
 
 
 def test_canvas_tiles_cover_the_canvas_evenly():
@@ -156,20 +216,32 @@ def test_canvas_tiles_cover_the_canvas_evenly():
         canvas_tiles((1020, 4096), 256, 64, 8)
 
 
-@pytest.mark.parametrize("method,channels", [("outpaint", 4), ("outpaint", 9), ("multidiffusion", 4)])
+@pytest.mark.parametrize(
+    "method,channels", [("outpaint", 4), ("outpaint", 9), ("multidiffusion", 4)]
+)
 def test_extend_builds_a_canvas_with_a_prompt_per_tile(method, channels):
     model = tiny(channels)
-    out = editing.extend(model, ["forest", "lake", "desert"], (32, 64), level=15, tile=32, overlap=16,
-                         method=method, **STEPS)
+    out = editing.extend(
+        model,
+        ["forest", "lake", "desert"],
+        (32, 64),
+        values={"level": 15},
+        tile=32,
+        overlap=16,
+        method=method,
+        **STEPS,
+    )
     assert out.shape == (1, 3, 32, 64) and out.abs().max() <= 1
     with pytest.raises(ValueError, match="give 1 prompt or 3"):
-        editing.extend(model, ["a", "b"], (32, 64), level=15, tile=32, overlap=16, method=method)
+        editing.extend(
+            model, ["a", "b"], (32, 64), values={"level": 15}, tile=32, overlap=16, method=method
+        )
 
 
 def test_outpainted_tiles_never_rewrite_what_earlier_tiles_made():
     """Tile 0 of a three-tile row is the same whatever the later tiles are asked for, and they differ."""
     model = tiny()
-    kw = dict(level=15, tile=32, overlap=16, latents=True, **STEPS)
+    kw = dict(values={"level": 15}, tile=32, overlap=16, latents=True, **STEPS)
     a = editing.extend(model, ["forest", "lake", "desert"], (32, 64), **kw)
     b = editing.extend(model, ["forest", "beach", "airport"], (32, 64), **kw)
     t = 32 // model.vae.downsample
@@ -184,19 +256,26 @@ def test_tiled_vae_codes_as_well_as_one_pass_with_the_trained_demo_vae():
     model = Text2Earth(cfg).eval()
     model.vae = load_part("configs/pretrained/demo_vae.safetensors", "vae").eval()
     from data.synthetic import sample
-    image = torch.from_numpy(sample(3, 14.0, 96)["image"][:64]).permute(2, 0, 1)[None].float() / 127.5 - 1
+
+    image = (
+        torch.from_numpy(sample(3, 14.0, 96)["image"][:64]).permute(2, 0, 1)[None].float() / 127.5
+        - 1
+    )
     with torch.no_grad():
         whole = editing.encode(model, image)
         one_pass = (model.decode_latents(whole) - image).abs().mean()
         tiled = editing.vae_tiled(model, image, 8, 2, decode_=False)
         assert tiled.shape == whole.shape
         assert (model.decode_latents(tiled) - image).abs().mean() < 1.1 * one_pass
-        assert (editing.vae_tiled(model, whole, 8, 2, decode_=True) - image).abs().mean() < 1.5 * one_pass
+        assert (
+            editing.vae_tiled(model, whole, 8, 2, decode_=True) - image
+        ).abs().mean() < 1.5 * one_pass
 
 
 def test_cloud_mask_finds_procedural_clouds():
     """The estimated mask of the procedural Earth's clouds against the true one (alpha > 1/2): IoU > 0.5."""
     from data.synthetic import make_scene, modalities
+
     ious = []
     for seed in range(12):
         mods = modalities(make_scene(seed, seed % 12), 14.0, 64, seed=seed)
@@ -211,6 +290,7 @@ def test_cloud_mask_finds_procedural_clouds():
 # edit.py
 # ----------------------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
     d = tmp_path_factory.mktemp("edit")
@@ -221,8 +301,8 @@ def files(tmp_path_factory):
     m = np.zeros((32, 48), "uint8")
     m[8:20, 10:30] = 255
     Image.fromarray(m).save(d / "mask.png")
-    Image.fromarray(m[::2, ::2]).save(d / "mask_half.png")                      # same aspect: resized
-    Image.fromarray(m[:, :40]).save(d / "mask_other.png")                      # other aspect: refused
+    Image.fromarray(m[::2, ::2]).save(d / "mask_half.png")  # same aspect: resized
+    Image.fromarray(m[:, :40]).save(d / "mask_other.png")  # other aspect: refused
     Image.fromarray(np.zeros_like(m)).save(d / "black.png")
     (d / "notes.png").write_text("not an image")
     (d / "empty.txt").write_text("\n\n")
@@ -233,68 +313,206 @@ def files(tmp_path_factory):
 
 
 def run(files, capsys, *args):
-    code = edit.main([*args[:1], "--weights", str(files / "t2i.safetensors"), "--steps", "2", *args[1:]]) \
-        if "--weights" not in args else edit.main(list(args) + ["--steps", "2"])
+    code = (
+        edit.main(
+            [*args[:1], "--weights", str(files / "t2i.safetensors"), "--steps", "2", *args[1:]]
+        )
+        if "--weights" not in args
+        else edit.main(list(args) + ["--steps", "2"])
+    )
     return code, capsys.readouterr()
 
 
 def test_cli_inpaint_writes_png_with_settings_and_never_overwrites(files, tmp_path, capsys):
     out = tmp_path / "o"
-    code, _ = run(files, capsys, "inpaint", "--image", str(files / "in.png"), "--mask", str(files / "mask.png"),
-                  "--prompt", "a forest", "--level", "15", "--out", str(out), "--n", "2")
+    code, _ = run(
+        files,
+        capsys,
+        "inpaint",
+        "--image",
+        str(files / "in.png"),
+        "--mask",
+        str(files / "mask.png"),
+        "--prompt",
+        "a forest",
+        "--level",
+        "15",
+        "--out",
+        str(out),
+        "--n",
+        "2",
+    )
     assert code == 0
     written = sorted(p.name for p in out.iterdir())
     assert written == ["in_inpaint_seed0.png", "in_inpaint_seed1.png"]
     im = Image.open(out / written[0])
     assert im.size == (48, 32) and im.text["prompt"] == "a forest" and im.text["level"] == "15"
-    assert im.text["method"] == "replace" and im.text["mask"].endswith("mask.png") and im.text["seed"] == "0"
+    assert (
+        im.text["method"] == "replace"
+        and im.text["mask"].endswith("mask.png")
+        and im.text["seed"] == "0"
+    )
     before = (out / written[0]).read_bytes()
     with pytest.raises(SystemExit) as e:
-        run(files, capsys, "inpaint", "--image", str(files / "in.png"), "--mask", str(files / "mask.png"),
-            "--prompt", "x", "--out", str(out))
+        run(
+            files,
+            capsys,
+            "inpaint",
+            "--image",
+            str(files / "in.png"),
+            "--mask",
+            str(files / "mask.png"),
+            "--prompt",
+            "x",
+            "--out",
+            str(out),
+        )
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
     assert (out / written[0]).read_bytes() == before
 
 
 def test_cli_every_command_runs(files, tmp_path, capsys):
     img = str(files / "in.png")
-    code, _ = run(files, capsys, "declouds", "--image", str(files / "cloudy.png"), "--out", str(tmp_path / "d"))
-    assert code == 0 and {p.name for p in (tmp_path / "d").iterdir()} == {"cloudy_declouds_seed0.png",
-                                                                         "cloudy_cloudmask.png"}
-    code, cap = run(files, capsys, "img2img", "--image", img, "--preset", "sr", "--prompt", "x", "--level", "14",
-                    "--out", str(tmp_path / "s"))
+    code, _ = run(
+        files,
+        capsys,
+        "declouds",
+        "--image",
+        str(files / "cloudy.png"),
+        "--out",
+        str(tmp_path / "d"),
+    )
+    assert code == 0 and {p.name for p in (tmp_path / "d").iterdir()} == {
+        "cloudy_declouds_seed0.png",
+        "cloudy_cloudmask.png",
+    }
+    code, cap = run(
+        files,
+        capsys,
+        "img2img",
+        "--image",
+        img,
+        "--preset",
+        "sr",
+        "--prompt",
+        "x",
+        "--level",
+        "14",
+        "--out",
+        str(tmp_path / "s"),
+    )
     sr = Image.open(tmp_path / "s" / "in_img2img_seed0.png")
-    assert code == 0 and sr.size == (96, 64) and sr.text["level"] == "15" and "output level 15" in cap.out
-    code, _ = run(files, capsys, "img2img", "--image", img, "--strength", "0.4", "--prompt", "x",
-                  "--out", str(tmp_path / "i"))
-    assert code == 0 and Image.open(tmp_path / "i" / "in_img2img_seed0.png").text["strength"] == "0.4"
+    assert (
+        code == 0
+        and sr.size == (96, 64)
+        and sr.text["level"] == "15"
+        and "output level 15" in cap.out
+    )
+    code, _ = run(
+        files,
+        capsys,
+        "img2img",
+        "--image",
+        img,
+        "--strength",
+        "0.4",
+        "--prompt",
+        "x",
+        "--out",
+        str(tmp_path / "i"),
+    )
+    assert (
+        code == 0 and Image.open(tmp_path / "i" / "in_img2img_seed0.png").text["strength"] == "0.4"
+    )
     prompts = tmp_path / "p.txt"
     prompts.write_text("forest\n\nlake\ndesert\n")
     for method in editing.CANVAS_METHODS:
-        code, cap = run(files, capsys, "extend", "--prompts", str(prompts), "--size", "32", "64", "--tile", "32",
-                        "--overlap", "16", "--method", method, "--out", str(tmp_path / method))
+        code, cap = run(
+            files,
+            capsys,
+            "extend",
+            "--prompts",
+            str(prompts),
+            "--size",
+            "32",
+            "64",
+            "--tile",
+            "32",
+            "--overlap",
+            "16",
+            "--method",
+            method,
+            "--out",
+            str(tmp_path / method),
+        )
         canvas = Image.open(tmp_path / method / "canvas_extend_seed0.png")
-        assert code == 0 and canvas.size == (64, 32) and "1 x 3 tiles" in cap.out and canvas.text["method"] == method
-    code = edit.main(["inpaint", "--weights", str(files / "inpaint.safetensors"), "--image", img, "--mask",
-                         str(files / "mask_half.png"), "--prompt", "x", "--steps", "2", "--out", str(tmp_path / "n")])
-    assert code == 0 and Image.open(tmp_path / "n" / "in_inpaint_seed0.png").text["method"] == "model"
+        assert (
+            code == 0
+            and canvas.size == (64, 32)
+            and "1 x 3 tiles" in cap.out
+            and canvas.text["method"] == method
+        )
+    code = edit.main(
+        [
+            "inpaint",
+            "--weights",
+            str(files / "inpaint.safetensors"),
+            "--image",
+            img,
+            "--mask",
+            str(files / "mask_half.png"),
+            "--prompt",
+            "x",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "n"),
+        ]
+    )
+    assert (
+        code == 0 and Image.open(tmp_path / "n" / "in_inpaint_seed0.png").text["method"] == "model"
+    )
 
 
-@pytest.mark.parametrize("args,message", [
-    (["inpaint", "--mask", "{d}/mask_other.png"], "sizes and aspect ratios differ"),
-    (["inpaint", "--mask", "{d}/black.png"], "all black: nothing to regenerate"),
-    (["inpaint", "--mask", "{d}/mask.png", "--image", "{d}/notes.png"], "not an image file"),
-    (["inpaint", "--mask", "{d}/mask.png", "--image", "{d}/missing.png"], "no such file"),
-    (["inpaint", "--mask", "{d}/mask.png", "--method", "model"], "needs a 9-channel inpainting U-Net"),
-    (["img2img", "--strength", "1.5"], r"--strength must lie in \(0, 1\]"),
-    (["img2img", "--strength", "0"], r"--strength must lie in \(0, 1\]"),
-    (["img2img", "--preset", "sr"], "needs the input's --level"),
-    (["extend", "--size", "36", "64"], "multiples of 8"),
-    (["extend", "--size", "32", "64", "--prompts", "{d}/empty.txt"], "extend needs prompts"),
-    (["extend", "--size", "32", "64", "--tile", "32", "--overlap", "16", "--prompt", "a"], None),
-    (["extend", "--size", "32", "64", "--tile", "32", "--overlap", "16", "--prompt", "a", "--prompt", "b"],
-     "give 1 prompt or 3"),
-])
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["inpaint", "--mask", "{d}/mask_other.png"], "sizes and aspect ratios differ"),
+        (["inpaint", "--mask", "{d}/black.png"], "all black: nothing to regenerate"),
+        (["inpaint", "--mask", "{d}/mask.png", "--image", "{d}/notes.png"], "not an image file"),
+        (["inpaint", "--mask", "{d}/mask.png", "--image", "{d}/missing.png"], "no such file"),
+        (
+            ["inpaint", "--mask", "{d}/mask.png", "--method", "model"],
+            "needs a 9-channel inpainting U-Net",
+        ),
+        (["img2img", "--strength", "1.5"], r"--strength must lie in \(0, 1\]"),
+        (["img2img", "--strength", "0"], r"--strength must lie in \(0, 1\]"),
+        (["img2img", "--preset", "sr"], "needs the input's --level"),
+        (["extend", "--size", "36", "64"], "multiples of 8"),
+        (["extend", "--size", "32", "64", "--prompts", "{d}/empty.txt"], "extend needs prompts"),
+        (
+            ["extend", "--size", "32", "64", "--tile", "32", "--overlap", "16", "--prompt", "a"],
+            None,
+        ),
+        (
+            [
+                "extend",
+                "--size",
+                "32",
+                "64",
+                "--tile",
+                "32",
+                "--overlap",
+                "16",
+                "--prompt",
+                "a",
+                "--prompt",
+                "b",
+            ],
+            "give 1 prompt or 3",
+        ),
+    ],
+)
 def test_cli_bad_input_is_one_line_exit_2_nothing_written(files, tmp_path, capsys, args, message):
     d, out = str(files), tmp_path / "o"
     args = [a.format(d=d) for a in args]
@@ -304,7 +522,7 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(files, tmp_path, capsy
         args += ["--prompt", "x"]
     if args[0] == "extend" and "--prompt" not in args and "--prompts" not in args:
         args += ["--prompt", "a"]
-    if message is None:                                                          # the valid twin of the next case
+    if message is None:  # the valid twin of the next case
         assert run(files, capsys, *args, "--out", str(out))[0] == 0
         return
     with pytest.raises(SystemExit) as e:
@@ -318,8 +536,19 @@ def test_cli_bad_input_is_one_line_exit_2_nothing_written(files, tmp_path, capsy
 
 def test_cli_resizes_a_mask_of_the_same_aspect_with_a_warning(files, tmp_path, capsys):
     with pytest.warns(UserWarning, match="resized to the image's 48x32"):
-        code, _ = run(files, capsys, "inpaint", "--image", str(files / "in.png"), "--mask",
-                      str(files / "mask_half.png"), "--prompt", "x", "--out", str(tmp_path))
+        code, _ = run(
+            files,
+            capsys,
+            "inpaint",
+            "--image",
+            str(files / "in.png"),
+            "--mask",
+            str(files / "mask_half.png"),
+            "--prompt",
+            "x",
+            "--out",
+            str(tmp_path),
+        )
     assert code == 0
 
 
@@ -328,15 +557,20 @@ def test_seam_ratio_reads_stitching_and_not_texture():
     borders drawn on it reads ~1; on the period-4 grid, a texture whose every 4th line jumps (a VAE's upsampling)
     still reads ~1, while all lines would read it as a seam."""
     from evaluation.canvas import seam_ratio
+
     g = torch.Generator().manual_seed(0)
     origins, _ = canvas_tiles((32, 144), 32, 16, 4)
-    smooth = torch.nn.functional.avg_pool2d(torch.randn(3, 36, 148, generator=g), 5, stride=1)   # one texture
+    smooth = torch.nn.functional.avg_pool2d(
+        torch.randn(3, 36, 148, generator=g), 5, stride=1
+    )  # one texture
     stitched = smooth.clone()
     for k, (_, x) in enumerate(origins[::2]):
-        stitched[:, :, x:x + 32] += torch.randn(3, 1, 1, generator=g)            # each tile its own offset
+        stitched[:, :, x : x + 32] += torch.randn(3, 1, 1, generator=g)  # each tile its own offset
     assert seam_ratio(stitched, origins, 32) > 3 and 0.8 < seam_ratio(smooth, origins, 32) < 1.2
     grid = smooth.clone()
-    grid[:, ::4] += 0.3                                                           # every 4th line stands out
+    grid[:, ::4] += 0.3  # every 4th line stands out
     grid[:, :, ::4] += 0.3
-    assert seam_ratio(grid, origins, 32) > 1.5 and 0.8 < seam_ratio(grid, origins, 32, period=4) < 1.2
+    assert (
+        seam_ratio(grid, origins, 32) > 1.5 and 0.8 < seam_ratio(grid, origins, 32, period=4) < 1.2
+    )
     assert math.isnan(seam_ratio(smooth[:, :, :32], [(0, 0)], 32))

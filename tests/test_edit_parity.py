@@ -3,6 +3,7 @@ tiny random release-shaped folder: the same DDIM chain, guidance, mask and maske
 before decoding agree to 1e-4. The release's pipeline gives the U-Net the level as `class_labels` (the U-Net's
 class_embed_type="timestep"); diffusers' inpainting pipeline has no such argument, so the test wraps the
 diffusers U-Net's forward to pass it."""
+
 import pytest
 import torch
 
@@ -12,7 +13,7 @@ from model.weights import load_diffusers
 TOL = 1e-4
 PROMPTS = ["a dense residential area with many buildings", "farmland crossed by rivers and roads"]
 LEVELS = [12.0, 17.0]
-SIZE = 32                                                                        # pixels; the tiny VAE halves it
+SIZE = 32  # pixels; the tiny VAE halves it
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -28,19 +29,29 @@ def one_thread():
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
     """(folder, reference modules, our model, diffusers' inpainting pipeline) of one tiny 9-channel release."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionInpaintPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        DDIMScheduler,
+        StableDiffusionInpaintPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextModel, CLIPTokenizer
     from release import make_release
+
     folder = tmp_path_factory.mktemp("inpainting_release")
     refs = make_release(folder, in_channels=9, seed=3)
     # built from the folder's parts (its model_index.json has no _diffusers_version, which the pipeline's
     # from_pretrained requires for an inpainting class)
     pipe = StableDiffusionInpaintPipeline(
-        vae=AutoencoderKL.from_pretrained(folder / "vae"), text_encoder=CLIPTextModel.from_pretrained(
-            folder / "text_encoder"), tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
+        vae=AutoencoderKL.from_pretrained(folder / "vae"),
+        text_encoder=CLIPTextModel.from_pretrained(folder / "text_encoder"),
+        tokenizer=CLIPTokenizer.from_pretrained(folder / "tokenizer"),
         unet=UNet2DConditionModel.from_pretrained(folder / "unet"),
-        scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"), safety_checker=None, feature_extractor=None,
-        requires_safety_checker=False)
+        scheduler=DDIMScheduler.from_pretrained(folder / "scheduler"),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
     pipe.set_progress_bar_config(disable=True)
     return folder, refs, load_diffusers(folder), pipe
 
@@ -52,7 +63,7 @@ def inputs():
     image = torch.rand(2, 3, SIZE, SIZE, generator=g) * 2 - 1
     mask = torch.full((2, 1, SIZE, SIZE), 0.2)
     mask[0, :, 5:21, 9:28] = 0.8
-    mask[1, :, 13:32, 0:11] = 0.5                                                # 0.5 is "regenerate" for both
+    mask[1, :, 13:32, 0:11] = 0.5  # 0.5 is "regenerate" for both
     noise = torch.randn(2, 4, SIZE // 2, SIZE // 2, generator=g)
     return image, mask, noise
 
@@ -64,8 +75,11 @@ def masked_latent(refs, image, mask):
         return vae.encode(image * (mask < 0.5)).latent_dist.mean * vae.config.scaling_factor
 
 
-@pytest.mark.parametrize("guidance,scale", [(None, 4.0), ({"text": 3.5, "level": 3.5}, 3.5)],
-                         ids=["default-4", "inpainting-3.5"])
+@pytest.mark.parametrize(
+    "guidance,scale",
+    [(None, 4.0), ({"text": 3.5, "level": 3.5}, 3.5)],
+    ids=["default-4", "inpainting-3.5"],
+)
 @pytest.mark.parametrize("steps", [4, 6])
 def test_inpainting_matches_diffusers_pipeline(release, monkeypatch, guidance, scale, steps):
     """guidance None is our default (text and level jointly at 4.0, the release's); 3.5 is the inpainting
@@ -89,27 +103,53 @@ def test_inpainting_matches_diffusers_pipeline(release, monkeypatch, guidance, s
     monkeypatch.setattr(pipe.unet, "forward", with_levels)
     seen = {}
 
-    def record(pipeline, i, t, kw):                                              # the latent mask diffusers built
+    def record(pipeline, i, t, kw):  # the latent mask diffusers built
         seen.setdefault("mask", kw["mask"].clone())
         seen.setdefault("masked_image_latents", kw["masked_image_latents"].clone())
         return {}
 
-    ref = pipe(prompt=PROMPTS, image=image, mask_image=mask, masked_image_latents=z_masked, latents=noise,
-               height=SIZE, width=SIZE, strength=1.0, num_inference_steps=steps, guidance_scale=scale, eta=0.0,
-               output_type="latent", callback_on_step_end=record,
-               callback_on_step_end_tensor_inputs=["mask", "masked_image_latents"]).images
-    assert calls == [1 + k * (1000 // steps) for k in reversed(range(steps))]    # "leading", steps_offset 1
+    ref = pipe(
+        prompt=PROMPTS,
+        image=image,
+        mask_image=mask,
+        masked_image_latents=z_masked,
+        latents=noise,
+        height=SIZE,
+        width=SIZE,
+        strength=1.0,
+        num_inference_steps=steps,
+        guidance_scale=scale,
+        eta=0.0,
+        output_type="latent",
+        callback_on_step_end=record,
+        callback_on_step_end_tensor_inputs=["mask", "masked_image_latents"],
+    ).images
+    assert calls == [
+        1 + k * (1000 // steps) for k in reversed(range(steps))
+    ]  # "leading", steps_offset 1
     ours_mask = latent_mask((mask >= 0.5).float(), 2)
     assert torch.equal(seen["mask"], torch.cat([ours_mask] * 2))
     assert torch.equal(seen["masked_image_latents"], torch.cat([z_masked] * 2))
     assert 0.05 < ours_mask.mean() < 0.95
 
-    out = inpaint_latents(ours, {"text": PROMPTS, "level": LEVELS}, image, mask, seeds=[0, 1], noise=noise,
-                          masked_latent=z_masked, sampler="ddim", steps=steps, guidance=guidance)
+    out = inpaint_latents(
+        ours,
+        {"text": PROMPTS, "level": LEVELS},
+        image,
+        mask,
+        seeds=[0, 1],
+        noise=noise,
+        masked_latent=z_masked,
+        sampler="ddim",
+        steps=steps,
+        guidance=guidance,
+    )
     assert out.shape == ref.shape == noise.shape
-    assert (out - noise).abs().max() > 0.1                                       # the chain moved
+    assert (out - noise).abs().max() > 0.1  # the chain moved
     diff = (out - ref).abs().max().item()
-    assert diff <= TOL, f"max |ours - diffusers| = {diff:.3g} after {steps} DDIM steps, guidance {scale}"
+    assert diff <= TOL, (
+        f"max |ours - diffusers| = {diff:.3g} after {steps} DDIM steps, guidance {scale}"
+    )
 
 
 def test_masked_latent_is_the_vae_mean_of_the_masked_image(release):
@@ -119,20 +159,25 @@ def test_masked_latent_is_the_vae_mean_of_the_masked_image(release):
     image, mask, noise = inputs()
     kw = dict(seeds=[0, 1], noise=noise, sampler="ddim", steps=2)
     cond = {"text": PROMPTS, "level": LEVELS}
-    given = inpaint_latents(ours, cond, image, mask, masked_latent=masked_latent(refs, image, mask), **kw)
+    given = inpaint_latents(
+        ours, cond, image, mask, masked_latent=masked_latent(refs, image, mask), **kw
+    )
     own = inpaint_latents(ours, cond, image, mask, **kw)
     assert (own - given).abs().max() <= TOL
 
 
 def test_inpaint_method_refuses_the_wrong_unet(release, tmp_path):
     from release import make_release
+
     _, _, nine, _ = release
     make_release(tmp_path, in_channels=4, seed=3)
     four = load_diffusers(tmp_path)
     assert inpaint_method(nine) == "model" and inpaint_method(four) == "replace"
     image, mask, _ = inputs()
     cond = {"text": PROMPTS, "level": LEVELS}
-    with pytest.raises(ValueError, match="'model' needs a 9-channel inpainting U-Net.*4 input channels"):
+    with pytest.raises(
+        ValueError, match="'model' needs a 9-channel inpainting U-Net.*4 input channels"
+    ):
         inpaint_latents(four, cond, image, mask, seeds=[0, 1], method="model")
     with pytest.raises(ValueError, match="'replace' needs a text-to-image U-Net"):
         inpaint_latents(nine, cond, image, mask, seeds=[0, 1], method="replace")

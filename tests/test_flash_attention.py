@@ -34,12 +34,16 @@ def _kernels_runnable_in_this_process():
     if DEVICE == "cuda":
         return True
     from triton.runtime.interpreter import InterpretedFunction
+
     return fa._INTERPRET and isinstance(tl.zeros, InterpretedFunction)
 
 
 IN_PROCESS = _kernels_runnable_in_this_process()
-in_process = pytest.mark.skipif(not IN_PROCESS, reason="triton was imported before TRITON_INTERPRET=1 was set; "
-                                                       "see test_in_fresh_interpreter_process")
+in_process = pytest.mark.skipif(
+    not IN_PROCESS,
+    reason="triton was imported before TRITON_INTERPRET=1 was set; "
+    "see test_in_fresh_interpreter_process",
+)
 
 
 def _interpreter_bf16_dot_works():
@@ -65,13 +69,26 @@ _TOL = {torch.float32: 2e-3, torch.float16: 1e-2, torch.bfloat16: 1e-2}
 if DEVICE == "cuda" or _interpreter_bf16_dot_works():
     DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 else:
-    DTYPES = [torch.float32, torch.float16,
-              pytest.param(torch.bfloat16, marks=pytest.mark.skip(reason="Triton interpreter computes bf16 tl.dot "
-                                                                         "on raw bits; bf16 is tested on CUDA"))]
+    DTYPES = [
+        torch.float32,
+        torch.float16,
+        pytest.param(
+            torch.bfloat16,
+            marks=pytest.mark.skip(
+                reason="Triton interpreter computes bf16 tl.dot on raw bits; bf16 is tested on CUDA"
+            ),
+        ),
+    ]
 
 # (B, heads, Lq, Lk, D): the U-Net's situations in miniature
 SHAPES = [
-    (1, 2, 33, 77, 64),  # cross-attention: 77 text keys (not a multiple of any block), odd query count
+    (
+        1,
+        2,
+        33,
+        77,
+        64,
+    ),  # cross-attention: 77 text keys (not a multiple of any block), odd query count
     (1, 2, 16, 16, 32),  # tiny self-attention, one partial block
     (1, 2, 64, 5, 40),  # few keys, non-power-of-2 head dim, query count a multiple of the block
     (1, 1, 20, 64, 64),  # keys a multiple of the block (unmasked key loop)
@@ -100,9 +117,16 @@ def _check_against_reference(q, k, v, do, tol, sm_scale=None):
     dq_ref, dk_ref, dv_ref = torch.autograd.grad(o_ref, (qr, kr, vr), do.float())
 
     assert o.dtype == q.dtype and o.shape == q.shape
-    for name, got, ref in (("o", o, o_ref), ("dq", dq, dq_ref), ("dk", dk, dk_ref), ("dv", dv, dv_ref)):
+    for name, got, ref in (
+        ("o", o, o_ref),
+        ("dq", dq, dq_ref),
+        ("dk", dk, dk_ref),
+        ("dv", dv, dv_ref),
+    ):
         assert torch.isfinite(got).all(), name
-        torch.testing.assert_close(got.float(), ref, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            got.float(), ref, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}"
+        )
 
 
 @in_process
@@ -116,7 +140,7 @@ def test_matches_reference(shape, dtype):
 def test_reference_is_softmax_attention():
     # the reference itself, against the definition written out with explicit sums
     q, k, v, _ = _inputs(1, 1, 3, 4, 8, torch.float32)
-    s = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) / 8 ** 0.5
+    s = torch.einsum("bhqd,bhkd->bhqk", q.double(), k.double()) / 8**0.5
     w = s.exp() / s.exp().sum(-1, keepdim=True)
     o = torch.einsum("bhqk,bhkd->bhqd", w, v.double())
     torch.testing.assert_close(attention_reference(q, k, v).double(), o, atol=1e-6, rtol=1e-6)
@@ -146,7 +170,9 @@ def test_non_contiguous_inputs_and_grad():
 
 
 @in_process
-@pytest.mark.filterwarnings("error::RuntimeWarning")  # in the interpreter, numpy overflow would mean an inf
+@pytest.mark.filterwarnings(
+    "error::RuntimeWarning"
+)  # in the interpreter, numpy overflow would mean an inf
 def test_custom_scale_and_very_negative_scores():
     # every score about -200 nats: exp(0 - logsumexp) of a zero-padded key would overflow if the padded keys
     # (Lk = 19 is not a block multiple) were not masked out of dQ; the softmax itself stays uniform and finite
@@ -161,6 +187,7 @@ def test_custom_scale_and_very_negative_scores():
 def test_math_backend_is_the_reference():
     # model.attention's "math" backend is kernels/reference.py's function, and agrees with SDPA
     from model import attention as attn
+
     q, k, v, _ = _inputs(2, 3, 9, 77, 40, torch.float32)
     attn.set_backend("math")
     try:
@@ -169,7 +196,9 @@ def test_math_backend_is_the_reference():
         attn.set_backend("sdpa")
     assert torch.equal(o, attention_reference(q, k, v))
     sdpa = torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    torch.testing.assert_close(o, sdpa, atol=_TOL[torch.float32], rtol=_TOL[torch.float32])  # TF32 may be on (CUDA)
+    torch.testing.assert_close(
+        o, sdpa, atol=_TOL[torch.float32], rtol=_TOL[torch.float32]
+    )  # TF32 may be on (CUDA)
 
 
 def test_errors():
@@ -177,7 +206,9 @@ def test_errors():
     with pytest.raises(ValueError, match="shape"):
         fa.flash_attention(q[0], q[0], q[0])
     with pytest.raises(ValueError, match="head dim"):
-        fa.flash_attention(q, torch.randn(1, 2, 8, 16, device=DEVICE), torch.randn(1, 2, 8, 16, device=DEVICE))
+        fa.flash_attention(
+            q, torch.randn(1, 2, 8, 16, device=DEVICE), torch.randn(1, 2, 8, 16, device=DEVICE)
+        )
     big = torch.randn(1, 1, 4, 160, device=DEVICE)
     with pytest.raises(ValueError, match="160"):
         fa.flash_attention(big, big, big)
@@ -203,8 +234,17 @@ def test_in_fresh_interpreter_process():
     # run this file's kernel tests in a new process where it is set from the start
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, TRITON_INTERPRET="1")
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).resolve()),
-           "-k", "not test_in_fresh_interpreter_process"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "-q",
+        "-p",
+        "no:cacheprovider",
+        str(Path(__file__).resolve()),
+        "-k",
+        "not test_in_fresh_interpreter_process",
+    ]
     r = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " failed" not in r.stdout
@@ -212,12 +252,23 @@ def test_in_fresh_interpreter_process():
 
 def test_autotune_pruning_fits_blocks_to_the_sequence():
     # on the GPU the autotuner only tries blocks no larger than the (power-of-2 rounded) sequence lengths
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m in (16, 64, 128) for n in (32, 64, 128)]
+    configs = [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m in (16, 64, 128) for n in (32, 64, 128)
+    ]
     kept = fa._prune_configs(configs, {"N_CTX_Q": 16, "N_CTX_K": 77}, HEAD_DIM_PAD=64)
-    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {(16, 32), (16, 64), (16, 128)}
+    assert {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept} == {
+        (16, 32),
+        (16, 64),
+        (16, 128),
+    }
     kept = fa._prune_configs(configs, {"N_CTX_Q": 1024, "N_CTX_K": 1024}, HEAD_DIM_PAD=128)
-    assert all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in kept) and len(kept) == 8
-    big = [triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}), triton.Config({"BLOCK_M": 64, "BLOCK_N": 128})]
+    assert (
+        all(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 128 * 64 for c in kept) and len(kept) == 8
+    )
+    big = [
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}),
+    ]
     kept = fa._prune_configs(big, {"N_CTX_Q": 5, "N_CTX_K": 5}, HEAD_DIM_PAD=64)
     assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in kept] == [(64, 128)]
 
@@ -226,6 +277,7 @@ def test_benchmark_shape_bookkeeping():
     # the benchmark's U-Net shape table (SD2 layout): 16 transformers (5 per attention level + 1 mid block), each
     # with a self- and a cross-attention; attention core ~4.7% of the U-Net's 181 GFLOP per sample at 256 px
     import importlib.util
+
     path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_attention.py"
     spec = importlib.util.spec_from_file_location("bench_attention", path)
     bench = importlib.util.module_from_spec(spec)
@@ -233,11 +285,23 @@ def test_benchmark_shape_bookkeeping():
     shapes = bench.unet_shapes(256, batch=1)
     assert sum(s.count for s in shapes) == 32
     assert {(s.heads, s.Lq, s.Lk) for s in shapes} == {
-        (5, 1024, 1024), (5, 1024, 77), (10, 256, 256), (10, 256, 77), (20, 64, 64), (20, 64, 77),
-        (20, 16, 16), (20, 16, 77)}
+        (5, 1024, 1024),
+        (5, 1024, 77),
+        (10, 256, 256),
+        (10, 256, 77),
+        (20, 64, 64),
+        (20, 64, 77),
+        (20, 16, 16),
+        (20, 16, 77),
+    }
     gflop = sum(s.flops_fwd() * s.count for s in shapes) / 1e9
     assert 0.04 < gflop / 181 < 0.05
-    assert [s.Lq for s in bench.unet_shapes(512, batch=1) if "self" in s.name] == [4096, 1024, 256, 64]
+    assert [s.Lq for s in bench.unet_shapes(512, batch=1) if "self" in s.name] == [
+        4096,
+        1024,
+        256,
+        64,
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -248,6 +312,7 @@ def test_unet_forward_backward_with_kernel_matches_sdpa():
     from model import attention as attn
     from model.config import load_config
     from model.unet import UNet
+
     if not fa.is_available():
         pytest.skip("triton kernels need CUDA or TRITON_INTERPRET=1")
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -255,8 +320,12 @@ def test_unet_forward_backward_with_kernel_matches_sdpa():
     torch.manual_seed(0)
     unet = UNet(cfg).to(device)
     x = torch.randn(1, 4, 8, 8, device=device)
-    cond = {"text": torch.randn(1, 77, cfg.context_dim, device=device),   # 77 text keys: masked key blocks
-            "level": torch.tensor([15.0], device=device)}
+    cond = {
+        "text": torch.randn(
+            1, 77, cfg.context_dim, device=device
+        ),  # 77 text keys: masked key blocks
+        "level": torch.tensor([15.0], device=device),
+    }
     results = {}
     for backend in ("sdpa", "triton"):
         attn.set_backend(backend)

@@ -1,20 +1,24 @@
 """model/flops.py: the accelerator peak table and the U-Net's FLOP count."""
+
 import pytest
 
 from model.config import UNetConfig
 from model.flops import PEAK_TFLOPS, peak_tflops, unet_forward_flops, unet_train_flops
 
 
-@pytest.mark.parametrize("name, peak", [
-    ("NVIDIA H100 PCIe", 756.0),            # not the SXM part's 989: the more specific fragment wins
-    ("NVIDIA H100 80GB HBM3", 989.0),
-    ("NVIDIA H100 NVL", 835.0),
-    ("NVIDIA GH200 480GB", 989.0),
-    ("NVIDIA A100-SXM4-80GB", 312.0),
-    ("NVIDIA L40S", 362.0),
-    ("NVIDIA L40", 181.0),
-    ("NVIDIA L4", 121.0),
-])
+@pytest.mark.parametrize(
+    "name, peak",
+    [
+        ("NVIDIA H100 PCIe", 756.0),  # not the SXM part's 989: the more specific fragment wins
+        ("NVIDIA H100 80GB HBM3", 989.0),
+        ("NVIDIA H100 NVL", 835.0),
+        ("NVIDIA GH200 480GB", 989.0),
+        ("NVIDIA A100-SXM4-80GB", 312.0),
+        ("NVIDIA L40S", 362.0),
+        ("NVIDIA L40", 181.0),
+        ("NVIDIA L4", 121.0),
+    ],
+)
 def test_peak_tflops(name, peak):
     assert peak_tflops(name) == peak
 

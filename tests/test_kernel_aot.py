@@ -46,8 +46,14 @@ def records(tmp_path_factory):
         pytest.skip("triton finds no ptxas binary (it ships in the Linux wheels)")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path_factory.mktemp("triton_cache"))
-    child = subprocess.run([sys.executable, "-c", _CHILD], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=900)
+    child = subprocess.run(
+        [sys.executable, "-c", _CHILD],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert child.returncode == 0, child.stderr[-3000:]
     return [json.loads(line) for line in child.stdout.splitlines() if line.startswith("{")]
 
@@ -58,8 +64,13 @@ def _name(r):
 
 def test_covers_every_kernel_and_target(records):
     assert {r["kernel"] for r in records} == KERNELS
-    assert len(records) % 2 == 0 and len(records) >= 2 * len(KERNELS)  # bf16 sm_90 and fp16 sm_80 for each
-    assert {(r["dtype"], r["target"][:5]) for r in records} == {("bf16", "sm_90"), ("fp16", "sm_80")}
+    assert len(records) % 2 == 0 and len(records) >= 2 * len(
+        KERNELS
+    )  # bf16 sm_90 and fp16 sm_80 for each
+    assert {(r["dtype"], r["target"][:5]) for r in records} == {
+        ("bf16", "sm_90"),
+        ("fp16", "sm_80"),
+    }
 
 
 def test_every_compile_succeeds(records):
@@ -68,6 +79,9 @@ def test_every_compile_succeeds(records):
 
 
 def test_shared_memory_fits_the_device(records):
-    over = [f"{_name(r)}: {r['shared']} > {r['shared_limit']} bytes" for r in records
-            if r["error"] is None and r["shared"] > r["shared_limit"]]
+    over = [
+        f"{_name(r)}: {r['shared']} > {r['shared_limit']} bytes"
+        for r in records
+        if r["error"] is None and r["shared"] > r["shared_limit"]
+    ]
     assert not over, "\n".join(over)

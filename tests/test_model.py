@@ -1,4 +1,5 @@
 """The model on its own: sizes, checkpoints, bad weights, tiled decoding, gradient checkpointing."""
+
 import json
 import shutil
 
@@ -8,16 +9,15 @@ from safetensors.torch import load_file, save_file
 
 from model.config import ModelConfig, load_config
 from model.text2earth import Text2Earth
-from model.weights import WeightsError, load_diffusers, load_model, load_weights, save_model
-
+from model.weights import WeightsError, load_diffusers, load_weights, save_model
 
 
 def test_text2earth_parameter_counts():
     with torch.device("meta"):
         model = Text2Earth(load_config("configs/text2earth.py").model)
     c = model.parameter_counts()
-    assert 860e6 < c["unet"] < 870e6          # SD2-base U-Net 865.9 M + the level MLP 2.05 M
-    assert 83e6 < c["vae"] < 84.5e6           # 83.65 M
+    assert 860e6 < c["unet"] < 870e6  # SD2-base U-Net 865.9 M + the level MLP 2.05 M
+    assert 83e6 < c["vae"] < 84.5e6  # 83.65 M
     assert 335e6 < c["text_encoder"] < 345e6  # 23 ViT-H text blocks + embeddings: 340.4 M
     assert 1.28e9 < c["total"] < 1.30e9
     with torch.device("meta"):
@@ -37,7 +37,7 @@ def test_tiny_shapes_and_level_changes_output(tiny):
         a = tiny.unet(x, torch.tensor([10, 10]), {"text": ctx, "level": torch.tensor([18.0, 18.0])})
         b = tiny.unet(x, torch.tensor([10, 10]), {"text": ctx, "level": torch.tensor([11.0, 11.0])})
     assert a.shape == x.shape
-    assert (a - b).abs().max() > 1e-3          # the level embedding reaches the output
+    assert (a - b).abs().max() > 1e-3  # the level embedding reaches the output
     with pytest.raises(ValueError, match="input channels"):
         tiny.unet(torch.randn(1, 9, 16, 16), 1, {"text": ctx[:1], "level": 0.0})
 
@@ -48,11 +48,12 @@ def test_scale_shift_norm_lets_the_embedding_past_the_group_norm():
     moves every channel alike is lost in the first and reaches the output in the second; scale -1 leaves the
     shift alone in the block's inner path."""
     from model.unet import ResBlock
+
     torch.manual_seed(0)
     x, emb = torch.randn(2, 8, 6, 6), torch.randn(2, 16)
 
     def block(scale_shift, bias):
-        torch.manual_seed(1)                                               # the same convolutions each time
+        torch.manual_seed(1)  # the same convolutions each time
         b = ResBlock(8, 8, 16, groups=2, eps=1e-5, scale_shift=scale_shift)
         b.emb_proj.weight.data.zero_()
         b.emb_proj.bias.data = torch.tensor(bias, dtype=torch.float32)
@@ -60,9 +61,9 @@ def test_scale_shift_norm_lets_the_embedding_past_the_group_norm():
 
     with torch.no_grad():
         add0, add3 = block(False, [0.0] * 8)(x, emb), block(False, [3.0] * 8)(x, emb)
-        assert (add0 - add3).abs().max() < 1e-4                            # a group-wide offset: normalised away
+        assert (add0 - add3).abs().max() < 1e-4  # a group-wide offset: normalised away
         ss0, ss3 = block(True, [0.0] * 16)(x, emb), block(True, [0.0] * 8 + [3.0] * 8)(x, emb)
-        assert (ss0 - ss3).abs().max() > 0.1                               # the same offset as a shift: kept
+        assert (ss0 - ss3).abs().max() > 0.1  # the same offset as a shift: kept
         b = block(True, [-1.0] * 8 + [0.5] * 8)
         shift_only = b.conv2(torch.nn.functional.silu(torch.full((2, 8, 6, 6), 0.5)))
         assert (b(x, emb) - x - shift_only).abs().max() < 1e-5
@@ -70,10 +71,15 @@ def test_scale_shift_norm_lets_the_embedding_past_the_group_norm():
     cfg.unet.scale_shift_norm = True
     torch.manual_seed(0)
     model = Text2Earth(cfg).eval()
-    assert model.unet.mid.res1.emb_proj.weight.shape[0] == 2 * model.unet.mid.res1.conv1.out_channels
+    assert (
+        model.unet.mid.res1.emb_proj.weight.shape[0] == 2 * model.unet.mid.res1.conv1.out_channels
+    )
     x, ctx = torch.randn(2, 4, 16, 16), model.encode_text(["a river", ""])
     with torch.no_grad():
-        a, b = (model.unet(x, torch.tensor([10, 10]), {"text": ctx, "level": torch.tensor([lv, lv])}) for lv in (18.0, 11.0))
+        a, b = (
+            model.unet(x, torch.tensor([10, 10]), {"text": ctx, "level": torch.tensor([lv, lv])})
+            for lv in (18.0, 11.0)
+        )
     assert a.shape == x.shape and (a - b).abs().max() > 1e-3
 
 
@@ -84,9 +90,12 @@ def test_checkpoint_roundtrip_rebuilds_model(tiny, tmp_path):
     assert loaded.cfg == tiny.cfg
     x, ctx = torch.randn(1, 4, 16, 16), tiny.encode_text(["farmland"])
     with torch.no_grad():
-        assert torch.equal(loaded.unet(x, 5, {"text": ctx, "level": 12.0}), tiny.unet(x, 5, {"text": ctx, "level": 12.0}))
+        assert torch.equal(
+            loaded.unet(x, 5, {"text": ctx, "level": 12.0}),
+            tiny.unet(x, 5, {"text": ctx, "level": 12.0}),
+        )
         assert torch.equal(loaded.encode_text(["farmland"]), ctx)
-    assert not list(tmp_path.glob("*.tmp"))    # the atomic write leaves no temporary file behind
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write leaves no temporary file behind
 
 
 def test_config_dict_roundtrip_rejects_unknown_keys():
@@ -118,7 +127,7 @@ def _edit_unet(folder, fn):
 
 
 def test_missing_key_is_named(release_copy):
-    f = _edit_unet(release_copy, lambda s: s.pop("mid_block.resnets.0.conv1.weight"))
+    _edit_unet(release_copy, lambda s: s.pop("mid_block.resnets.0.conv1.weight"))
     with pytest.raises(WeightsError, match=r"unet.*missing key for 'mid.res1.conv1.weight'"):
         load_diffusers(release_copy)
 
@@ -132,7 +141,9 @@ def test_unexpected_key_is_named(release_copy):
 def test_wrong_shape_is_named(release_copy):
     k = "down_blocks.0.resnets.0.conv1.weight"
     f = _edit_unet(release_copy, lambda s: s.__setitem__(k, torch.zeros(3, 3)))
-    with pytest.raises(WeightsError, match=rf"{f.name}.*'{k}' has shape \(3, 3\), expected \(32, 32, 3, 3\)"):
+    with pytest.raises(
+        WeightsError, match=rf"{f.name}.*'{k}' has shape \(3, 3\), expected \(32, 32, 3, 3\)"
+    ):
         load_diffusers(release_copy)
 
 
@@ -174,12 +185,14 @@ def test_not_a_model_path(tmp_path):
 # ----------------------------------------------------------------------------------------------------
 def test_tiled_decode_matches_whole_and_has_no_seams(tiny):
     torch.manual_seed(1)
-    z = torch.nn.functional.interpolate(torch.randn(1, 4, 6, 6), size=(24, 24), mode="bicubic")  # smooth latent
+    z = torch.nn.functional.interpolate(
+        torch.randn(1, 4, 6, 6), size=(24, 24), mode="bicubic"
+    )  # smooth latent
     f = tiny.vae.downsample
     with torch.no_grad():
         whole = tiny.vae.decode_latents(z)
-        single = tiny.vae.decode_latents(z, tile=24)                 # one tile covers it: exactly the whole decode
-        hard = tiny.vae.decode_latents(z, tile=12, overlap=0)        # tiles butted together: the control
+        single = tiny.vae.decode_latents(z, tile=24)  # one tile covers it: exactly the whole decode
+        hard = tiny.vae.decode_latents(z, tile=12, overlap=0)  # tiles butted together: the control
         tiled = tiny.vae.decode_latents(z, tile=12, overlap=4)
     assert torch.equal(single, whole)
     assert tiled.shape == whole.shape
@@ -188,10 +201,15 @@ def test_tiled_decode_matches_whole_and_has_no_seams(tiny):
     # (a known limitation, see AutoencoderKL.decode_tiled). What must hold is that no edge appears where a
     # tile ends: the mean jump between neighbouring columns, relative to the whole decode's, stays ordinary
     # there. The butted control shows the measure does see a seam.
-    def seam(im, col):  # mean |x[c+1] - x[c]| at the column where a tile ends, relative to the whole decode
-        return (im.diff(dim=3).abs().mean(dim=(0, 1, 2)) / whole.diff(dim=3).abs().mean(dim=(0, 1, 2)))[col]
+    def seam(
+        im, col
+    ):  # mean |x[c+1] - x[c]| at the column where a tile ends, relative to the whole decode
+        return (
+            im.diff(dim=3).abs().mean(dim=(0, 1, 2)) / whole.diff(dim=3).abs().mean(dim=(0, 1, 2))
+        )[col]
+
     assert seam(hard, 12 * f - 1) > 2.0
-    for start in (0, 6, 12):                                         # tiles start at latent 0, 6, 12
+    for start in (0, 6, 12):  # tiles start at latent 0, 6, 12
         for col in (start * f, (start + 12) * f - 1):
             if col < whole.shape[3] - 1:
                 assert seam(tiled, col) < 1.5, col
@@ -206,6 +224,8 @@ def test_gradient_checkpointing_same_gradients(tiny):
     b.load_state_dict(a.state_dict())
     x, ctx = torch.randn(2, 4, 16, 16), torch.randn(2, 77, 64)
     for m in (a, b):
-        m(x, torch.tensor([1, 900]), {"text": ctx, "level": torch.tensor([0.0, 16.0])}).square().mean().backward()
+        m(
+            x, torch.tensor([1, 900]), {"text": ctx, "level": torch.tensor([0.0, 16.0])}
+        ).square().mean().backward()
     for (name, pa), pb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(pa.grad, pb.grad, atol=1e-6), name

@@ -1,5 +1,6 @@
 """Parity with the reference implementations, through the real import path: the reference modules are
 saved with `save_pretrained` and our importer loads that folder. fp32, same random weights."""
+
 import pytest
 import torch
 
@@ -46,21 +47,33 @@ def test_unet_controlnet_residuals_match_diffusers(tiny_release, ours):
     """The ControlNet hook adds to the same features as diffusers' down/mid additional residuals."""
     _, refs = tiny_release
     g = torch.Generator().manual_seed(2)
-    x, ctx, t, lv = torch.randn(1, 4, 16, 16, generator=g), torch.randn(1, 77, 64, generator=g), torch.tensor([5]), torch.tensor([14.0])
+    x, ctx, t, lv = (
+        torch.randn(1, 4, 16, 16, generator=g),
+        torch.randn(1, 77, 64, generator=g),
+        torch.tensor([5]),
+        torch.tensor([14.0]),
+    )
     shapes = []  # skip features: conv_in, each res/attn output, each downsampler
     for s, c in [(16, 32)] * 3 + [(8, 32)] + [(8, 64)] * 2 + [(4, 64)] + [(4, 64)] * 2:
         shapes.append((1, c, s, s))
     down = [0.1 * torch.randn(sh, generator=g) for sh in shapes]
     mid = 0.1 * torch.randn(1, 64, 4, 4, generator=g)
     with torch.no_grad():
-        ref = refs["unet"](x, t, ctx, class_labels=lv, down_block_additional_residuals=tuple(down),
-                           mid_block_additional_residual=mid).sample
+        ref = refs["unet"](
+            x,
+            t,
+            ctx,
+            class_labels=lv,
+            down_block_additional_residuals=tuple(down),
+            mid_block_additional_residual=mid,
+        ).sample
         out = ours.unet(x, t, {"text": ctx, "level": lv}, down_residuals=down, mid_residual=mid)
     assert max_diff(out, ref) <= TOL
 
 
 def test_inpainting_unet_matches_diffusers(tmp_path):
     from release import make_release
+
     refs = make_release(tmp_path, in_channels=9, seed=3)
     ours = load_diffusers(tmp_path)
     assert ours.cfg.unet.in_channels == 9
@@ -91,11 +104,18 @@ def test_vae_matches_diffusers(tiny_release, ours):
 def test_text_encoder_matches_transformers(tiny_release, ours):
     _, refs = tiny_release
     from transformers import CLIPTokenizer
+
     folder, _ = tiny_release
     hf_tok = CLIPTokenizer.from_pretrained(folder / "tokenizer")
-    prompts = ["", "a dense residential area with many buildings", "15_GOOGLE_LEVEL_farmland, rivers and roads"]
+    prompts = [
+        "",
+        "a dense residential area with many buildings",
+        "15_GOOGLE_LEVEL_farmland, rivers and roads",
+    ]
     ids = ours.tokenizer(prompts)
-    hf_ids = hf_tok(prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    hf_ids = hf_tok(
+        prompts, padding="max_length", max_length=77, truncation=True, return_tensors="pt"
+    ).input_ids
     assert torch.equal(ids, hf_ids)  # the same BPE vocabulary and padding (0 = "!")
     with torch.no_grad():
         ref = refs["text_encoder"](ids).last_hidden_state
@@ -113,10 +133,15 @@ def test_text_encoder_is_open_clip_penultimate_layer(tmp_path):
     from model.config import TextConfig
     from model.text import TextEncoder
     from model.weights import load_openclip_text
+
     torch.manual_seed(6)
-    full = TextTransformer(context_length=77, vocab_size=49408, width=64, heads=4, layers=3, output_dim=32).eval()
+    full = TextTransformer(
+        context_length=77, vocab_size=49408, width=64, heads=4, layers=3, output_dim=32
+    ).eval()
     state = {k: v for k, v in full.state_dict().items()}
-    state["visual.conv1.weight"] = torch.zeros(1)          # a full CLIP checkpoint also holds the vision tower
+    state["visual.conv1.weight"] = torch.zeros(
+        1
+    )  # a full CLIP checkpoint also holds the vision tower
     save_file(state, str(tmp_path / "open_clip.safetensors"))
     ours = TextEncoder(TextConfig(width=64, heads=4, layers=2)).eval()
     load_openclip_text(tmp_path / "open_clip.safetensors", ours)

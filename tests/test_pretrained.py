@@ -1,5 +1,6 @@
 """The files the default demo starts from (configs/pretrained/, made by `python demo.py --train-vae --train-probe`):
 each has the content hash its manifest records and still measures what the manifest says it measured."""
+
 import json
 import shutil
 from pathlib import Path
@@ -20,13 +21,13 @@ def test_shipped_files_have_their_recorded_hash_and_recipe(name):
     assert sha256(FOLDER / name) == entry["sha256"]
     assert check_recorded(FOLDER / name) == entry
     assert entry["command"].startswith("python demo.py --train-")
-    assert (FOLDER / name).stat().st_size < 4_000_000                      # a few MB at most in the repository
+    assert (FOLDER / name).stat().st_size < 4_000_000  # a few MB at most in the repository
 
 
 def test_a_changed_file_is_refused(tmp_path):
     for name in ("demo_vae.safetensors", "manifest.json"):
         shutil.copy(FOLDER / name, tmp_path / name)
-    with open(tmp_path / "demo_vae.safetensors", "r+b") as f:              # one byte of the weights
+    with open(tmp_path / "demo_vae.safetensors", "r+b") as f:  # one byte of the weights
         f.seek(-3, 2)
         byte = f.read(1)
         f.seek(-3, 2)
@@ -41,14 +42,16 @@ def test_shipped_vae_reconstructs_held_out_renders_to_its_recorded_error():
     held = MANIFEST["demo_vae.safetensors"]["held_out"]
     assert trained_parts(FOLDER / "demo_vae.safetensors") == {"vae"}
     vae = load_part(FOLDER / "demo_vae.safetensors", "vae")
-    demo_vae = dict(load_config("configs/demo.py").model.vae.__dict__, scaling_factor=vae.cfg.scaling_factor)
-    assert vae.cfg.__dict__ == demo_vae                                    # the demo's architecture
+    demo_vae = dict(
+        load_config("configs/demo.py").model.vae.__dict__, scaling_factor=vae.cfg.scaling_factor
+    )
+    assert vae.cfg.__dict__ == demo_vae  # the demo's architecture
     images = make_probe_data(held["n"], size=held["size"], seed=held["seed"])[0]
-    latents = vae.encode_latents(images, sample=False)                     # scaled by the factor measured on them
+    latents = vae.encode_latents(images, sample=False)  # scaled by the factor measured on them
     assert latents.shape == (held["n"], 4, 8, 8) and 0.7 < latents.std().item() < 1.4
     l1 = (vae.reconstruct(images) - images).abs().mean().item()
     assert abs(l1 - held["l1"]) < 1e-4, (l1, held["l1"])
-    assert l1 < 0.08                                                       # and that is a working VAE
+    assert l1 < 0.08  # and that is a working VAE
 
 
 def test_shipped_probe_reads_held_out_renders_at_its_recorded_accuracy():
@@ -58,8 +61,15 @@ def test_shipped_probe_reads_held_out_renders_at_its_recorded_accuracy():
     assert entry["vae_sha256"] == MANIFEST["demo_vae.safetensors"]["sha256"]
     probe = load_probe(FOLDER / "demo_probe.safetensors")
     recorded = entry["held_out"]["real procedural images (ceiling)"]
-    assert load_probe_info(FOLDER / "demo_probe.safetensors")["results"]["real procedural images (ceiling)"] == recorded
-    images, labels, levels = make_probe_data(entry["held_out"]["n"], size=32, seed=entry["held_out"]["seed"])
+    assert (
+        load_probe_info(FOLDER / "demo_probe.safetensors")["results"][
+            "real procedural images (ceiling)"
+        ]
+        == recorded
+    )
+    images, labels, levels = make_probe_data(
+        entry["held_out"]["n"], size=32, seed=entry["held_out"]["seed"]
+    )
     measured = evaluate_probe(probe, images, labels, levels)
     for key in ("class_acc", "level_acc", "level_acc_pm1"):
         assert abs(measured[key] - recorded[key]) <= 2.5 / 540, (key, measured[key], recorded[key])

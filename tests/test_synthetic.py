@@ -1,25 +1,53 @@
 """The procedural Earth: determinism, captions vs what is drawn, physical scale, modalities."""
+
 import re
 
 import numpy as np
 import pytest
 import torch
 
-from data.synthetic import (CLASSES, KINDS, NUMBER_WORDS, InOrder, ProceduralEarth, Scene, caption, kind_map,
-                            layer, make_scene, material, modalities, object_mask, render,
-                            resolution_m, sample)
+from data.synthetic import (
+    CLASSES,
+    KINDS,
+    NUMBER_WORDS,
+    InOrder,
+    ProceduralEarth,
+    Scene,
+    caption,
+    kind_map,
+    layer,
+    make_scene,
+    material,
+    modalities,
+    object_mask,
+    render,
+    resolution_m,
+    sample,
+)
 
 # a word each caption of the class must contain
-CLASS_WORD = {"dense_residential": "dense residential", "sparse_residential": "sparse residential",
-              "industrial": "industrial", "farmland": "farmland", "circular_farmland": "circular farmland",
-              "forest": "forest", "river": "river", "lake": "lake", "beach": "beach", "desert": "desert",
-              "bare_land": "bare land", "airport": "airport"}
+CLASS_WORD = {
+    "dense_residential": "dense residential",
+    "sparse_residential": "sparse residential",
+    "industrial": "industrial",
+    "farmland": "farmland",
+    "circular_farmland": "circular farmland",
+    "forest": "forest",
+    "river": "river",
+    "lake": "lake",
+    "beach": "beach",
+    "desert": "desert",
+    "bare_land": "bare land",
+    "airport": "airport",
+}
 
 
 def _scene(label, layers, ground="bare", focus=(0.0, 0.0)):
     """A hand-made scene: one ground material, the given layers."""
     g = material(ground)
-    return Scene(seed=0, label=CLASSES.index(label), ground=np.stack([g, g]), layers=layers, focus=focus)
+    return Scene(
+        seed=0, label=CLASSES.index(label), ground=np.stack([g, g]), layers=layers, focus=focus
+    )
 
 
 def _frame_contains(scene, level, size, x, y):
@@ -50,7 +78,7 @@ def test_every_class_renders_at_levels_10_to_18(cls):
     for level in [10, 11, 12, 13, 14, 15, 16, 17, 18, 12.37]:
         img = render(scene, level, 32)
         assert img.shape == (32, 32, 3) and img.dtype == np.uint8
-        assert img.std() > 0.5                       # texture and noise, not a flat fill
+        assert img.std() > 0.5  # texture and noise, not a flat fill
         text = caption(scene, level, 32, np.random.default_rng(0))
         assert CLASS_WORD[name] in text, (level, text)
     s = sample(11, 13.0, 40, cls=name)
@@ -60,8 +88,14 @@ def test_every_class_renders_at_levels_10_to_18(cls):
 
 def test_classes_look_different():
     """Mean colours differ between classes at a mid level (a classifier has something to go on)."""
-    means = np.stack([np.mean([render(make_scene(s, c), 12.0, 32).reshape(-1, 3).mean(0) for s in range(3)], 0)
-                      for c in range(len(CLASSES))])
+    means = np.stack(
+        [
+            np.mean(
+                [render(make_scene(s, c), 12.0, 32).reshape(-1, 3).mean(0) for s in range(3)], 0
+            )
+            for c in range(len(CLASSES))
+        ]
+    )
     d = np.linalg.norm(means[:, None] - means[None], axis=-1)[np.triu_indices(len(CLASSES), 1)]
     assert len(CLASSES) >= 10 and (d > 0).all() and np.median(d) > 15
 
@@ -90,7 +124,7 @@ def test_pivot_count_in_caption_matches_the_frame():
             col = ((g[:, 0] - x0) / res).astype(int).clip(0, size - 1)
             row = ((y1 - g[:, 1]) / res).astype(int).clip(0, size - 1)
             visible = np.nonzero(inside & (km[row, col] == pivot) & (2 * g[:, 2] / res >= 3))[0]
-            for i in visible:                      # each counted pivot really is drawn there
+            for i in visible:  # each counted pivot really is drawn there
                 assert object_mask(scene, level, size, "pivot", i)[row[i], col[i]] > 0.99
             text = caption(scene, level, size, np.random.default_rng(seed))
             n = len(visible)
@@ -117,7 +151,9 @@ def test_desert_shrubs_are_captioned_only_where_drawn():
                 assert n is not None and 1 <= n <= blobs, (seed, level, n, blobs, text)
                 mentioned += 1
         km = kind_map(scene, 13.0, 64)
-        assert not (km == shrub).any() and "shrub" not in caption(scene, 13.0, 64, np.random.default_rng(seed))
+        assert not (km == shrub).any() and "shrub" not in caption(
+            scene, 13.0, 64, np.random.default_rng(seed)
+        )
     assert mentioned >= 6
 
 
@@ -133,7 +169,12 @@ def _components(mask):
         while stack:
             y, x = stack.pop()
             for yy, xx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
-                if 0 <= yy < mask.shape[0] and 0 <= xx < mask.shape[1] and mask[yy, xx] and not seen[yy, xx]:
+                if (
+                    0 <= yy < mask.shape[0]
+                    and 0 <= xx < mask.shape[1]
+                    and mask[yy, xx]
+                    and not seen[yy, xx]
+                ):
                     seen[yy, xx] = True
                     stack.append((yy, xx))
     return count
@@ -170,9 +211,9 @@ def test_aircraft_count_and_no_houses_when_unresolved():
 
 def test_river_direction_and_sea_side_follow_the_geometry():
     river = lambda segs: _scene("river", [layer("river", "seg", segs, "river")], ground="grass")
-    ns = river([[0, -5000, 0, 5000, 60]])                   # runs north-south through the frame
+    ns = river([[0, -5000, 0, 5000, 60]])  # runs north-south through the frame
     ew = river([[-5000, 30, 5000, 30, 60]])
-    diag = river([[-5000, 5000, 5000, -5000, 60]])          # north-west to south-east
+    diag = river([[-5000, 5000, 5000, -5000, 60]])  # north-west to south-east
     assert "from north to south" in caption(ns, 13, 64)
     assert "from west to east" in caption(ew, 13, 64)
     assert "from north-west to south-east" in caption(diag, 13, 64)
@@ -183,7 +224,7 @@ def test_river_direction_and_sea_side_follow_the_geometry():
         assert f"to the {side}" in caption(sc, 13, 64)
         img = render(sc, 13, 64).astype(float)
         half = {"east": img[:, 48:], "west": img[:, :16], "north": img[:16]}[side]
-        assert half[..., 2].mean() > half[..., 0].mean()      # the sea really is on that side
+        assert half[..., 2].mean() > half[..., 0].mean()  # the sea really is on that side
 
 
 # ----------------------------------------------------------------------------------------------
@@ -196,7 +237,7 @@ def test_pivot_diameter_doubles_per_level_by_colour_segmentation():
     diam = []
     for level in (12, 13, 14):
         img = render(sc, level, 96).astype(float)
-        green = img[..., 1] - img[..., 0] > 0                  # bare soil is red-dominant
+        green = img[..., 1] - img[..., 0] > 0  # bare soil is red-dominant
         area_px = green.sum() + 0.0
         diam.append(2 * np.sqrt(area_px / np.pi))
         assert abs(diam[-1] - 600 / resolution_m(level)) < 1.5
@@ -213,7 +254,7 @@ def test_building_extent_doubles_per_level_and_subpixel_area_is_kept():
     for level in (16, 17, 18):
         m = object_mask(scene, level, 160, "farmhouse", i, center=(cx, cy))
         assert m.sum() * resolution_m(level) ** 2 == pytest.approx(4 * hx * hy, rel=0.03)
-        ext[level] = (m > 0.5).any(0).sum()                    # columns the roof spans
+        ext[level] = (m > 0.5).any(0).sum()  # columns the roof spans
     assert ext[17] / ext[16] == pytest.approx(2.0, abs=0.25)
     assert ext[18] / ext[17] == pytest.approx(2.0, abs=0.15)
     # below a pixel (64 m at level 11): its coverage still sums to its true area
@@ -227,17 +268,24 @@ def test_patch_mosaic_keeps_its_physical_size_and_averages_out():
     zoomed out, and under two pixels (level 12: 32 m pixels) they are averaged away."""
     g = material("bare")
     plain = Scene(seed=5, label=CLASSES.index("bare_land"), ground=np.stack([g, g]), layers=[])
-    patched = Scene(seed=5, label=plain.label, ground=plain.ground, layers=[],
-                    params=dict(mosaic=((40.0, 0.3, (1.0, 1.0, 1.0)),)))
-    tone = lambda L: render(patched, L, 96).astype(float).mean(-1) - render(plain, L, 96).astype(float).mean(-1)
+    patched = Scene(
+        seed=5,
+        label=plain.label,
+        ground=plain.ground,
+        layers=[],
+        params=dict(mosaic=((40.0, 0.3, (1.0, 1.0, 1.0)),)),
+    )
+    tone = lambda L: (
+        render(patched, L, 96).astype(float).mean(-1) - render(plain, L, 96).astype(float).mean(-1)
+    )
     edges = {}
     for level in (16.0, 15.0, 14.0):
         d = tone(level)
-        assert np.abs(d).max() > 10                                   # the patches show
-        edges[level] = (np.abs(np.diff(d, axis=1)) > 1.5).mean()      # patch edges per pixel
+        assert np.abs(d).max() > 10  # the patches show
+        edges[level] = (np.abs(np.diff(d, axis=1)) > 1.5).mean()  # patch edges per pixel
     assert edges[15.0] / edges[16.0] == pytest.approx(2.0, rel=0.25)
     assert edges[14.0] / edges[15.0] == pytest.approx(2.0, rel=0.25)
-    assert np.abs(tone(12.0)).max() <= 1.0                            # only rounding left
+    assert np.abs(tone(12.0)).max() <= 1.0  # only rounding left
 
 
 def test_wheel_tracks_ring_the_pivots_every_track_m_metres():
@@ -251,11 +299,11 @@ def test_wheel_tracks_ring_the_pivots_every_track_m_metres():
     for level in (16.0, 15.0, 14.0):
         res = resolution_m(level)
         img = render(scene, level, 128, center=(cx, cy)).astype(float)
-        soil = img[64, 64:, 0] - img[64, 64:, 1] > -22            # the crop is green-dominant, soil red
-        soil[int((r - step / 2) / res):] = False                  # inside the pivot only
+        soil = img[64, 64:, 0] - img[64, 64:, 1] > -22  # the crop is green-dominant, soil red
+        soil[int((r - step / 2) / res) :] = False  # inside the pivot only
         edges = np.diff(np.concatenate([[0], soil.astype(int), [0]]))
         starts, ends = np.nonzero(edges == 1)[0], np.nonzero(edges == -1)[0]
-        radii = ((starts + ends) / 2) * res                       # ring centres east of the pivot centre
+        radii = ((starts + ends) / 2) * res  # ring centres east of the pivot centre
         assert len(radii) >= 2
         assert np.diff(radii) == pytest.approx(step, abs=1.0 * res)
         assert radii[0] == pytest.approx(step, abs=1.0 * res)
@@ -279,7 +327,7 @@ def test_modalities_physics():
     water = layer("lake", "box", [[-200.0, 0.0, 200.0, 400.0, 0.0]], "water")
     roofs = layer("factory", "box", [[200.0, 0.0, 200.0, 400.0, 0.0]], "roof_grey")
     sc = _scene("industrial", [water, roofs], ground="grass", focus=(0.0, 0.0))
-    level, size = 14.0, 64                                   # 8 m pixels: 512 m frame
+    level, size = 14.0, 64  # 8 m pixels: 512 m frame
     m = modalities(sc, level, size, seed=1)
     km = kind_map(sc, level, size)
     w, r = km == KINDS.index("lake"), km == KINDS.index("factory")
@@ -299,7 +347,7 @@ def test_modalities_physics():
     # NIR: vegetation bright, water dark (on a lake scene with vegetation around)
     lake = make_scene(4, "lake")
     ml, kl = modalities(lake, 13.0, 64, seed=0), kind_map(lake, 13.0, 64)
-    wl, veg = kl == KINDS.index("lake"), kl < 0                 # ground here is grass / crops
+    wl, veg = kl == KINDS.index("lake"), kl < 0  # ground here is grass / crops
     assert wl.sum() > 50 and veg.sum() > 50
     assert ml["nir"][veg].mean() > ml["nir"][wl].mean() + 80
     # haze: I = J t + A (1 - t), contrast drops
@@ -311,7 +359,7 @@ def test_modalities_physics():
     assert 0.05 < cm.mean() < 0.8 and np.array_equal(cm, a > 0.5)
     assert np.array_equal(m["cloud"][a == 0], m["rgb"][a == 0])
     cloud = m["cloud"].astype(float)
-    assert (cloud[cm] >= (rgb[cm] + 228.0) / 2 - 1).all()   # at least half cloud where masked
+    assert (cloud[cm] >= (rgb[cm] + 228.0) / 2 - 1).all()  # at least half cloud where masked
     thick = a > 0.99
     assert thick.sum() > 20 and cloud[thick].min() > 225
     # deterministic per seed
@@ -324,7 +372,14 @@ def test_modalities_physics():
 def test_dataset_items_and_loader():
     ds = ProceduralEarth(24, size=32, levels=(11.0, 17.0), seed=3)
     item = ds[5]
-    assert set(item) == {"image", "caption", "level", "label", "quality", "key"}   # the readers' sample dict
+    assert set(item) == {
+        "image",
+        "caption",
+        "level",
+        "label",
+        "quality",
+        "key",
+    }  # the readers' sample dict
     img = item["image"]
     assert img.shape == (3, 32, 32) and img.dtype == torch.float32
     assert img.min() >= -1 and img.max() <= 1 and img.std() > 0.01
@@ -337,9 +392,9 @@ def test_dataset_items_and_loader():
     assert batch["label"].tolist() == [0, 1, 2, 3]
     with pytest.raises(IndexError):
         ds[24]
-    rendered = list(InOrder(ds, processes=2, chunk=5))               # two worker processes, chunks of 5
+    rendered = list(InOrder(ds, processes=2, chunk=5))  # two worker processes, chunks of 5
     assert len(InOrder(ds, processes=2)) == 24 and len(rendered) == 24
-    for i, it in enumerate(rendered):                                 # the same items, in index order
+    for i, it in enumerate(rendered):  # the same items, in index order
         assert torch.equal(it["image"], ds[i]["image"])
         assert it["caption"] == ds[i]["caption"] and it["key"] == ds[i]["key"]
     with pytest.raises(ValueError, match="processes and chunk must be >= 1"):

@@ -22,7 +22,7 @@ The modules, in the order a scene passes through them:
     world     classes, materials, shapes, Layer and Scene
     noise     integer hashing and band-limited value noise
     scenes    one generator per class, make_scene
-    detail    procedural children (grid cells, houses, trees) generated where the level resolves them
+    detail    procedural children (grid cells, houses, trees), made where the level resolves them
     raster    signed distances -> per-object pixel coverage
     compose   compositing, texture and tint: render, kind_map, object_mask
     captions  the inventory of a frame and one caption rule per class
@@ -30,6 +30,7 @@ The modules, in the order a scene passes through them:
     dataset   sample, ProceduralEarth, InOrder
 Names with a leading underscore are shared among these modules, not part of the package's API.
 """
+
 from .captions import NUMBER_WORDS, caption, inventory
 from .compose import kind_map, object_mask, render
 from .dataset import InOrder, ProceduralEarth, sample
@@ -37,10 +38,61 @@ from .detail import Grid
 from .raster import Frame
 from .scenes import make_scene
 from .sensors import modalities
-from .world import (CLASSES, EXTENT_M, KINDS, LEVEL_RANGE, MOSAIC, N_CH, NIR, SAR, SHAPES, STRIPE_A, STRIPE_B,
-                    TEX, B, G, Layer, R, Scene, layer, material, resolution_m)
+from .world import (
+    CLASSES,
+    EXTENT_M,
+    KINDS,
+    LEVEL_RANGE,
+    MOSAIC,
+    N_CH,
+    NIR,
+    SAR,
+    SHAPES,
+    STRIPE_A,
+    STRIPE_B,
+    TEX,
+    B,
+    G,
+    Layer,
+    R,
+    Scene,
+    layer,
+    material,
+    resolution_m,
+)
 
-__all__ = ["CLASSES", "LEVEL_RANGE", "EXTENT_M", "resolution_m", "R", "G", "B", "NIR", "SAR", "TEX", "STRIPE_A",
-           "STRIPE_B", "MOSAIC", "N_CH", "SHAPES", "KINDS", "Layer", "Scene", "material", "layer", "Frame", "Grid",
-           "make_scene", "render", "kind_map", "object_mask", "NUMBER_WORDS", "inventory", "caption", "sample",
-           "modalities", "ProceduralEarth", "InOrder"]
+__all__ = [
+    "CLASSES",
+    "LEVEL_RANGE",
+    "EXTENT_M",
+    "resolution_m",
+    "R",
+    "G",
+    "B",
+    "NIR",
+    "SAR",
+    "TEX",
+    "STRIPE_A",
+    "STRIPE_B",
+    "MOSAIC",
+    "N_CH",
+    "SHAPES",
+    "KINDS",
+    "Layer",
+    "Scene",
+    "material",
+    "layer",
+    "Frame",
+    "Grid",
+    "make_scene",
+    "render",
+    "kind_map",
+    "object_mask",
+    "NUMBER_WORDS",
+    "inventory",
+    "caption",
+    "sample",
+    "modalities",
+    "ProceduralEarth",
+    "InOrder",
+]

@@ -1,11 +1,13 @@
-"""Captions written from what the frame shows: an inventory of the drawn objects, then one rule per class.
+"""Captions written from what the frame shows: an inventory of the drawn
+objects, then one rule per class.
 
-Counts, colours and layout come from the inventory of the composite (objects whose centre pixel shows
-them), so a caption never names what the level does not resolve: houses are counted only at the levels
-that draw them; from higher up a caption speaks of blocks, or of the residential area.
+Counts, colours and layout come from the inventory of the composite (objects whose centre pixel
+shows them), so a caption never names what the level does not resolve: houses are counted only at
+the levels that draw them; from higher up a caption speaks of blocks, or of the residential area.
 
     text = caption(scene, 12.5, 64, np.random.default_rng(0))
 """
+
 from __future__ import annotations
 
 import math
@@ -42,14 +44,26 @@ def _colors(counter):
 
 
 def _compass(ang):
-    return ["east", "north-east", "north", "north-west", "west", "south-west", "south",
-            "south-east"][int(round(ang / (np.pi / 4))) % 8]
+    return [
+        "east",
+        "north-east",
+        "north",
+        "north-west",
+        "west",
+        "south-west",
+        "south",
+        "south-east",
+    ][int(round(ang / (np.pi / 4))) % 8]
 
 
 def _crossing(dx, dy):
     a = math.atan2(dy, dx) % np.pi
-    return ["from west to east", "from south-west to north-east", "from north to south",
-            "from north-west to south-east"][int(round(a / (np.pi / 4))) % 4]
+    return [
+        "from west to east",
+        "from south-west to north-east",
+        "from north to south",
+        "from north-west to south-east",
+    ][int(round(a / (np.pi / 4))) % 4]
 
 
 def _position(mask):
@@ -58,8 +72,13 @@ def _position(mask):
     r, c = np.nonzero(mask)
     vr = "upper " if r.mean() < S / 3 else "lower " if r.mean() > 2 * S / 3 else ""
     hc = "left" if c.mean() < S / 3 else "right" if c.mean() > 2 * S / 3 else ""
-    return "in the centre" if not (vr or hc) else f"in the {(vr + hc).strip() or 'middle'}" \
-        if hc else f"in the {vr.strip()} part"
+    return (
+        "in the centre"
+        if not (vr or hc)
+        else f"in the {(vr + hc).strip() or 'middle'}"
+        if hc
+        else f"in the {vr.strip()} part"
+    )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -68,16 +87,32 @@ def _position(mask):
 @dataclass
 class _Seen:
     """What a frame shows of one kind."""
-    n: int = 0                       # objects whose centre pixel shows them (counted)
-    px: float = 0.0                  # median object size of those, pixels
+
+    n: int = 0  # objects whose centre pixel shows them (counted)
+    px: float = 0.0  # median object size of those, pixels
     colors: Counter = field(default_factory=Counter)
-    frac: float = 0.0                # fraction of the frame where this kind is on top
-    mask: np.ndarray | None = None   # (H, W) bool, kind on top
+    frac: float = 0.0  # fraction of the frame where this kind is on top
+    mask: np.ndarray | None = None  # (H, W) bool, kind on top
     segs: list = field(default_factory=list)
 
 
-_COUNTED = {"house", "block", "yard_tree", "factory", "tank", "field", "pivot", "tree", "pond",
-            "runway", "aircraft", "track", "shrub", "river"}   # kinds whose objects captions count
+# kinds whose objects captions count
+_COUNTED = {
+    "house",
+    "block",
+    "yard_tree",
+    "factory",
+    "tank",
+    "field",
+    "pivot",
+    "tree",
+    "pond",
+    "runway",
+    "aircraft",
+    "track",
+    "shrub",
+    "river",
+}
 
 
 def inventory(scene: Scene, level: float, size: int = 64, center=None, _composed=None) -> dict:
@@ -113,7 +148,6 @@ def inventory(scene: Scene, level: float, size: int = 64, center=None, _composed
     return inv
 
 
-
 # ----------------------------------------------------------------------------------------------
 # One caption rule per class: (scene, inventory, resolution_m, rng) -> sentence
 # ----------------------------------------------------------------------------------------------
@@ -128,7 +162,8 @@ def _choose(rng, *phrasings):
 
 
 def _river_crossing(inv):
-    """'from west to east', ... for a river that shows in the frame (its first to its last segment), else ''."""
+    """'from west to east', ... for a river that shows in the frame (its first to its
+    last segment), else ''."""
     river = _seen(inv, "river")
     if river.frac > 0.01 and river.segs and len(np.concatenate(river.segs)) > 0:
         sg = np.concatenate(river.segs)
@@ -138,33 +173,57 @@ def _river_crossing(inv):
 
 
 def _caption_residential(scene, inv, res, rng):
-    """Dense or sparse residential: houses and their roofs, else blocks, else the town from high above."""
-    get = lambda k: _seen(inv, k)
+    """Dense or sparse residential: houses and their roofs, else blocks, else
+    the town from high above."""
+
+    def get(k):
+        return _seen(inv, k)
+
     dense = scene.name == "dense_residential"
     adj = "dense" if dense else "sparse"
     river, river_txt = get("river"), _river_crossing(inv)
     h, b = get("house"), get("block")
     if h.n > 0:
         one = h.n == 1
-        roofs = f"{_count(h.n, 'house')} with {'a ' if one else ''}{_colors(h.colors)} roof{'' if one else 's'}"
+        roofs = (
+            f"{_count(h.n, 'house')} with {'a ' if one else ''}{_colors(h.colors)} "
+            f"roof{'' if one else 's'}"
+        )
         verb = ("is" if one else "are") + (" densely packed" if dense else " scattered")
-        stand = ("stands" if one else "stand") + (" close together" if dense else " among lawns and trees")
-        s = _choose(rng, f"{roofs} {verb} in a {adj} residential area",
-                    f"a {adj} residential area where {roofs} {stand}")
+        stand = ("stands" if one else "stand") + (
+            " close together" if dense else " among lawns and trees"
+        )
+        s = _choose(
+            rng,
+            f"{roofs} {verb} in a {adj} residential area",
+            f"a {adj} residential area where {roofs} {stand}",
+        )
         if not dense and get("yard_tree").n > 3:
             s += ", with many trees in the yards"
     elif b.n > 0 and b.px >= 3:
-        s = _choose(rng, f"a {adj} residential area with {_count(b.n, 'block')} of "
-                    f"{'closely packed' if dense else 'scattered'} houses separated by a grid of streets",
-                    f"{_count(b.n, 'residential block')} of a {adj} residential area line straight streets")
+        s = _choose(
+            rng,
+            f"a {adj} residential area with {_count(b.n, 'block')} of "
+            f"{'closely packed' if dense else 'scattered'} houses separated by a grid of streets",
+            f"{_count(b.n, 'residential block')} of a {adj} residential area line straight streets",
+        )
     elif "block" in inv and get("road").frac + river.frac < 0.5:
-        s = f"part of a {adj} residential area: {'paved yards' if dense else 'green lawns'} beside a street"
+        s = (
+            f"part of a {adj} residential area: {'paved yards' if dense else 'green lawns'} "
+            "beside a street"
+        )
     elif get("urban").frac > 0 and get("road").frac + river.frac > 0.5:
-        s = f"a {'river' if river.frac > get('road').frac else 'wide road'} in a {adj} residential area"
-        river_txt = ""                        # the river is the subject already
+        s = (
+            f"a {'river' if river.frac > get('road').frac else 'wide road'} in a {adj} "
+            "residential area"
+        )
+        river_txt = ""  # the river is the subject already
     else:
-        s = _choose(rng, f"a large {'grey' if dense else 'green'} {adj} residential area",
-                    f"the {adj} residential area of a town seen from high above")
+        s = _choose(
+            rng,
+            f"a large {'grey' if dense else 'green'} {adj} residential area",
+            f"the {adj} residential area of a town seen from high above",
+        )
         if get("urban").frac > 0 and inv.get("ground", 0) > 0.2:
             s += " surrounded by farmland"
     if river_txt:
@@ -179,23 +238,36 @@ def _caption_industrial(scene, inv, res, rng):
     f, t = _seen(inv, "factory"), _seen(inv, "tank")
     if f.n > 0 or t.n > 0:
         s = _choose(rng, "an industrial area with ", "in this industrial area there are ")
-        parts = [f"{_count(f.n, 'factory building')} with large {_colors(f.colors)} roofs"] if f.n else []
+        parts = (
+            [f"{_count(f.n, 'factory building')} with large {_colors(f.colors)} roofs"]
+            if f.n
+            else []
+        )
         parts += [f"{_count(t.n, 'white storage tank')}"] if t.n else []
         return s + " and ".join(parts)
-    return _choose(rng, "a large industrial area with light grey roofs and wide roads",
-                   "an industrial area of large buildings seen from high above")
+    return _choose(
+        rng,
+        "a large industrial area with light grey roofs and wide roads",
+        "an industrial area of large buildings seen from high above",
+    )
 
 
 def _caption_farmland(scene, inv, res, rng):
     """The fields and their crops, or the crop rows of one field seen close up."""
     f = _seen(inv, "field")
     if f.n >= 1 and f.px >= 3:
-        return _choose(rng, f"{_count(f.n, 'rectangular farmland')} of {_colors(f.colors)} crops are "
-                       f"separated by narrow paths",
-                       f"{_count(f.n, 'piece')} of {_colors(f.colors)} farmland form a regular patchwork")
+        return _choose(
+            rng,
+            f"{_count(f.n, 'rectangular farmland')} of {_colors(f.colors)} crops are separated by "
+            "narrow paths",
+            f"{_count(f.n, 'piece')} of {_colors(f.colors)} farmland form a regular patchwork",
+        )
     c = f.colors or Counter(["green"])
-    return _choose(rng, f"rows of {_colors(c)} crops in a farmland", f"a close view of farmland with "
-                   f"{_colors(c)} crops planted in straight rows")
+    return _choose(
+        rng,
+        f"rows of {_colors(c)} crops in a farmland",
+        f"a close view of farmland with {_colors(c)} crops planted in straight rows",
+    )
 
 
 def _caption_circular_farmland(scene, inv, res, rng):
@@ -204,18 +276,35 @@ def _caption_circular_farmland(scene, inv, res, rng):
     if pv.n >= 1 and pv.px >= 3:
         lay = "are neatly arranged" if pv.n >= 3 else "lie side by side" if pv.n == 2 else "lies"
         what = _count(pv.n, _colors(pv.colors) + " circular farmland")
-        return _choose(rng, f"{what} {lay} on dry land", f"there {'is' if pv.n == 1 else 'are'} {what} in this image")
+        return _choose(
+            rng,
+            f"{what} {lay} on dry land",
+            f"there {'is' if pv.n == 1 else 'are'} {what} in this image",
+        )
     if pv.frac > 0.95:
-        return f"the {_colors(pv.colors) or 'green'} crops of a circular farmland fill the whole image"
-    return f"part of a {_colors(pv.colors) or 'green'} circular farmland with a curved edge next to bare land"
+        return (
+            f"the {_colors(pv.colors) or 'green'} crops of a circular farmland fill the whole image"
+        )
+    return (
+        f"part of a {_colors(pv.colors) or 'green'} circular farmland with a curved edge "
+        "next to bare land"
+    )
 
 
 def _caption_forest(scene, inv, res, rng):
     """Tree crowns where resolved, clearings and a track."""
     t = _seen(inv, "tree")
-    s = (_choose(rng, f"a dense forest with {_count(t.n, 'tree')} of different shades of green",
-                 f"{_count(t.n, 'tree crown')} crowd together in a forest") if t.n > 0 else
-         _choose(rng, "a large dark green forest covers the area", "a dense forest seen from high above"))
+    s = (
+        _choose(
+            rng,
+            f"a dense forest with {_count(t.n, 'tree')} of different shades of green",
+            f"{_count(t.n, 'tree crown')} crowd together in a forest",
+        )
+        if t.n > 0
+        else _choose(
+            rng, "a large dark green forest covers the area", "a dense forest seen from high above"
+        )
+    )
     if _seen(inv, "clearing").frac > 0.05:
         s += ", with a grassy clearing"
     if _seen(inv, "track").frac > 0.005:
@@ -228,9 +317,15 @@ def _caption_river(scene, inv, res, rng):
     rv, river_txt = _seen(inv, "river"), _river_crossing(inv)
     col = _colors(rv.colors) or "dark"
     if rv.frac > 0.5:
-        return f"the {col} water of a wide river next to its {'sandy ' if _seen(inv, 'bank').frac else ''}bank"
-    s = _choose(rng, f"a {col} river crosses the image {river_txt}" if river_txt else f"a {col} river",
-                f"a {'wide' if rv.px > 8 else 'narrow'} {col} river runs {river_txt}")
+        return (
+            f"the {col} water of a wide river next to its "
+            f"{'sandy ' if _seen(inv, 'bank').frac else ''}bank"
+        )
+    s = _choose(
+        rng,
+        f"a {col} river crosses the image {river_txt}" if river_txt else f"a {col} river",
+        f"a {'wide' if rv.px > 8 else 'narrow'} {col} river runs {river_txt}",
+    )
     if _seen(inv, "field").n > 1:
         s += " between farmlands"
     return s
@@ -238,12 +333,23 @@ def _caption_river(scene, inv, res, rng):
 
 def _caption_lake(scene, inv, res, rng):
     """Where the lake lies in the frame, what surrounds it, the ponds nearby."""
-    get = lambda k: _seen(inv, k)
+
+    def get(k):
+        return _seen(inv, k)
+
     lk = get("lake")
     if lk.frac > 0:
         s = f"a {_colors(lk.colors) or 'dark'} lake lies {_position(lk.mask)} of the image"
-        near = [w for k, w in (("forest", "forest"), ("tree", "trees"), ("shore", "a sandy shore"),
-                               ("field", "farmland")) if get(k).frac > 0.05]
+        near = [
+            w
+            for k, w in (
+                ("forest", "forest"),
+                ("tree", "trees"),
+                ("shore", "a sandy shore"),
+                ("field", "farmland"),
+            )
+            if get(k).frac > 0.05
+        ]
         s += f", surrounded by {' and '.join(near[:2])}" if near else ""
     else:
         s = "green land near a lake"
@@ -256,8 +362,11 @@ def _caption_beach(scene, inv, res, rng):
     """The side of the frame the sea lies on."""
     side = _compass(scene.params["sea_dir"])
     if _seen(inv, "sea").frac + _seen(inv, "shallow").frac > 0:
-        return _choose(rng, f"the blue sea lies to the {side} and a sandy beach runs along the coast",
-                       f"waves break on a sandy beach with the sea to the {side}")
+        return _choose(
+            rng,
+            f"the blue sea lies to the {side} and a sandy beach runs along the coast",
+            f"waves break on a sandy beach with the sea to the {side}",
+        )
     return "a sandy beach near the sea"
 
 
@@ -296,20 +405,33 @@ def _caption_airport(scene, inv, res, rng):
     elif rw.frac:
         s += " with a long runway"
     if ac.n:
-        s += f", where {_count(ac.n, 'airplane')} {'is' if ac.n == 1 else 'are'} parked on the apron"
+        s += (
+            f", where {_count(ac.n, 'airplane')} {'is' if ac.n == 1 else 'are'} parked on the apron"
+        )
     elif _seen(inv, "terminal").frac > 0:
         s += " and a terminal building"
     return s
 
 
-_CAPTIONS = {"dense_residential": _caption_residential, "sparse_residential": _caption_residential,
-             "industrial": _caption_industrial, "farmland": _caption_farmland,
-             "circular_farmland": _caption_circular_farmland, "forest": _caption_forest, "river": _caption_river,
-             "lake": _caption_lake, "beach": _caption_beach, "desert": _caption_desert,
-             "bare_land": _caption_bare_land, "airport": _caption_airport}
+_CAPTIONS = {
+    "dense_residential": _caption_residential,
+    "sparse_residential": _caption_residential,
+    "industrial": _caption_industrial,
+    "farmland": _caption_farmland,
+    "circular_farmland": _caption_circular_farmland,
+    "forest": _caption_forest,
+    "river": _caption_river,
+    "lake": _caption_lake,
+    "beach": _caption_beach,
+    "desert": _caption_desert,
+    "bare_land": _caption_bare_land,
+    "airport": _caption_airport,
+}
 
 
-def caption(scene: Scene, level: float, size: int = 64, rng=None, center=None, _composed=None) -> str:
+def caption(
+    scene: Scene, level: float, size: int = 64, rng=None, center=None, _composed=None
+) -> str:
     """A caption of what the frame shows at this level (counts, colours, layout where true)."""
     rng = np.random.default_rng(0) if rng is None else rng
     inv = inventory(scene, level, size, center, _composed)

@@ -1,9 +1,12 @@
-"""Samples of the procedural Earth: one seeded sample, a torch Dataset, and an ordered multi-process reader.
+"""Samples of the procedural Earth: one seeded sample, a torch Dataset, and an
+ordered multi-process reader.
 
-    s = sample(seed=7, level=14.0, size=64)      # image, caption, level, label, name, resolution_m, scene
-    ds = ProceduralEarth(100_000, size=64)        # items in the dataset readers' common sample dict
+    # image, caption, level, label, name, resolution_m, scene
+    s = sample(seed=7, level=14.0, size=64)
+    ds = ProceduralEarth(100_000, size=64)  # items in the dataset readers' common sample dict
     ds = ProceduralEarth(1000, pair=("sar", "rgb"))  # + control: the SAR view of the same frame
 """
+
 import math
 
 import numpy as np
@@ -29,13 +32,20 @@ def sample(seed: int, level: float | None = None, size: int = 64, cls=None) -> d
     composed = _compose(scene, level, size)
     image = (_finish(scene, composed[0], composed[3]) + 0.5).astype(np.uint8)
     text = caption(scene, level, size, rng, _composed=composed)
-    return dict(image=image, caption=text, level=float(level), label=scene.label, name=scene.name,
-                resolution_m=resolution_m(level), scene=scene)
+    return dict(
+        image=image,
+        caption=text,
+        level=float(level),
+        label=scene.label,
+        name=scene.name,
+        resolution_m=resolution_m(level),
+        scene=scene,
+    )
 
 
 def _view(views, name, i, seed):
-    """One modality of a frame as (3, H, W) float32 in [-1, 1]: single bands repeated on 3 channels; lowres
-    degraded from rgb (data/modalities.py) with the item's own generator."""
+    """One modality of a frame as (3, H, W) float32 in [-1, 1]: single bands repeated on 3 channels;
+    lowres degraded from rgb (data/modalities.py) with the item's own generator."""
     if name == "lowres":
         return make_control("sr", _view(views, "rgb", i, seed), sample_generator(seed + 7919, 0, i))
     x = torch.from_numpy(views[name]).float() / 127.5 - 1.0
@@ -45,26 +55,43 @@ def _view(views, name, i, seed):
 class ProceduralEarth(torch.utils.data.Dataset):
     """n synthetic samples, deterministic per index: classes cycle (balanced), levels uniform.
 
-    Items: image (3, H, W) float32 in [-1, 1], caption str, level float, label int, quality nan, key str.
-    pair = (control, target) modalities, one of data.modalities.TASKS' values, e.g. ("sar", "rgb"): image is
-    the target view and control (3, H, W) the control view, pixel-aligned (sensors.modalities); a single
-    modality, e.g. pair="sar", makes image that view alone (a text -> SAR fine-tune)."""
+    Items: image (3, H, W) float32 in [-1, 1], caption str, level float, label int, quality nan, key
+    str. pair = (control, target) modalities, one of data.modalities.TASKS' values, e.g.
+    ("sar", "rgb"): image is the target view and control (3, H, W) the control view, pixel-aligned
+    (sensors.modalities); a single modality, e.g. pair="sar", makes image that view alone (a
+    text -> SAR fine-tune)."""
 
-    def __init__(self, n: int, size: int = 64, levels=LEVEL_RANGE, seed: int = 0, integer_levels: bool = False,
-                 pair=None):
+    def __init__(
+        self,
+        n: int,
+        size: int = 64,
+        levels=LEVEL_RANGE,
+        seed: int = 0,
+        integer_levels: bool = False,
+        pair=None,
+    ):
         if n <= 0 or size <= 0:
             raise ValueError(f"n and size must be positive, got n={n}, size={size}")
         if not (0 < levels[0] <= levels[1] <= 24):
             raise ValueError(f"levels must be (min, max) with 0 < min <= max <= 24, got {levels}")
-        self.n, self.size, self.levels, self.seed = n, size, (float(levels[0]), float(levels[1])), seed
-        self.integer_levels = integer_levels                  # whole Google levels only, as most real data has
+        self.n, self.size, self.levels, self.seed = (
+            n,
+            size,
+            (float(levels[0]), float(levels[1])),
+            seed,
+        )
+        self.integer_levels = integer_levels  # whole Google levels only, as most real data has
         self.classes = CLASSES
         if isinstance(pair, str) and pair not in MODALITIES:
             raise ValueError(f"pair={pair!r}: a single modality must be one of {MODALITIES}")
         if pair is not None and not isinstance(pair, str) and tuple(pair) not in TASKS.values():
-            raise ValueError(f"pair={pair!r}: (control, target) must be one of {sorted(set(TASKS.values()))}")
+            raise ValueError(
+                f"pair={pair!r}: (control, target) must be one of {sorted(set(TASKS.values()))}"
+            )
         if pair is not None and "lowres" in pair and size % SR_FACTOR:
-            raise ValueError(f"pair={pair!r}: lowres needs size divisible by {SR_FACTOR}, got size={size}")
+            raise ValueError(
+                f"pair={pair!r}: lowres needs size divisible by {SR_FACTOR}, got size={size}"
+            )
         self.pair = pair if pair is None or isinstance(pair, str) else tuple(pair)
 
     def __len__(self):
@@ -82,26 +109,37 @@ class ProceduralEarth(torch.utils.data.Dataset):
             level = float(rng.uniform(*self.levels))
         s = sample(seed, level, self.size, cls=i % len(CLASSES))
         img = torch.from_numpy(s["image"]).permute(2, 0, 1).float() / 127.5 - 1.0
-        item = dict(image=img, caption=s["caption"], level=s["level"], label=s["label"],
-                    quality=float("nan"), key=f"procedural-{self.seed}-{i}")  # the readers' common sample dict
+        item = dict(
+            image=img,
+            caption=s["caption"],
+            level=s["level"],
+            label=s["label"],
+            quality=float("nan"),
+            key=f"procedural-{self.seed}-{i}",
+        )  # the readers' common sample dict
         if self.pair is None:
             return item
-        views = modalities(s["scene"], level, self.size, seed) | {"rgb": s["image"]}  # (rgb: the same pixels)
+        # rgb: the same pixels
+        views = modalities(s["scene"], level, self.size, seed) | {"rgb": s["image"]}
         if isinstance(self.pair, str):
             return item | {"image": _view(views, self.pair, i, self.seed)}
-        return item | {"image": _view(views, self.pair[1], i, self.seed),
-                       "control": _view(views, self.pair[0], i, self.seed)}
+        return item | {
+            "image": _view(views, self.pair[1], i, self.seed),
+            "control": _view(views, self.pair[0], i, self.seed),
+        }
 
 
 class InOrder(torch.utils.data.IterableDataset):
-    """The items of a map-style dataset (e.g. ProceduralEarth), in index order, rendered by `processes` worker
-    processes (DataLoader workers, `chunk` items each at a time): the renderer is numpy on one core, so
-    rendering scales with the processes given. Same items as dataset[0], dataset[1], ...; a Dataset with a
-    length, so write_shards sees the count."""
+    """The items of a map-style dataset (e.g. ProceduralEarth), in index order, rendered by
+    `processes` worker processes (DataLoader workers, `chunk` items each at a time): the renderer is
+    numpy on one core, so rendering scales with the processes given. Same items as dataset[0],
+    dataset[1], ...; a Dataset with a length, so write_shards sees the count."""
 
     def __init__(self, dataset, processes: int = 1, chunk: int = 256):
         if processes < 1 or chunk < 1:
-            raise ValueError(f"processes and chunk must be >= 1, got processes={processes}, chunk={chunk}")
+            raise ValueError(
+                f"processes and chunk must be >= 1, got processes={processes}, chunk={chunk}"
+            )
         self.dataset, self.processes, self.chunk = dataset, processes, chunk
 
     def __len__(self):
@@ -110,6 +148,7 @@ class InOrder(torch.utils.data.IterableDataset):
     def __iter__(self):
         if self.processes == 1:
             return (self.dataset[i] for i in range(len(self.dataset)))
-        loader = torch.utils.data.DataLoader(self.dataset, batch_size=self.chunk, num_workers=self.processes,
-                                             collate_fn=list)     # lists of items, delivered in index order
+        loader = torch.utils.data.DataLoader(
+            self.dataset, batch_size=self.chunk, num_workers=self.processes, collate_fn=list
+        )  # lists of items, delivered in index order
         return (item for items in loader for item in items)

@@ -1,10 +1,11 @@
 """Procedural detail: children generated on demand from hashed ids, the same at every view.
 
 A layer with an `expand` function is drawn as its mean material until the pixel size falls below its
-`lod_m`; then its children are generated for the frame: the cells of a rotated grid (fields, residential
-blocks, industrial plots), the houses of a block, the wheel tracks of a centre pivot, trees and shrubs on
-a jittered grid.
+`lod_m`; then its children are generated for the frame: the cells of a rotated grid (fields,
+residential blocks, industrial plots), the houses of a block, the wheel tracks of a centre pivot,
+trees and shrubs on a jittered grid.
 """
+
 from __future__ import annotations
 
 import math
@@ -32,6 +33,7 @@ def _hash_pick(seed, ids, key, names, p):
 class Grid:
     """Cells (fields, blocks, plots) of a grid rotated by ang: rows of height in row_h (m) cut
     into cells of width in col_w, gap metres apart; edges jittered by hashed row/column ids."""
+
     ang: float
     row_h: tuple[float, float]
     col_w: tuple[float, float]
@@ -48,16 +50,29 @@ def _grid_geom(seed, grid, fr):
     mh, mw = (hl + hh) / 2, (wl + wh) / 2
     j = np.arange(math.floor((v0 - reach) / mh), math.ceil((v0 + reach) / mh) + 1)
     i = np.arange(math.floor((u0 - reach) / mw) - 1, math.ceil((u0 + reach) / mw) + 1)
-    J, I = np.meshgrid(j, i, indexing="ij")
-    shift = _hash01(seed, J, 12) * mw                                     # rows are staggered
-    v_lo, v_hi = [jj * mh + (_hash01(seed, jj, 11) - 0.5) * (hh - hl) / 2 for jj in (J, J + 1)]
-    u_lo, u_hi = [ii * mw + shift + (_hash01(seed, J, ii, 13) - 0.5) * (wh - wl) / 2 for ii in (I, I + 1)]
+    row_j, col_i = np.meshgrid(j, i, indexing="ij")
+    shift = _hash01(seed, row_j, 12) * mw  # rows are staggered
+    v_lo, v_hi = [
+        jj * mh + (_hash01(seed, jj, 11) - 0.5) * (hh - hl) / 2 for jj in (row_j, row_j + 1)
+    ]
+    u_lo, u_hi = [
+        ii * mw + shift + (_hash01(seed, row_j, ii, 13) - 0.5) * (wh - wl) / 2
+        for ii in (col_i, col_i + 1)
+    ]
     uc, vc = (u_lo + u_hi) / 2, (v_lo + v_hi) / 2
     near = (np.abs(uc - u0) < reach) & (np.abs(vc - v0) < reach)
     x, y = _rot(uc[near], vc[near], grid.ang)
-    geom = np.stack([x, y, (u_hi - u_lo)[near] / 2 - grid.gap / 2, (v_hi - v_lo)[near] / 2 - grid.gap / 2,
-                     np.full(x.shape, grid.ang)], 1)
-    return geom, ((J[near] + (1 << 20)) << 21) + (I[near] + (1 << 20))
+    geom = np.stack(
+        [
+            x,
+            y,
+            (u_hi - u_lo)[near] / 2 - grid.gap / 2,
+            (v_hi - v_lo)[near] / 2 - grid.gap / 2,
+            np.full(x.shape, grid.ang),
+        ],
+        1,
+    )
+    return geom, ((row_j[near] + (1 << 20)) << 21) + (col_i[near] + (1 << 20))
 
 
 def _expand_grid(scene, region, fr, grid):
@@ -68,7 +83,7 @@ def _expand_grid(scene, region, fr, grid):
     return grid.cells(scene, geom[inside], ids[inside])
 
 
-_CROPS = (["crop_green", "crop_light", "crop_yellow", "soil"], [.35, .25, .2, .2])
+_CROPS = (["crop_green", "crop_light", "crop_yellow", "soil"], [0.35, 0.25, 0.2, 0.2])
 
 
 def _field_cells(scene, g, ids):
@@ -77,7 +92,7 @@ def _field_cells(scene, g, ids):
     g, ids = g[keep], ids[keep]
     mat, col = _hash_pick(scene.seed, ids, 20, *_CROPS)
     along = _hash01(scene.seed, ids, 22) < 0.5
-    mat[:, STRIPE_A], mat[:, STRIPE_B] = np.where(along, .10, 0), np.where(along, 0, .10)
+    mat[:, STRIPE_A], mat[:, STRIPE_B] = np.where(along, 0.10, 0), np.where(along, 0, 0.10)
     return [Layer("field", "box", g, mat, col, ids=ids)]
 
 
@@ -86,8 +101,19 @@ def _block_cells(scene, g, ids):
     P = scene.params
     jit = (0.94 + 0.12 * _hash01(scene.seed, ids, 23))[:, None].astype(np.float32)
     mean, yard = np.asarray(P["block_mean"])[None] * jit, np.asarray(P["yard"])[None] * jit
-    return [Layer("block", "box", g, mean, np.full(len(g), P["block_word"]), ids=ids,
-                  expand=_expand_houses, lod_m=P["house_lod"], mat_open=yard)]
+    return [
+        Layer(
+            "block",
+            "box",
+            g,
+            mean,
+            np.full(len(g), P["block_word"]),
+            ids=ids,
+            expand=_expand_houses,
+            lod_m=P["house_lod"],
+            mat_open=yard,
+        )
+    ]
 
 
 def _plot_cells(scene, g, ids):
@@ -97,16 +123,27 @@ def _plot_cells(scene, g, ids):
     b, bid = g[~tank].copy(), ids[~tank]
     b[:, 2] *= 0.6 + 0.3 * _hash01(seed, bid, 25)
     b[:, 3] *= 0.6 + 0.3 * _hash01(seed, bid, 26)
-    mat, col = _hash_pick(seed, bid, 27, ["roof_white", "roof_grey", "roof_blue", "roof_dark"], [.35, .3, .25, .1])
-    mat[:, STRIPE_A] = .05
+    mat, col = _hash_pick(
+        seed, bid, 27, ["roof_white", "roof_grey", "roof_blue", "roof_dark"], [0.35, 0.3, 0.25, 0.1]
+    )
+    mat[:, STRIPE_A] = 0.05
     tp, tid = g[tank], ids[tank]
     r = 8 + 14 * _hash01(seed, tid, 28)
-    off = (np.arange(4) - 1.5)[None] * r[:, None] * 2.6                      # (n, 4) along the plot
+    off = (np.arange(4) - 1.5)[None] * r[:, None] * 2.6  # (n, 4) along the plot
     tx, ty = tp[:, :1] + off * np.cos(tp[:, 4:5]), tp[:, 1:2] + off * np.sin(tp[:, 4:5])
     tids = (tid[:, None] * 8 + np.arange(4)).ravel()
     tmat, tcol = _hash_pick(seed, tids, 29, ["tank"], [1.0])
-    return [Layer("factory", "box", b, mat, col, ids=bid),
-            Layer("tank", "disk", np.stack([tx.ravel(), ty.ravel(), np.repeat(r, 4)], 1), tmat, tcol, ids=tids)]
+    return [
+        Layer("factory", "box", b, mat, col, ids=bid),
+        Layer(
+            "tank",
+            "disk",
+            np.stack([tx.ravel(), ty.ravel(), np.repeat(r, 4)], 1),
+            tmat,
+            tcol,
+            ids=tids,
+        ),
+    ]
 
 
 def _expand_houses(scene, blocks, fr):
@@ -125,30 +162,39 @@ def _expand_houses(scene, blocks, fr):
     w = lot_w * P["fill"] * (0.75 + 0.25 * h[2])
     d = hy * P["fill"] * (0.7 + 0.3 * h[3])
     sgn = np.where(row == 0, 1.0, -1.0)
-    v = sgn * (hy - d / 2 - hy * P["setback"])                  # front of the house on the street
+    v = sgn * (hy - d / 2 - hy * P["setback"])  # front of the house on the street
     ca, sa = np.cos(g[bi, 4]), np.sin(g[bi, 4])
     cx, cy = g[bi, 0] + u * ca - v * sa, g[bi, 1] + u * sa + v * ca
     roofs = P["roofs"]
     rows = np.array([_MAT_NAMES.index(m) for m in roofs], np.int64)[
-        np.minimum((h[4] * len(roofs)).astype(np.int64), len(roofs) - 1)]
+        np.minimum((h[4] * len(roofs)).astype(np.int64), len(roofs) - 1)
+    ]
     mat = _MAT_TABLE[rows]
     mat[:, :3] *= (0.92 + 0.16 * h[5])[:, None].astype(np.float32)
-    out = [Layer("house", "box", np.stack([cx, cy, w / 2, d / 2, g[bi, 4]], 1)[live], mat[live],
-                 _MAT_WORD[rows][live], ids=key[live])]
+    out = [
+        Layer(
+            "house",
+            "box",
+            np.stack([cx, cy, w / 2, d / 2, g[bi, 4]], 1)[live],
+            mat[live],
+            _MAT_WORD[rows][live],
+            ids=key[live],
+        )
+    ]
     if P["tree_p"] > 0:
         t = _hash01(scene.seed, key, 9) < P["tree_p"]
-        vt = sgn * (hy * 0.12 + 2.0)                               # at the back of the lot
+        vt = sgn * (hy * 0.12 + 2.0)  # at the back of the lot
         ut = u + (_hash01(scene.seed, key, 11) - 0.5) * 0.6 * lot_w
         r = 2.0 + 3.0 * _hash01(scene.seed, key, 10)
         tx, ty = g[bi, 0] + ut * ca - vt * sa, g[bi, 1] + ut * sa + vt * ca
-        tmat, tcol = _hash_pick(scene.seed, key[t], 12, ["tree", "tree_light"], [.6, .4])
+        tmat, tcol = _hash_pick(scene.seed, key[t], 12, ["tree", "tree_light"], [0.6, 0.4])
         out.append(Layer("yard_tree", "disk", np.stack([tx, ty, r], 1)[t], tmat, tcol, ids=key[t]))
     return out
 
 
 def _expand_wheel_tracks(scene, pivots, fr):
-    """The concentric wheel tracks of each centre-pivot field: rings of bare soil every track_m metres
-    (one per tower of the irrigation arm), 3 m wide."""
+    """The concentric wheel tracks of each centre-pivot field: rings of bare soil every track_m
+    metres (one per tower of the irrigation arm), 3 m wide."""
     g, step = pivots.geom, scene.params["track_m"]
     n = np.floor(g[:, 2] / step - 0.3).astype(np.int64)
     pi, k = np.nonzero(np.arange(1, int(n.max(initial=0)) + 1)[None] <= n[:, None])
@@ -163,20 +209,22 @@ def _scatter(scene, fr, spacing, key):
     span = fr.size * fr.res
     i0, i1 = int(math.floor(fr.x0 / spacing)) - 1, int(math.ceil((fr.x0 + span) / spacing)) + 1
     j0, j1 = int(math.floor((fr.y1 - span) / spacing)) - 1, int(math.ceil(fr.y1 / spacing)) + 1
-    I, J = np.meshgrid(np.arange(i0, i1), np.arange(j0, j1))
-    cid = (I.ravel() + (1 << 20)) * (1 << 21) + (J.ravel() + (1 << 20))
-    x = (I.ravel() + _hash01(scene.seed, cid, key, 1)) * spacing
-    y = (J.ravel() + _hash01(scene.seed, cid, key, 2)) * spacing
+    cols, rows = np.meshgrid(np.arange(i0, i1), np.arange(j0, j1))
+    cid = (cols.ravel() + (1 << 20)) * (1 << 21) + (rows.ravel() + (1 << 20))
+    x = (cols.ravel() + _hash01(scene.seed, cid, key, 1)) * spacing
+    y = (rows.ravel() + _hash01(scene.seed, cid, key, 2)) * spacing
     return x, y, cid
 
 
 def _expand_trees(scene, regions, fr, spacing=None, key=5):
-    """Tree crowns (or shrubs) on a jittered grid inside the regions; spacing (m) defaults to the scene's
-    tree_spacing, materials to its tree_mats (names, probabilities)."""
+    """Tree crowns (or shrubs) on a jittered grid inside the regions; spacing (m) defaults to the
+    scene's tree_spacing, materials to its tree_mats (names, probabilities)."""
     P = scene.params
     x, y, cid = _scatter(scene, fr, spacing or P["tree_spacing"], key)
     inside = _sdf(regions.shape, regions.geom, x[None, None, :], y[None, None, :]).min(0)[0] < 0
     x, y, cid = x[inside], y[inside], cid[inside]
     r = P["tree_r"][0] + (P["tree_r"][1] - P["tree_r"][0]) * _hash01(scene.seed, cid, 3)
-    mat, col = _hash_pick(scene.seed, cid, 4, *P.get("tree_mats", (["tree", "tree_light"], [.65, .35])))
+    mat, col = _hash_pick(
+        scene.seed, cid, 4, *P.get("tree_mats", (["tree", "tree_light"], [0.65, 0.35]))
+    )
     return [Layer(P.get("tree_kind", "tree"), "disk", np.stack([x, y, r], 1), mat, col, ids=cid)]

@@ -1,9 +1,10 @@
 """Deterministic, view-independent randomness: integer hashing and band-limited value noise.
 
-Everything procedural is keyed by world position or by object ids, never by the pixel grid, so that a
-place looks the same from every frame and at every level; octaves finer than the pixel size are left out,
-as area-averaging over a pixel would remove them.
+Everything procedural is keyed by world position or by object ids, never by the pixel grid, so that
+a place looks the same from every frame and at every level; octaves finer than the pixel size are
+left out, as area-averaging over a pixel would remove them.
 """
+
 import math
 
 import numpy as np
@@ -40,14 +41,15 @@ def _bspline(f):
 def _interp_matrix(t, n):
     """(..., k, n) cubic B-spline weights of points t (..., k) >= 1 onto lattice 0..n-1."""
     i = np.floor(t)
-    w = _bspline(t - i).astype(np.float32)                               # (..., k, 4)
+    w = _bspline(t - i).astype(np.float32)  # (..., k, 4)
     flat = (np.arange(i.size) * n + i.astype(np.int64).ravel() - 1)[:, None] + np.arange(4)
     W = np.zeros(t.shape + (n,), np.float32)
     W.ravel()[flat.ravel()] = w.ravel()
     return W
 
 
-_SPLINE_GAIN = 1.5  # B-spline smoothing lowers the lattice spread (std 0.58 -> 0.28); restore most of it
+# B-spline smoothing lowers the lattice spread (std 0.58 -> 0.28); restore most of it
+_SPLINE_GAIN = 1.5
 
 
 def _noise(x, y, wavelength, key):
@@ -59,21 +61,21 @@ def _noise(x, y, wavelength, key):
     ox, oy = 97.31 * (key % 997) + 13.7, 61.13 * (key % 991) + 5.3
     u, v = x / wavelength + ox, y / wavelength + oy
     if u.ndim >= 2 and u.ndim == v.ndim and u.shape[-2] == 1 and v.shape[-1] == 1:
-        u1, v1 = u[..., 0, :], v[..., :, 0]                                  # (..., k)
+        u1, v1 = u[..., 0, :], v[..., :, 0]  # (..., k)
         ub, vb = np.floor(u1.min(-1, keepdims=True)) - 1, np.floor(v1.min(-1, keepdims=True)) - 1
         nu, nv = int(np.max(u1 - ub)) + 3, int(np.max(v1 - vb)) + 3
         Wu, Wv = _interp_matrix(u1 - ub, nu), _interp_matrix(v1 - vb, nv)  # (..., k, n)
-        rows = (vb.astype(np.int64) + np.arange(nv)) & 255                   # (..., nv)
+        rows = (vb.astype(np.int64) + np.arange(nv)) & 255  # (..., nv)
         cols = (ub.astype(np.int64) + np.arange(nu)) & 255
-        block = _LATTICE[rows[..., :, None], cols[..., None, :]]             # (..., nv, nu)
+        block = _LATTICE[rows[..., :, None], cols[..., None, :]]  # (..., nv, nu)
         return _SPLINE_GAIN * ((Wv @ block) @ np.ascontiguousarray(np.swapaxes(Wu, -1, -2)))
-    u, v = np.broadcast_arrays(u, v)                                         # scattered points
+    u, v = np.broadcast_arrays(u, v)  # scattered points
     iu, iv = np.floor(u), np.floor(v)
-    wu, wv = _bspline(u - iu), _bspline(v - iv)                              # (..., 4)
+    wu, wv = _bspline(u - iu), _bspline(v - iv)  # (..., 4)
     ar = np.arange(4)
-    rows = (iv.astype(np.int64)[..., None] - 1 + ar) & 255                   # (..., 4)
+    rows = (iv.astype(np.int64)[..., None] - 1 + ar) & 255  # (..., 4)
     cols = (iu.astype(np.int64)[..., None] - 1 + ar) & 255
-    vals = _LATTICE_FLAT[rows[..., :, None] * 257 + cols[..., None, :]]      # (..., 4, 4)
+    vals = _LATTICE_FLAT[rows[..., :, None] * 257 + cols[..., None, :]]  # (..., 4, 4)
     return _SPLINE_GAIN * np.einsum("...a,...ab,...b->...", wv, vals, wu)
 
 
@@ -84,17 +86,18 @@ def _band(wavelength, res):
 
 
 def _noise_fields(xs, ys, wavelengths, keys):
-    """Several _noise fields on one pixel grid, xs (1, W), ys (H, 1) -> (O, H, W), one batched matmul;
-    field o has lattice spacing wavelengths[o] and key keys[o]."""
+    """Several _noise fields on one pixel grid, xs (1, W), ys (H, 1) -> (O, H, W), one batched
+    matmul; field o has lattice spacing wavelengths[o] and key keys[o]."""
     lam = np.asarray(wavelengths, np.float64)[:, None]
-    u = xs.reshape(1, -1) / lam + np.array([[97.31 * (j % 997) + 13.7] for j in keys])  # (O, W), as _noise
-    v = ys.reshape(1, -1) / lam + np.array([[61.13 * (j % 991) + 5.3] for j in keys])   # (O, H)
+    # (O, W), as _noise
+    u = xs.reshape(1, -1) / lam + np.array([[97.31 * (j % 997) + 13.7] for j in keys])
+    v = ys.reshape(1, -1) / lam + np.array([[61.13 * (j % 991) + 5.3] for j in keys])  # (O, H)
     ub, vb = np.floor(u.min(1, keepdims=True)) - 1, np.floor(v.min(1, keepdims=True)) - 1
     n = int(max(np.max(u - ub), np.max(v - vb))) + 3
-    Wu, Wv = _interp_matrix(u - ub, n), _interp_matrix(v - vb, n)       # (O, W, n), (O, H, n)
+    Wu, Wv = _interp_matrix(u - ub, n), _interp_matrix(v - vb, n)  # (O, W, n), (O, H, n)
     rows = (vb.astype(np.int64) + np.arange(n)) & 255
     cols = (ub.astype(np.int64) + np.arange(n)) & 255
-    block = _LATTICE[rows[:, :, None], cols[:, None, :]]                 # (O, n, n)
+    block = _LATTICE[rows[:, :, None], cols[:, None, :]]  # (O, n, n)
     return _SPLINE_GAIN * ((Wv @ block) @ np.ascontiguousarray(Wu.transpose(0, 2, 1)))
 
 

@@ -1,8 +1,11 @@
-"""Rasterisation: signed distances of the object shapes -> coverage of each object on the pixel grid.
+"""Rasterisation: signed distances of the object shapes -> coverage of each
+object on the pixel grid.
 
-Objects of two pixels and more get a one-pixel edge ramp (about their area coverage); smaller objects a
-soft footprint whose total equals their true area, so that sub-pixel things add their area-averaged colour.
+Objects of two pixels and more get a one-pixel edge ramp (about their area coverage); smaller
+objects a soft footprint whose total equals their true area, so that sub-pixel things add
+their area-averaged colour.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,6 +20,7 @@ from .world import SHAPES, resolution_m
 @dataclass
 class Frame:
     """The pixel grid: size x size pixels of res metres, west edge x0, north edge y1."""
+
     level: float
     size: int
     res: float
@@ -77,7 +81,9 @@ def _sdf(shape, g, X, Y, res=0.0):
         fine = 4.0 * _noise(X, Y, 23.0, 3) if res < 12.0 else 0.0
         return (rn - 1) * rmin + wob + fine - c[6]
     if shape == "coast":
-        wob = c[3] * (_noise(X, Y, 1900.0, 4) + (0.25 * _noise(X, Y, 330.0, 5) if res < 160 else 0.0))
+        wob = c[3] * (
+            _noise(X, Y, 1900.0, 4) + (0.25 * _noise(X, Y, 330.0, 5) if res < 160 else 0.0)
+        )
         fine = 3.0 * _noise(X, Y, 29.0, 6) if res < 15.0 else 0.0
         return c[2] - X * c[0] - Y * c[1] + wob + fine
     raise ValueError(f"unknown shape {shape!r}; expected one of {sorted(SHAPES)}")
@@ -105,8 +111,12 @@ def _bbox(shape, g):
         ex, ey = g[:, 2] * ca + g[:, 3] * sa, g[:, 2] * sa + g[:, 3] * ca
         return g[:, 0] - ex, g[:, 0] + ex, g[:, 1] - ey, g[:, 1] + ey
     if shape == "seg":
-        return (np.minimum(g[:, 0], g[:, 2]) - g[:, 4], np.maximum(g[:, 0], g[:, 2]) + g[:, 4],
-                np.minimum(g[:, 1], g[:, 3]) - g[:, 4], np.maximum(g[:, 1], g[:, 3]) + g[:, 4])
+        return (
+            np.minimum(g[:, 0], g[:, 2]) - g[:, 4],
+            np.maximum(g[:, 0], g[:, 2]) + g[:, 4],
+            np.minimum(g[:, 1], g[:, 3]) - g[:, 4],
+            np.maximum(g[:, 1], g[:, 3]) + g[:, 4],
+        )
     if shape == "blob":
         r = np.maximum(g[:, 2], g[:, 3]) * (1 + g[:, 5]) + 8.0 + np.maximum(g[:, 6], 0)
         return g[:, 0] - r, g[:, 0] + r, g[:, 1] - r, g[:, 1] + r
@@ -130,11 +140,16 @@ def _windows(layer, fr):
     """Pixel windows (c0, r0, kc, kr) of the objects touching the frame, and flags."""
     S, p = fr.size, fr.res
     xmin, xmax, ymin, ymax = _bbox(layer.shape, layer.geom)
-    e = np.stack([xmin - fr.x0, xmax - fr.x0, fr.y1 - ymax, fr.y1 - ymin]) / p   # (4, N) in pixels
+    e = np.stack([xmin - fr.x0, xmax - fr.x0, fr.y1 - ymax, fr.y1 - ymin]) / p  # (4, N) in pixels
     with np.errstate(invalid="ignore"):
-        c0, c1, r0, r1 = np.floor(np.minimum(np.maximum(e, -4), S + 4)).astype(np.int64) + [[-1], [1], [-1], [1]]
+        c0, c1, r0, r1 = np.floor(np.minimum(np.maximum(e, -4), S + 4)).astype(np.int64) + [
+            [-1],
+            [1],
+            [-1],
+            [1],
+        ]
     keep = (c1 >= 0) & (c0 < S) & (r1 >= 0) & (r0 < S)
-    covers = (c0 < 0) & (r0 < 0) & (c1 >= S) & (r1 >= S)                    # bbox covers the frame
+    covers = (c0 < 0) & (r0 < 0) & (c1 >= S) & (r1 >= S)  # bbox covers the frame
     small = np.maximum(xmax - xmin, ymax - ymin) < 2 * p
     c0 = np.where(small, c0, np.maximum(c0, 0))
     r0 = np.where(small, r0, np.maximum(r0, 0))
@@ -160,18 +175,22 @@ def _rasterize(layer, fr, stack=None):
     maybe = np.nonzero(covers)[0]
     if len(maybe):
         half = S * p / 2
-        lip = 2.0 if layer.shape in ("blob", "coast") else 1.0   # bound on |grad sdf| (ellipses)
+        lip = 2.0 if layer.shape in ("blob", "coast") else 1.0  # bound on |grad sdf| (ellipses)
         d = _sdf_bound(layer.shape, layer.geom[maybe], fr.x0 + half, fr.y1 - half)
         full = maybe[d < -lip * 1.42 * half - p]
-        if len(full):                         # an object covers the whole frame: it hides its
-            f = full[-1] if stack is None else full[np.argmax(stack[full])]   # layer and those below
+        if len(full):  # an object covers the whole frame: it hides its
+            f = full[-1] if stack is None else full[np.argmax(stack[full])]  # layer and those below
             if stack is None:
                 return np.arange(S * S), np.ones(S * S, np.float32), np.full(S * S, f)
             keep = keep & (stack > stack[f])
-            rest = _rasterize(layer.subset(keep), fr) if keep.any() else (np.zeros(0, np.int64),) * 3
-            return (np.concatenate([np.arange(S * S), rest[0]]),
-                    np.concatenate([np.ones(S * S, np.float32), rest[1]]),
-                    np.concatenate([np.full(S * S, f), np.nonzero(keep)[0][rest[2]]]))
+            rest = (
+                _rasterize(layer.subset(keep), fr) if keep.any() else (np.zeros(0, np.int64),) * 3
+            )
+            return (
+                np.concatenate([np.arange(S * S), rest[0]]),
+                np.concatenate([np.ones(S * S, np.float32), rest[1]]),
+                np.concatenate([np.full(S * S, f), np.nonzero(keep)[0][rest[2]]]),
+            )
     cap = np.where(small, 8, S)
     group = np.where(keep, (_bucket(kr, cap) * 1024 + _bucket(kc, cap)) * 2 + small, -1)
     out = []
@@ -179,12 +198,12 @@ def _rasterize(layer, fr, stack=None):
         kb, is_small = gk // 2, bool(gk % 2)
         idx = np.nonzero(group == gk)[0]
         cc, rr = c0[idx, None] + np.arange(kb % 1024), r0[idx, None] + np.arange(kb // 1024)
-        X = (fr.x0 + (cc + 0.5) * p).astype(np.float32)[:, None, :]   # (n, 1, kc)
-        Y = (fr.y1 - (rr + 0.5) * p).astype(np.float32)[:, :, None]   # (n, kr, 1)
+        X = (fr.x0 + (cc + 0.5) * p).astype(np.float32)[:, None, :]  # (n, 1, kc)
+        Y = (fr.y1 - (rr + 0.5) * p).astype(np.float32)[:, :, None]  # (n, kr, 1)
         d = _sdf(layer.shape, layer.geom[idx].astype(np.float32), X, Y, p)  # (n, kr, kc)
         if is_small:
             a = np.maximum(1.0 - d / p, 0)
-            scale = _area(layer.shape, layer.geom[idx]) / p ** 2 / np.maximum(a.sum((1, 2)), 1e-9)
+            scale = _area(layer.shape, layer.geom[idx]) / p**2 / np.maximum(a.sum((1, 2)), 1e-9)
             a = np.minimum(a * scale[:, None, None].astype(np.float32), 1.0)
         else:
             a = np.minimum(np.maximum(0.5 - d / p, 0), 1.0)
@@ -200,6 +219,10 @@ def _rasterize(layer, fr, stack=None):
 def _cull(layer, fr, margin=0.0):
     xmin, xmax, ymin, ymax = _bbox(layer.shape, layer.geom)
     span = fr.size * fr.res
-    keep = ((xmax >= fr.x0 - margin) & (xmin <= fr.x0 + span + margin)
-            & (ymax >= fr.y1 - span - margin) & (ymin <= fr.y1 + margin))
+    keep = (
+        (xmax >= fr.x0 - margin)
+        & (xmin <= fr.x0 + span + margin)
+        & (ymax >= fr.y1 - span - margin)
+        & (ymin <= fr.y1 + margin)
+    )
     return layer.subset(keep)

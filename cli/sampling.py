@@ -1,0 +1,281 @@
+"""What the sampling scripts share (sample.py, edit.py, evaluate.py).
+
+    # the --weights' config, read before the parser is built
+    cfg = model_config_for(argv)
+    add_model_flags(p); add_sampling_flags(p); add_condition_flags(p, cfg)
+    args = p.parse_args(argv)
+    # {"level": 16.0, ...}: what each condition flag asked for
+    values = condition_values(args, cfg, p)
+    # weights, LoRA, the inpainting refusal, one line on error
+    model = load_checked(args, p)
+    cond = conditions.request(model.cfg, n, text=prompts, **values)
+    guidance = guidance_scales(args, model.cfg)
+
+The flags of the scalar conditions come from the model's condition table
+(ModelConfig.unet.scalar_conditions): `--NAME V` sets a condition for every image and `--NAME-cfg S`
+guides it with its own scale (model/guidance.py). A condition added to a model's config therefore
+appears in every script without editing them. The level keeps its `--resolution-m` alternative and
+the release's "{L}_GOOGLE_LEVEL_{text}" prompt prefix.
+"""
+
+import argparse
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL.PngImagePlugin import PngInfo
+
+from data.levels import asked_level, parse_level_prefix
+from data.transforms import tensor_to_pil
+from model import conditions
+from model.config import ModelConfig
+from model.lora import apply_loras
+from model.pipeline import device_and_dtype
+from model.samplers import SAMPLERS
+from model.weights import WeightsError, load_weights, read_config
+
+DEFAULT_WEIGHTS = "out/demo/model.safetensors"  # what the README's demo command trains
+
+
+@dataclass
+class Job:
+    """One image to make: its prompt, its scalar conditions ({name: value}; a name absent = its
+    null), its seed."""
+
+    text: str
+    values: dict = field(default_factory=dict)
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Flags
+# ----------------------------------------------------------------------------------------------
+
+
+def model_config_for(argv, default=DEFAULT_WEIGHTS):
+    """The ModelConfig of the --weights named in argv (or `default`), read without its tensors:
+    which condition flags the parser offers. The default config (text and level) when there is none
+    or it does not read; loading the weights reports that properly."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--weights", default=default)
+    known, _ = pre.parse_known_args(argv)
+    if known.weights is None:
+        return ModelConfig()
+    try:
+        return read_config(known.weights)
+    except (WeightsError, ValueError, OSError):
+        return ModelConfig()
+
+
+def add_model_flags(
+    p, weights=DEFAULT_WEIGHTS, weights_help="diffusers-format folder or our .safetensors"
+):
+    """--weights, --lora, --device, --dtype."""
+    p.add_argument("--weights", default=weights, help=weights_help)
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="FILE[:SCALE]",
+        help="merge a LoRA (ours, or diffusers / peft layout) into the model; repeat for several",
+    )
+    p.add_argument(
+        "--device",
+        default="cuda" if torch.cuda.is_available() else "cpu",
+        help="cpu, cuda or cuda:N",
+    )
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["fp32", "bf16", "fp16"],
+        help="U-Net and text encoder precision, read as such (default: bf16 on GPU, fp32 on CPU)",
+    )
+
+
+def add_sampling_flags(p, cfg=4.0, cfg_help="guidance scale (release default 4.0; 1 = none)"):
+    """--sampler, --steps, --cfg, --negative-prompt, --seed."""
+    p.add_argument("--sampler", default="dpmpp_2m", choices=sorted(SAMPLERS))
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--cfg", type=float, default=cfg, help=cfg_help)
+    p.add_argument(
+        "--negative-prompt", default="", help="replaces the empty prompt in the null branch"
+    )
+    p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
+
+
+def add_condition_flags(p, model_cfg):
+    """--NAME and --NAME-cfg for every scalar condition model_cfg reads (--level also
+    --resolution-m)."""
+    for name in model_cfg.unet.scalar_conditions:
+        flag = name.replace("_", "-")
+        null = model_cfg.conditions[name].null
+        what = (
+            "Google map level, 0 (none) or 1..20, fractional ok"
+            if name == "level"
+            else f"the {name} condition for every image (default: its null, {null})"
+        )
+        p.add_argument(f"--{flag}", type=float, default=None, dest=name, help=what)
+        p.add_argument(
+            f"--{flag}-cfg",
+            type=float,
+            default=None,
+            dest=f"{name}_cfg",
+            help=f"guidance scale of the {name} on its own "
+            "(default: guided with the text, at --cfg)",
+        )
+        if name == "level":
+            p.add_argument(
+                "--resolution-m",
+                type=float,
+                default=None,
+                help="metres per pixel (instead of --level)",
+            )
+
+
+def condition_values(args, model_cfg, p):
+    """{name: value} of the scalar conditions the flags set (None = not given); --resolution-m
+    becomes the level. Bad values are one line, exit 2."""
+    values = {name: getattr(args, name, None) for name in model_cfg.unet.scalar_conditions}
+    if "level" in values:
+        try:
+            values["level"] = asked_level(values["level"], getattr(args, "resolution_m", None))
+        except ValueError as e:
+            p.error(str(e))
+        if values["level"] is not None and not 0.0 <= values["level"] <= 20.0:
+            p.error(f"--level {values['level']:g} is outside [0, 20]")
+    for name in model_cfg.unet.scalar_conditions:
+        scale = getattr(args, f"{name}_cfg", None)
+        if scale is not None and scale < 0:
+            p.error(f"--{name.replace('_', '-')}-cfg must be >= 0, got {scale}")
+    return values
+
+
+def guidance_scales(args, model_cfg):
+    """{condition: scale}: every condition at --cfg, those given --NAME-cfg at their own."""
+    own = {name: getattr(args, f"{name}_cfg", None) for name in model_cfg.unet.scalar_conditions}
+    return conditions.scales(model_cfg, args.cfg, **own)
+
+
+def check_sampling(args, p):
+    """--steps, --cfg, --device and --dtype, checked before anything loads; the device and dtype
+    resolved."""
+    if args.steps < 1:
+        p.error(f"--steps must be >= 1, got {args.steps}")
+    if args.cfg is not None and args.cfg < 0:
+        p.error(f"--cfg must be >= 0, got {args.cfg}")
+    try:
+        return device_and_dtype(args.device, args.dtype)
+    except ValueError as e:
+        p.error(str(e))
+
+
+# ----------------------------------------------------------------------------------------------
+# Prompts, weights, outputs
+# ----------------------------------------------------------------------------------------------
+
+
+def split_prompt(prompt, values, p):
+    """(text, values) of one prompt: the release's "{L}_GOOGLE_LEVEL_{text}" prefix sets the level
+    for this prompt (over --level). A prefix that does not parse, or a level outside [0, 20], is one
+    line, exit 2."""
+    try:
+        level, text = parse_level_prefix(prompt, strict=True)
+    except ValueError as e:
+        p.error(str(e))
+    if text == prompt:
+        return text, dict(values)
+    if not 0.0 <= level <= 20.0:
+        p.error(f"level {level:g} (prompt {prompt!r}) is outside [0, 20]")
+    return text, {**values, "level": level}
+
+
+def load_checked(args, p, text_to_image=False):
+    """The model of --weights with --lora merged, in eval mode; with text_to_image an inpainting
+    U-Net is refused. Any problem is one line naming the flag, exit 2."""
+    # the U-Net and text encoder in --dtype as they are read; the VAE decodes in fp32 (SD's
+    # overflows in fp16)
+    try:
+        model = load_weights(
+            args.weights, args.device, dtype={"unet": args.dtype, "text_encoder": args.dtype}
+        )
+    except WeightsError as e:
+        hint = (
+            " (train the demo model first: see README)" if args.weights == DEFAULT_WEIGHTS else ""
+        )
+        p.error(f"--weights: {e}{hint}")
+    try:
+        apply_loras(model, args.lora)
+    except WeightsError as e:
+        p.error(f"--lora: {e}")
+    if text_to_image and model.cfg.unet.in_channels != model.cfg.unet.out_channels:
+        p.error(
+            f"--weights {args.weights}: an inpainting U-Net "
+            f"({model.cfg.unet.in_channels} input channels) "
+            "samples from an image and a mask, not from text alone"
+        )
+    return model.eval()
+
+
+def check_values(values, model_cfg, weights, p):
+    """Refuse a condition value the model cannot read (a level prefix for a U-Net without a level
+    embedding)."""
+    unknown = sorted(
+        name
+        for name, v in values.items()
+        if v is not None and name not in model_cfg.condition_names()
+    )
+    if unknown:
+        p.error(
+            f"{', '.join(unknown)}: the U-Net of {weights} does not read it (it reads "
+            f"{', '.join(model_cfg.condition_names())})"
+        )
+
+
+def refuse_overwrite(paths, overwrite, p):
+    """Exit 2 naming the first of `paths` that exists, unless --overwrite."""
+    existing = [path for path in paths if Path(path).exists()]
+    if existing and not overwrite:
+        p.error(
+            f"{existing[0]} exists ({len(existing)} files would be overwritten); "
+            "pass --overwrite or another --out"
+        )
+
+
+def settings(args, model_cfg):
+    """The settings every PNG records: sampler, steps, guidance and each condition's value and own
+    scale."""
+    out = {
+        "sampler": args.sampler,
+        "steps": args.steps,
+        "cfg": args.cfg,
+        "negative_prompt": args.negative_prompt,
+        "weights": args.weights,
+    }
+    for name in model_cfg.unet.scalar_conditions:
+        out[f"{name}_cfg"] = getattr(args, f"{name}_cfg", None)
+    return out
+
+
+def condition_text(values):
+    """{name: value} -> {name: text} for a PNG's chunks: "%g" of a value, "none" when not given
+    (its null)."""
+    return {name: "none" if v is None else f"{v:g}" for name, v in values.items()}
+
+
+def save_png(image, path, info):
+    """Write image (3, H, W) in [-1, 1] as a PNG with `info` (str() of each value) in its text
+    chunks, atomically."""
+    meta = PngInfo()
+    for key, value in info.items():
+        meta.add_text(key, str(value))
+    path = Path(path)
+    tmp = path.with_name(path.stem + ".tmp.png")
+    tensor_to_pil(image).save(tmp, pnginfo=meta)
+    os.replace(tmp, path)
+
+
+def slug(text, n=40):
+    """A file-name piece of a prompt: lower case, runs of other characters as one underscore."""
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")[:n] or "empty"
