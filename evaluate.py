@@ -47,7 +47,6 @@ from evaluation.inception import RESIZE_MODES, fid_features, load_fid_inception
 from evaluation.probe import load_probe
 from evaluation.report import evaluation_table
 from evaluation.testset import ImageFiles, check_classes, level_images, load_testset
-from model import conditions
 from model.pipeline import generate
 from model.release import WeightsError
 from model.weights import read_metadata, trained_size
@@ -277,15 +276,8 @@ def generate_missing(model, guidance, jobs, args, size):
     settings = cli.settings(args, model.cfg)
     for i in tqdm(range(0, len(todo), args.batch), desc="generating", disable=not todo):
         batch = todo[i : i + args.batch]
-        values = {
-            name: [job.values.get(name) for _, job in batch]
-            for name in model.cfg.unet.scalar_conditions
-        }
-        # not given: its null
-        values = {name: None if None in v else v for name, v in values.items()}
-        cond = conditions.request(
-            model.cfg, len(batch), text=[job.text for _, job in batch], **values
-        )
+        jobs_here = [job for _, job in batch]
+        cond = cli.job_conditions(model.cfg, jobs_here, [job.text for job in jobs_here])
         images = generate(
             model,
             cond,

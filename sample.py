@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from cli import sampling as cli
 from data.transforms import image_grid, tensor_to_pil
-from model import attention, conditions
+from model import attention
 from model.pipeline import compile_problem, generate, prepare_for_sampling
 
 
@@ -127,17 +127,8 @@ def main(argv=None):
     starts = range(0, len(args.jobs), args.batch)
     for start in tqdm(starts, desc="batches", disable=len(args.jobs) <= args.batch):
         jobs = args.jobs[start : start + args.batch]
-        values = {
-            name: [job.values.get(name) for job in jobs]
-            for name in model.cfg.unet.scalar_conditions
-        }
-        values = {  # not given: its null
-            name: [model.cfg.conditions[name].null if x is None else x for x in v]
-            for name, v in values.items()
-        }
-        cond = conditions.request(
-            model.cfg, len(jobs), text=torch.stack([context[j.text] for j in jobs]), **values
-        )
+        text = torch.stack([context[job.text] for job in jobs])
+        cond = cli.job_conditions(model.cfg, jobs, text)
         images = generate(
             model,
             cond,

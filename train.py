@@ -547,9 +547,10 @@ def _loop(cfg, run, stop):  # noqa: C901, PLR0915 (the training step top to bott
             dist.all_gather_object(datas, batches.state())  # collective: every rank takes part
         error = "" if main else "see rank 0's log"
         if main:
+            averaged_ema = ema_state(ema, averaged)
             weights = {
                 **{f"model.{k}": v for k, v in averaged.state_dict().items()},
-                **ema_state(ema, averaged),
+                **averaged_ema,
             }
             if nonfinite(weights) is not None:
                 error = f"non-finite values in {nonfinite(weights)}"
@@ -560,7 +561,7 @@ def _loop(cfg, run, stop):  # noqa: C901, PLR0915 (the training step top to bott
                         {
                             "step": step,
                             "model": model.state_dict(),
-                            "ema": ema_state(ema, averaged),
+                            "ema": averaged_ema,
                             "optimizer": opt.state_dict(),
                             "model_config": model.cfg.to_dict(),
                             "trained": trained,

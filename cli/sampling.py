@@ -218,6 +218,19 @@ def load_checked(args, p, text_to_image=False):
     return model.eval()
 
 
+def job_conditions(model_cfg, jobs, text):
+    """The raw conditions of a batch of Jobs (conditions.request): `text` their prompts (or encoded
+    contexts), each scalar condition from the jobs' values, a job without one at its null."""
+    values = {
+        name: [
+            model_cfg.conditions[name].null if job.values.get(name) is None else job.values[name]
+            for job in jobs
+        ]
+        for name in model_cfg.unet.scalar_conditions
+    }
+    return conditions.request(model_cfg, len(jobs), text=text, **values)
+
+
 def check_values(values, model_cfg, weights, p):
     """Refuse a condition value the model cannot read (a level prefix for a U-Net without a level
     embedding)."""
