@@ -348,7 +348,7 @@ def main(argv=None):
     info = {
         "command": args.command,
         "prompt": " | ".join(args.prompt),
-        **cli.condition_text(values),
+        **cli.condition_text(model.cfg, values),
         **cli.settings(args, model.cfg),
     }
     try:
@@ -440,7 +440,7 @@ def translate(args, p, model, values, seeds, sampling, info):
         control=args.control,
         task=task,
         control_scale=args.control_scale,
-        **cli.condition_text(values),
+        **cli.condition_text(model.cfg, values),
     )
     return [
         (generate(model, cond, seeds=[s], unet=unet, size=(H, W), **sampling), {"seed": s})

@@ -217,7 +217,7 @@ def settings_of(args, size, values, model_cfg):
     is drawn per batch)."""
     own = {
         f"{name}_cfg": getattr(args, f"{name}_cfg", None)
-        for name in model_cfg.unet.scalar_conditions
+        for name in model_cfg.unet.embedded_conditions()
     }
     return {
         "weights": str(args.weights),
@@ -225,7 +225,7 @@ def settings_of(args, size, values, model_cfg):
         "test": str(args.test),
         "split": args.split,
         "image_root": args.image_root,
-        **values,
+        **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()},
         "n": args.n,
         "size": list(size),
         "sampler": args.sampler,
@@ -292,7 +292,7 @@ def generate_missing(model, guidance, jobs, args, size):
         for (path, job), image in zip(batch, images):
             info = {
                 "prompt": job.text,
-                **cli.condition_text(job.values),
+                **cli.condition_text(model.cfg, job.values),
                 "seed": job.seed,
                 **settings,
             }

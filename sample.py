@@ -146,7 +146,7 @@ def main(argv=None):
         for job, image, name in zip(jobs, images, names[start : start + args.batch]):
             info = {
                 "prompt": job.text,
-                **cli.condition_text(job.values),
+                **cli.condition_text(model.cfg, job.values),
                 "seed": job.seed,
                 **settings,
             }

@@ -4,17 +4,18 @@
     cfg = model_config_for(argv)
     add_model_flags(p); add_sampling_flags(p); add_condition_flags(p, cfg)
     args = p.parse_args(argv)
-    # {"level": 16.0, ...}: what each condition flag asked for
+    # {"level": 16.0, "location": (31.2, 121.5), ...}: what the condition flags asked for
     values = condition_values(args, cfg, p)
     # weights, LoRA, the inpainting refusal, one line on error
     model = load_checked(args, p)
     cond = conditions.request(model.cfg, n, text=prompts, **values)
     guidance = guidance_scales(args, model.cfg)
 
-The flags of the scalar conditions come from the model's condition table
-(ModelConfig.unet.scalar_conditions): `--NAME V` sets a condition for every image and `--NAME-cfg S`
-guides it with its own scale (model/guidance.py). A condition added to a model's config therefore
-appears in every script without editing them. The level keeps its `--resolution-m` alternative and
+The flags of the conditions come from the model's condition table (ModelConfig.conditions, the
+U-Net's embedded_conditions): `--NAME V` sets a condition for every image (one flag per field for a
+condition of several: `--lat 31.2 --lon 121.5` for a location) and `--NAME-cfg S` guides it with
+its own scale (model/guidance.py). A condition added to a model's config therefore appears in every
+script without editing them. The level keeps its `--resolution-m` alternative and
 the release's "{L}_GOOGLE_LEVEL_{text}" prompt prefix.
 """
 
@@ -41,8 +42,8 @@ DEFAULT_WEIGHTS = "out/demo/model.safetensors"  # what the README's demo command
 
 @dataclass
 class Job:
-    """One image to make: its prompt, its scalar conditions ({name: value}; a name absent = its
-    null), its seed."""
+    """One image to make: its prompt, its other conditions ({name: value}, a value a number or one
+    per field; a name absent or None = its null), its seed."""
 
     text: str
     values: dict = field(default_factory=dict)
@@ -106,17 +107,29 @@ def add_sampling_flags(p, cfg=4.0, cfg_help="guidance scale (release default 4.0
 
 
 def add_condition_flags(p, model_cfg):
-    """--NAME and --NAME-cfg for every scalar condition model_cfg reads (--level also
-    --resolution-m)."""
-    for name in model_cfg.unet.scalar_conditions:
+    """The flags of every condition model_cfg embeds: `--NAME V` for a condition of one field
+    (--level also --resolution-m), one flag per field for a condition of several (a location:
+    `--lat`, `--lon`), and `--NAME-cfg S` for its own guidance scale."""
+    for name in model_cfg.unet.embedded_conditions():
         flag = name.replace("_", "-")
-        null = model_cfg.conditions[name].null
-        what = (
-            "Google map level, 0 (none) or 1..20, fractional ok"
-            if name == "level"
-            else f"the {name} condition for every image (default: its null, {null})"
-        )
-        p.add_argument(f"--{flag}", type=float, default=None, dest=name, help=what)
+        c = model_cfg.conditions[name]
+        if len(c.field_names()) == 1:
+            what = (
+                "Google map level, 0 (none) or 1..20, fractional ok"
+                if name == "level"
+                else f"the {name} condition for every image (default: its null, {c.null})"
+            )
+            p.add_argument(f"--{flag}", type=float, default=None, dest=name, help=what)
+        for j, part in enumerate(c.field_names() if len(c.field_names()) > 1 else ()):
+            bounds = f", in [{c.bounds[j][0]:g}, {c.bounds[j][1]:g}]" if j < len(c.bounds) else ""
+            others = ", ".join("--" + f for f in c.field_names() if f != part)
+            p.add_argument(
+                f"--{part.replace('_', '-')}",
+                type=float,
+                default=None,
+                dest=f"{name}.{part}",
+                help=f"{part} of the {name} for every image{bounds} (with {others}; default: none)",
+            )
         p.add_argument(
             f"--{flag}-cfg",
             type=float,
@@ -135,9 +148,18 @@ def add_condition_flags(p, model_cfg):
 
 
 def condition_values(args, model_cfg, p):
-    """{name: value} of the scalar conditions the flags set (None = not given); --resolution-m
-    becomes the level. Bad values are one line, exit 2."""
-    values = {name: getattr(args, name, None) for name in model_cfg.unet.scalar_conditions}
+    """{name: value} of the conditions the flags set (None = not given): a number, or a tuple of
+    one per field; --resolution-m becomes the level. Bad values are one line, exit 2."""
+    values = {}
+    for name in model_cfg.unet.embedded_conditions():
+        names = model_cfg.conditions[name].field_names()
+        if len(names) == 1:
+            values[name] = getattr(args, name, None)
+            continue
+        parts = [getattr(args, f"{name}.{part}", None) for part in names]
+        if any(v is None for v in parts) and any(v is not None for v in parts):
+            p.error(f"the {name} needs {' and '.join('--' + f for f in names)} together")
+        values[name] = None if parts[0] is None else tuple(parts)
     if "level" in values:
         try:
             values["level"] = asked_level(values["level"], getattr(args, "resolution_m", None))
@@ -145,7 +167,13 @@ def condition_values(args, model_cfg, p):
             p.error(str(e))
         if values["level"] is not None and not 0.0 <= values["level"] <= 20.0:
             p.error(f"--level {values['level']:g} is outside [0, 20]")
-    for name in model_cfg.unet.scalar_conditions:
+    for name, value in values.items():
+        try:
+            if value is not None:
+                row = value if isinstance(value, tuple) else [value]
+                conditions.check_value(model_cfg, name, row)
+        except ValueError as e:
+            p.error(str(e))
         scale = getattr(args, f"{name}_cfg", None)
         if scale is not None and scale < 0:
             p.error(f"--{name.replace('_', '-')}-cfg must be >= 0, got {scale}")
@@ -154,7 +182,8 @@ def condition_values(args, model_cfg, p):
 
 def guidance_scales(args, model_cfg):
     """{condition: scale}: every condition at --cfg, those given --NAME-cfg at their own."""
-    own = {name: getattr(args, f"{name}_cfg", None) for name in model_cfg.unet.scalar_conditions}
+    names = model_cfg.unet.embedded_conditions()
+    own = {name: getattr(args, f"{name}_cfg", None) for name in names}
     return conditions.scales(model_cfg, args.cfg, **own)
 
 
@@ -220,13 +249,10 @@ def load_checked(args, p, text_to_image=False):
 
 def job_conditions(model_cfg, jobs, text):
     """The raw conditions of a batch of Jobs (conditions.request): `text` their prompts (or encoded
-    contexts), each scalar condition from the jobs' values, a job without one at its null."""
+    contexts), each other condition from the jobs' values, a job without one at its null."""
     values = {
-        name: [
-            model_cfg.conditions[name].null if job.values.get(name) is None else job.values[name]
-            for job in jobs
-        ]
-        for name in model_cfg.unet.scalar_conditions
+        name: [job.values.get(name) for job in jobs]
+        for name in model_cfg.unet.embedded_conditions()
     }
     return conditions.request(model_cfg, len(jobs), text=text, **values)
 
@@ -257,8 +283,7 @@ def refuse_overwrite(paths, overwrite, p):
 
 
 def settings(args, model_cfg):
-    """The settings every PNG records: sampler, steps, guidance and each condition's value and own
-    scale."""
+    """The settings every PNG records: sampler, steps, guidance and each condition's own scale."""
     out = {
         "sampler": args.sampler,
         "steps": args.steps,
@@ -266,15 +291,21 @@ def settings(args, model_cfg):
         "negative_prompt": args.negative_prompt,
         "weights": args.weights,
     }
-    for name in model_cfg.unet.scalar_conditions:
+    for name in model_cfg.unet.embedded_conditions():
         out[f"{name}_cfg"] = getattr(args, f"{name}_cfg", None)
     return out
 
 
-def condition_text(values):
-    """{name: value} -> {name: text} for a PNG's chunks: "%g" of a value, "none" when not given
-    (its null)."""
-    return {name: "none" if v is None else f"{v:g}" for name, v in values.items()}
+def condition_text(model_cfg, values):
+    """{name: value} -> {field: text} for a PNG's chunks, one per field of each condition the model
+    reads ("lat", "lon" for a location): "%g" of a value, "none" when not given (its null)."""
+    out = {}
+    for name in model_cfg.unet.embedded_conditions():
+        value = values.get(name)
+        names = model_cfg.conditions[name].field_names()
+        parts = [value] if len(names) == 1 else (value or [None] * len(names))
+        out.update({f: "none" if v is None else f"{v:g}" for f, v in zip(names, parts)})
+    return out
 
 
 def save_png(image, path, info):

@@ -29,6 +29,14 @@ class UNetConfig:
     scale_shift_norm: bool = False  # ADM's AdaGN in the res-blocks (the release: False)
     gradient_checkpointing: bool = False
 
+    def embedded_conditions(self):
+        """Every condition the U-Net embeds and adds to the time embedding, in guidance order."""
+        return tuple(name for f in CONDITION_FIELDS for name in getattr(self, f))
+
+
+# the UNetConfig fields that name embedded conditions, one per way of embedding (model/unet.py)
+CONDITION_FIELDS = ("scalar_conditions",)
+
 
 @dataclass
 class VAEConfig:
@@ -72,11 +80,18 @@ class DiffusionConfig:
 class ConditionConfig:
     """One condition besides x_t and t (model/conditions.py): where a batch holds it, its null value
     ("absent": what DCA dropout puts in its place and what the null branch of guidance gets), its
-    dropout probability."""
+    dropout probability, the range of its values."""
 
-    field: str = "level"  # the key readers fill in a sample (data/)
-    null: object = 0.0  # "" for the text, 0.0 (no resolution) for the level
+    # the key readers fill in a sample (data/), or several: ("lat", "lon") is one value of two
+    field: object = "level"
+    null: object = 0.0  # "" for the text, 0.0 (no resolution) for the level, nan (no place)
     p_drop: float = 0.1  # DCA: dropped with this probability, independently
+    # (low, high) per field, checked where values are given; () = any finite number
+    bounds: tuple = ()
+
+    def field_names(self):
+        """The batch fields the condition reads, as a tuple."""
+        return (self.field,) if isinstance(self.field, str) else tuple(self.field)
 
 
 def default_conditions():
@@ -94,13 +109,13 @@ class ModelConfig:
     vae: VAEConfig = field(default_factory=VAEConfig)
     text: TextConfig = field(default_factory=TextConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
-    # name -> ConditionConfig; "text" and the U-Net's scalar_conditions are read
+    # name -> ConditionConfig; "text" and the U-Net's embedded_conditions() are read
     conditions: dict = field(default_factory=default_conditions)
 
     def condition_names(self):
         """The conditions this model reads, in guidance order: the text,
-        then the U-Net's scalar conditions."""
-        return ("text", *self.unet.scalar_conditions)
+        then those the U-Net embeds."""
+        return ("text", *self.unet.embedded_conditions())
 
     def to_dict(self):
         return asdict(self)
@@ -129,7 +144,7 @@ class ModelConfig:
                         f"model config condition '{name}' has unknown keys {sorted(set(c) - known)}"
                     )
             kwargs["conditions"] = {
-                name: ConditionConfig(**c) for name, c in d["conditions"].items()
+                name: ConditionConfig(**_tuples(c)) for name, c in d["conditions"].items()
             }
         for name, sub in parts.items():
             values = dict(d.get(name, {}))
@@ -147,6 +162,15 @@ class ModelConfig:
                 **{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
             )
         return cls(**kwargs)
+
+
+def _tuples(values):
+    """JSON's lists back to the tuples a config holds (nested: bounds)."""
+
+    def tup(v):
+        return tuple(tup(x) for x in v) if isinstance(v, list) else v
+
+    return {k: tup(v) for k, v in values.items()}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -72,7 +72,7 @@ def peak_tflops(device_name):
 
 def unet_forward_flops(unet_cfg, latent_size, context_len):
     """FLOPs of one U-Net forward for one image: latents (in_channels, latent_size, latent_size),
-    context_len text tokens, the config's scalar conditions. Counted by torch's FlopCounterMode on
+    context_len text tokens, the config's other conditions. Counted by torch's FlopCounterMode on
     the meta device (no memory, no compute); it counts matmuls, convolutions and attention, not
     norms or activations."""
     with torch.device("meta"):
@@ -80,7 +80,8 @@ def unet_forward_flops(unet_cfg, latent_size, context_len):
         x = torch.zeros(1, unet_cfg.in_channels, latent_size, latent_size)  # 1, C, h, w
         t = torch.zeros(1)
         cond = {"text": torch.zeros(1, context_len, unet_cfg.context_dim)}  # 1, L, D
-        cond.update({name: torch.zeros(1) for name in unet_cfg.scalar_conditions})  # 1 each
+        for name, embedder in unet.cond_embed.items():  # 1 or (1, k) each
+            cond[name] = torch.zeros(1) if embedder.width == 1 else torch.zeros(1, embedder.width)
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         unet(x, t, cond)

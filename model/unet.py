@@ -50,6 +50,17 @@ class EmbeddingMLP(nn.Module):
         return self.fc2(F.silu(self.fc1(x)))
 
 
+class ScalarEmbedding(EmbeddingMLP):
+    """One number per sample (the level) -> the time-embedding width: its sinusoidal features, as
+    the timestep's, through an MLP. Takes (B,) values."""
+
+    width = 1  # numbers per sample
+
+    def forward(self, value):
+        features = sinusoidal_embedding(value, self.fc1.in_features)  # B, in_dim
+        return super().forward(features.to(self.fc1.weight.dtype))
+
+
 class ResBlock(nn.Module):
     """GroupNorm-SiLU-conv twice, the time embedding added in between (DDPM / SD residual block).
 
@@ -141,8 +152,10 @@ class Encoder(nn.Module):
         ch0 = cfg.channels[0]
         emb_dim = cfg.time_dim or 4 * ch0
         self.time_embed = EmbeddingMLP(ch0, emb_dim)
+        # every embedder ends in fc2 (started at zero when a condition is added to a trained
+        # model, model/weights.load_pretrained)
         self.cond_embed = nn.ModuleDict(
-            {name: EmbeddingMLP(ch0, emb_dim) for name in cfg.scalar_conditions}
+            {name: ScalarEmbedding(ch0, emb_dim) for name in cfg.scalar_conditions}
         )
         self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
         skips, ch = [ch0], ch0
@@ -174,18 +187,18 @@ class Encoder(nn.Module):
         return module(*args)
 
     def embed(self, t, cond):
-        """Time embedding plus the embedding of every scalar condition:
-        t (B,), cond[name] (B,) -> (B, time_dim)."""
+        """Time embedding plus the embedding of every condition but the text:
+        t (B,), cond[name] (B,) or (B, k) -> (B, time_dim)."""
         ch0 = self.cfg.channels[0]
         dtype = self.time_embed.fc1.weight.dtype
         emb = self.time_embed(sinusoidal_embedding(t, ch0).to(dtype))
-        for name, mlp in self.cond_embed.items():
+        for name, embedder in self.cond_embed.items():
             if name not in cond:
                 raise ValueError(
                     f"this U-Net reads the condition {name!r}: pass it in cond (its null value "
                     "means absent, e.g. level 0 = no resolution)"
                 )
-            emb = emb + mlp(sinusoidal_embedding(cond[name], ch0).to(dtype))
+            emb = emb + embedder(cond[name])  # B, time_dim
         return emb
 
     def encode(self, x, t, cond, hint=None):
@@ -200,14 +213,13 @@ class Encoder(nn.Module):
                 f"{tuple(x.shape)}"
             )
         t = torch.as_tensor(t, device=x.device).reshape(-1).expand(B)
-        scalars = {
-            name: torch.as_tensor(cond[name], device=x.device, dtype=torch.float32)
-            .reshape(-1)
-            .expand(B)
-            for name in self.cond_embed
-            if name in cond
-        }
-        emb = self.embed(t, scalars)  # B, time_dim
+        values = {}  # name -> (B,) or (B, k)
+        for name in self.cond_embed:
+            if name in cond:
+                v = torch.as_tensor(cond[name], device=x.device, dtype=torch.float32)
+                v = v.reshape(1) if v.ndim == 0 else v
+                values[name] = v.expand(B, *v.shape[1:])
+        emb = self.embed(t, values)  # B, time_dim
         context = cond["text"]  # B, Lc, context_dim
         h = self.conv_in(x)  # B, C0, H, W
         if hint is not None:

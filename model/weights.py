@@ -29,7 +29,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from model.config import ModelConfig
+from model.config import CONDITION_FIELDS, ModelConfig
 from model.release import WeightsError, config_from_diffusers, read_diffusers, read_tensors
 from model.text import TextEncoder
 from model.text2earth import Text2Earth
@@ -331,21 +331,21 @@ SECTION = {"unet": "unet", "vae": "vae", "text_encoder": "text"}  # part -> its 
 def _check_architecture(cfg, source_cfg, path, parts=PARTS):
     """Every architecture field of the run's config must equal the source's, for the parts the
     source holds, except two that may grow, each started so that the model equals its source
-    (load_pretrained): unet.scalar_conditions (a condition the source lacks) and unet.in_channels
-    (more input channels)."""
+    (load_pretrained): the U-Net's conditions (config.CONDITION_FIELDS: a condition the source
+    lacks) and unet.in_channels (more input channels)."""
     for section in (SECTION[p] for p in PARTS if p in parts):
         ours, theirs = getattr(cfg, section).__dict__, getattr(source_cfg, section).__dict__
         for key, value in ours.items():
             name = f"{section}.{key}"
             if name in RUN_TIME or value == theirs[key]:
                 continue
-            if name == "unet.scalar_conditions" and set(theirs[key]) <= set(value):
+            if section == "unet" and key in CONDITION_FIELDS and set(theirs[key]) <= set(value):
                 continue
             if name == "unet.in_channels" and value > theirs[key]:
                 continue
             raise WeightsError(
                 f"{path}: the config's model.{name} = {value!r} but the source has "
-                f"{theirs[key]!r}; make the config match (only unet.scalar_conditions and "
+                f"{theirs[key]!r}; make the config match (only the U-Net's conditions and "
                 "unet.in_channels may grow)"
             )
 
@@ -367,8 +367,8 @@ def load_pretrained(model: Text2Earth, path):
         target = getattr(model, part)
         if part == "unet":
             state = dict(state)
-            for name in model.cfg.unet.scalar_conditions:
-                if name not in source_cfg.unet.scalar_conditions:  # added: fresh fc1, zero fc2
+            for name in model.cfg.unet.embedded_conditions():
+                if name not in source_cfg.unet.embedded_conditions():  # added: zero last layer
                     mlp = target.cond_embed[name]
                     torch.nn.init.zeros_(mlp.fc2.weight)
                     torch.nn.init.zeros_(mlp.fc2.bias)

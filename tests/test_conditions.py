@@ -159,8 +159,12 @@ def test_a_reader_field_reaches_the_conditions():
     assert raw["text"] == ["a river", "a lake"] and torch.equal(
         raw["toy"], torch.tensor([0.0, 0.5])
     )
-    del batch["toy"]
-    with pytest.raises(ValueError, match="condition 'toy' reads the batch field 'toy'"):
+    del batch["toy"]  # no sample has it: each gets the condition's null, and a warning says so
+    with pytest.warns(UserWarning, match="condition toy reads the field toy, which no sample"):
+        raw = conditions.from_batch(toy_model().cfg, batch)
+    assert torch.equal(raw["toy"], torch.full((2,), float(toy_model().cfg.conditions["toy"].null)))
+    del batch["caption"]
+    with pytest.raises(ValueError, match="condition 'text' reads the batch field 'caption'"):
         conditions.from_batch(toy_model().cfg, batch)
 
 
