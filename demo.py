@@ -40,6 +40,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -55,8 +56,9 @@ from evaluation.probe import (
     make_probe_data,
     save_probe,
 )
+from evaluation.globe import place_figures, place_for_class, places_in, places_strip
 from evaluation.report import overview_page, results_table
-from evaluation.showcase import editing_strip
+from evaluation.showcase import editing_strip, stack_images
 from model import conditions
 from trainer.checkpoint import checkpoint_paths, checkpoint_step, finished
 from model.config import configure, load_config, usage
@@ -106,6 +108,10 @@ class DemoConfig:
     probe_steps: int = 4000  # ... and its optimisation steps
     cfg: float = 3.0  # guidance scale of the text (and of the level, unless level_cfg differs)
     level_cfg: float = 6.0  # guidance scale of the level on its own (model/guidance.py)
+    location_cfg: float = 3.0  # and of the location (when the model reads one)
+    # places of the globe the location is judged at, half in held-out regions, ...
+    globe_places: int = 12
+    globe_samples: int = 16  # ... with this many samples at each (evaluation/globe.py)
     steps: int = 20  # DPM-Solver++(2M) steps per sample
     overwrite: bool = False  # replace a finished demo in `out`
 
@@ -121,7 +127,7 @@ def parse_args(argv):
             if k not in given:
                 setattr(cfg, k, v)
         cfg.from_scratch = True
-    for key in ("pool", "eval_seeds", "probe_train_images", "probe_steps", "steps"):
+    for key in ("pool", "eval_seeds", "probe_train_images", "probe_steps", "steps", "globe_places"):
         if getattr(cfg, key) < 1:
             raise ValueError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
     if (
@@ -130,9 +136,12 @@ def parse_args(argv):
         or cfg.vae_steps < 0
         or cfg.cfg < 0
         or cfg.level_cfg < 0
+        or cfg.location_cfg < 0
+        or cfg.globe_samples < 1
     ):
         raise ValueError(
-            "--minutes must be > 0, --unet_steps and --vae_steps >= 0, the guidance scales >= 0"
+            "--minutes must be > 0, --unet_steps and --vae_steps >= 0, the guidance scales >= 0, "
+            "--globe_samples >= 1"
         )
     for path in (cfg.vae_config, cfg.unet_config):
         if not Path(path).is_file():
@@ -152,13 +161,25 @@ def parse_args(argv):
 def eval_targets(size, levels=(10, 18), seed=10_000):
     """One prompt per (class, integer level): the caption of a held-out procedural scene of that
     class, seen size x size pixels (the caption tells what that frame shows), with that scene's
-    image (H, W, 3 uint8)."""
+    image (H, W, 3 uint8) and a place of the globe where the world shows that class."""
     targets = []
     for c in range(len(CLASSES)):
         for level in range(levels[0], levels[1] + 1):
             s = procedural_sample(seed + 100 * c + level, level=float(level), size=size, cls=c)
-            targets.append((s["caption"], float(level), c, s["image"]))
+            place = place_for_class(c, np.random.default_rng([seed, c, level]))
+            targets.append((s["caption"], float(level), c, s["image"], place))
     return targets
+
+
+def reads_location(model_cfg):
+    """Whether the demo's model reads a location (configs/demo.py)."""
+    return "location" in model_cfg.condition_names()
+
+
+def guidance_of(model_cfg, args):
+    """The demo's guidance: the text at --cfg, the level and the location at their own scales."""
+    own = args.location_cfg if reads_location(model_cfg) else None
+    return conditions.scales(model_cfg, args.cfg, level=args.level_cfg, location=own)
 
 
 def scenes(stage_file, n, seed=0):
@@ -172,13 +193,20 @@ def scenes(stage_file, n, seed=0):
     ]
     if missing:
         raise ValueError(f"{stage_file}: the demo needs {missing} there (the scenes it trains on)")
-    return dict(
+    spec = dict(
         n=n,
         size=values["image_size"],
         levels=list(values["synthetic_levels"]),
         seed=seed,
         integer_levels=values["synthetic_integer_levels"],
     )
+    if values.get("synthetic_located"):  # at places of the globe, some captions silent
+        spec.update(
+            located=True,
+            places=values.get("places", "all"),
+            omit_class=values.get("synthetic_omit_class", 0.0),
+        )
+    return spec
 
 
 def run_stage(stage_file, out_dir, max_steps, *overrides, beside=None):
@@ -312,15 +340,23 @@ def scoring_seconds(model_cfg, args, size, batch=54):
     (model/pipeline.sampling_seconds)."""
     torch.manual_seed(0)
     model, n = Text2Earth(model_cfg).eval(), 108 * args.eval_seeds
+    targets = eval_targets(size)[:batch]
+    place = [t[4] for t in targets] if reads_location(model_cfg) else None
     prompted = conditions.request(
-        model_cfg, batch, text=[t[0] for t in eval_targets(size)[:batch]], level=14.0
+        model_cfg, batch, text=[t[0] for t in targets], level=14.0, location=place
     )
-    guided = conditions.scales(model_cfg, args.cfg, level=args.level_cfg)
+    if reads_location(model_cfg):  # and without the place; the class-silent prompt at places
+        n = 2 * n + (args.globe_places + 1) * args.globe_samples
     unconditional = conditions.request(model_cfg, batch)
     return sampling_seconds(
-        model, prompted, guided, args.steps, n, size=(size, size)
+        model, prompted, guidance_of(model_cfg, args), args.steps, n, size=(size, size)
     ) + sampling_seconds(
-        model, unconditional, conditions.scales(model_cfg, 1.0), args.steps, n, size=(size, size)
+        model,
+        unconditional,
+        conditions.scales(model_cfg, 1.0),
+        args.steps,
+        108 * args.eval_seeds,
+        size=(size, size),
     )
 
 
@@ -344,11 +380,17 @@ def unet_budget(unet_dir, seconds_left, reserve):
     return started or max(minutes, MIN_UNET_MINUTES)
 
 
-def generate_all(model, prompts, levels, guidance, steps, size, batch=54):
+def generate_all(model, prompts, levels, guidance, steps, size, places=None, batch=54):
     images = []
     for i in range(0, len(prompts), batch):
         j = min(i + batch, len(prompts))
-        asked = conditions.request(model.cfg, j - i, text=prompts[i:j], level=levels[i:j])
+        asked = conditions.request(
+            model.cfg,
+            j - i,
+            text=prompts[i:j],
+            level=levels[i:j],
+            location=places[i:j] if places else None,
+        )
         images.append(
             generate(
                 model,
@@ -479,7 +521,7 @@ def train_models(args, out, t0, budget, cores, stages):
     latents; U-Net + text tower. Each step's record goes into `stages`. Returns (model, size,
     probe_file, job, reserve): job is the probe's process (None: the shipped probe), reserve the
     seconds kept for the scoring (None: fixed steps)."""
-    spec = scenes(args.vae_config, args.pool, args.seed)
+    spec = scenes(args.unet_config, args.pool, args.seed)  # the VAE's, at places of the globe
     unet_cfg = load_config(args.unet_config)
     size = unet_cfg.image_size
     out.mkdir(parents=True, exist_ok=True)
@@ -533,19 +575,42 @@ def sample_and_measure(args, model, probe, size, results, reserve, stages):
     prompts, levels = [t[0] for t in targets], [t[1] for t in targets]
     labels = torch.tensor([t[2] for t in targets])
     lv = torch.tensor(levels)
-    guided = conditions.scales(model.cfg, args.cfg, level=args.level_cfg)
-    images = generate_all(model, prompts, levels, guided, args.steps, size)
-    results["generated, prompt + level (ours)"] = evaluate_probe(probe, images, labels, lv)
+    guided = guidance_of(model.cfg, args)
+    n, located = len(prompts), reads_location(model.cfg)
+    places = [t[4] for t in targets] if located else None
+    images = generate_all(model, prompts, levels, guided, args.steps, size, places)
+    ours = f"generated, prompt + level{' + place' if located else ''} (ours)"
+    results[ours] = evaluate_probe(probe, images, labels, lv)
+    if located:  # the same prompts with no place
+        plain = generate_all(model, prompts, levels, guided, args.steps, size)
+        results["generated, prompt + level, no place"] = evaluate_probe(probe, plain, labels, lv)
     unguided = conditions.scales(model.cfg, 1.0)
-    n = len(prompts)
     uncond = generate_all(model, [""] * n, [0.0] * n, unguided, args.steps, size)
     results["unconditional samples (floor)"] = evaluate_probe(probe, uncond, labels, lv)
+    globe = located and place_stage(args, model, probe, size, guided)
+    at_places = (args.globe_places + 2) * args.globe_samples if located else 0
     stages["sampling"] = {
-        "images": 2 * len(prompts),
+        "images": (3 if located else 2) * n + at_places,
         "seconds": time.time() - start,
         "reserved_seconds": reserve,
     }
-    return targets, images
+    return targets, images, globe
+
+
+def place_stage(args, model, probe, size, guided):
+    """The class-silent prompt at `globe_places` places, half in the regions training left out
+    (evaluation/globe.py): {"train": figures, "held_out": figures, "shown": (train places' and
+    held-out places' samples)}."""
+    half = max(1, args.globe_places // 2)
+    out, shown = {}, []
+    for split, n in (("train", args.globe_places - half), ("held_out", half)):
+        figures, samples = place_figures(
+            model, probe, places_in(split, n, args.seed), args.globe_samples, size, guided,
+            args.steps,
+        )  # fmt: skip
+        out[split] = figures
+        shown.append((figures, samples))
+    return {**out, "shown": shown}
 
 
 def overview_rows(targets, images, per_class):
@@ -585,24 +650,35 @@ def overview_header(args, stages, t0, cores):
     ]
 
 
-def write_outputs(args, out, model, size, targets, images, results, stages, t0, budget, cores):
-    """Stage 4: the overview (every class, four levels, the real render beside each sample), the
-    grid, results.json; returns the summary written there."""
+def write_outputs(
+    args, out, model, size, targets, images, results, globe, stages, t0, budget, cores
+):
+    """Stage 4: the overview (every class, four levels, the real render beside each sample; one
+    prompt at places of the globe; editing), the grid, results.json; returns the summary written
+    there."""
     per_class = len(range(10, 19))
     rows = overview_rows(targets, images, per_class)
     image_grid([g for _, row in rows[::2] for _, g, _ in row], cols=len(GRID_LEVELS)).save(
         out / "grid.png"
     )
     header = overview_header(args, stages, t0, cores)
-    guided = conditions.scales(model.cfg, args.cfg, level=args.level_cfg)
+    guided = guidance_of(model.cfg, args)
     # inpainting, cloud removal, a canvas: evaluation/showcase.py
     t, strip = time.time(), editing_strip(model, size, guided, args.steps)
     stages["editing"] = {"seconds": time.time() - t}
+    if globe:  # one prompt at places of the globe, above the editing
+        train, held = globe["shown"]
+        strips = [
+            places_strip(*train, size),
+            places_strip(*held, size, held_out=True),
+        ]
+        strip = stack_images([*strips, strip])
     columns = [f"L{level} ({resolution_from_level(level):g} m/px)" for level in GRID_LEVELS]
     overview_page(out / "overview.png", header, columns, rows, results, footer=strip)
     elapsed = time.time() - t0
     summary = {
         "results": results,
+        "globe": {k: v for k, v in (globe or {}).items() if k != "shown"},
         "total_minutes": elapsed / 60,
         "budget_minutes": args.minutes if budget else None,
         "stages": stages,
@@ -613,6 +689,12 @@ def write_outputs(args, out, model, size, targets, images, results, stages, t0, 
     }
     (out / "results.json").write_text(json.dumps(summary, indent=1))
     print(results_table(results))
+    for split, figures in summary["globe"].items():
+        print(
+            f"class-silent prompt at {len(figures['places'])} {split} places: TV to the world's "
+            f"classes {figures['tv_place']:.3f} with the place, {figures['tv_no_place']:.3f} "
+            f"without, {figures['tv_real']:.3f} for real renders (the floor)"
+        )
     print(
         f"done in {elapsed / 60:.1f} min (U-Net {stages['unet']['steps']} steps): "
         f"{out / 'overview.png'}, {out / 'grid.png'}, weights {out / 'model.safetensors'}"
@@ -656,9 +738,9 @@ def main(argv=None):
     stages, cores = {}, usable_cores()
     model, size, probe_file, job, reserve = train_models(args, out, t0, budget, cores, stages)
     probe, results = scoring_probe(probe_file, job, stages)
-    targets, images = sample_and_measure(args, model, probe, size, results, reserve, stages)
+    targets, images, globe = sample_and_measure(args, model, probe, size, results, reserve, stages)
     return write_outputs(
-        args, out, model, size, targets, images, results, stages, t0, budget, cores
+        args, out, model, size, targets, images, results, globe, stages, t0, budget, cores
     )
 
 

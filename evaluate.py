@@ -41,6 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cli import sampling as cli
+from data.places import SPLITS, in_split
 from data.synthetic import CLASSES as PROCEDURAL_CLASSES
 from evaluation import classifier, clip as clipnet, metrics
 from evaluation.inception import RESIZE_MODES, fid_features, load_fid_inception
@@ -65,9 +66,18 @@ def parse_args(argv=None):
     p.add_argument(
         "--test",
         required=True,
-        help="Karpathy json (RSICD, UCM-Captions), a {file: caption} json, or procedural:N",
+        help="Karpathy json (RSICD, UCM-Captions), a {file: caption} json, procedural:N, or "
+        "procedural-globe:N (scenes at places of the procedural globe, each class drawn from "
+        "its place's)",
     )
     p.add_argument("--split", default="test", help="split of a Karpathy json")
+    p.add_argument(
+        "--places",
+        default="all",
+        choices=SPLITS,
+        help="side of the spatial split (data/places.py) the test images come from: held_out = "
+        "only images in the regions training leaves out",
+    )
     p.add_argument(
         "--image-root", default=None, help="test images' folder (default: `images` beside the json)"
     )
@@ -224,6 +234,7 @@ def settings_of(args, size, values, model_cfg):
         "lora": list(args.lora),
         "test": str(args.test),
         "split": args.split,
+        "places": args.places,
         "image_root": args.image_root,
         **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()},
         "n": args.n,
@@ -516,8 +527,18 @@ def test_set(args, values, out, recorded, p):
             size = [trained_size(args.weights) or 256] * 2
         # procedural scenes rendered at the generated size
         images, found = load_testset(
-            args.test, args.split, args.image_root, out=out / "real" / f"{size[0]}px", size=size[0]
+            args.test,
+            args.split,
+            args.image_root,
+            out=out / "real" / f"{size[0]}px",
+            size=size[0],
+            places=args.places,
         )
+        images = [
+            im for im in images if in_split(im.fields.get("lat"), im.fields.get("lon"), args.places)
+        ]
+        if not images:
+            raise ValueError(f"test set {args.test}: no images in --places {args.places}")
         classes = check_classes(found, args.classes)
     except (ValueError, WeightsError) as e:
         p.error(str(e))
@@ -535,21 +556,41 @@ def test_set(args, values, out, recorded, p):
     return size, images, classes, levels, jobs
 
 
-def generate_test_images(args, p, values, jobs, levels, size, gen):
+def own_values(model_cfg, fields):
+    """{condition: value} of the conditions besides the text and the level whose every field a
+    test image gives (its place: "lat", "lon"); these win over the flags' values."""
+    out = {}
+    for name in model_cfg.unet.embedded_conditions():
+        names = model_cfg.conditions[name].field_names()
+        if name != "level" and all(fields.get(f) is not None for f in names):
+            out[name] = fields[names[0]] if len(names) == 1 else tuple(fields[f] for f in names)
+    return out
+
+
+def generate_test_images(args, p, values, jobs, images, size, gen):
     """(jobs, settings): the --weights model loaded and checked, the images not in `gen` yet
-    generated; the jobs lose their level when the model reads none."""
+    generated; each job at its test image's level and place (own_values) where the model reads
+    them."""
     model = cli.load_checked(args, p, text_to_image=True)
     cli.check_values(values, model.cfg, args.weights, p)
-    if "level" not in model.cfg.condition_names():  # the test set's levels: the model reads none
-        jobs = [
-            (
-                path,
-                cli.Job(job.text, {k: v for k, v in job.values.items() if k != "level"}, job.seed),
-            )
-            for path, job in jobs
-        ]
+    # the test images' own levels and places, where the model reads them
+    reads = model.cfg.condition_names()
+    jobs = [
+        (
+            path,
+            cli.Job(
+                job.text,
+                {
+                    **{k: v for k, v in job.values.items() if k in reads},
+                    **own_values(model.cfg, images[i // args.n].fields),
+                },
+                job.seed,
+            ),
+        )
+        for i, (path, job) in enumerate(jobs)
+    ]
     guidance = cli.guidance_scales(args, model.cfg)
-    if "level" in model.cfg.condition_names() and any(lv is None for lv in levels):
+    if "level" in reads and any(job.values.get("level") is None for _, job in jobs):
         p.error(
             f"{args.test} gives no level for its images: pass --level or --resolution-m (0 = none)"
         )
@@ -674,7 +715,7 @@ def main(argv=None):
     recorded = json.loads(record.read_text()) if record.is_file() else {}
     size, images, classes, levels, jobs = test_set(args, values, out, recorded, p)
     if args.weights is not None:
-        jobs, settings = generate_test_images(args, p, values, jobs, levels, size, gen)
+        jobs, settings = generate_test_images(args, p, values, jobs, images, size, gen)
     else:
         settings = check_generated(args, p, recorded, jobs, gen)
     level_net = level_net_of(args, out, size, p)

@@ -129,6 +129,12 @@ class TrainConfig:
     synthetic_samples: int = 100_000
     synthetic_levels: tuple = (10.0, 18.0)
     synthetic_integer_levels: bool = False
+    # --data=synthetic: each scene at a place of the procedural globe, its class drawn from the
+    # place's ("lat", "lon" fields); and the fraction of captions that do not name the class
+    synthetic_located: bool = False
+    synthetic_omit_class: float = 0.0
+    # spatial split (data/places.py): "all", "train" (whole held-out regions left out), "held_out"
+    places: str = "all"
     num_workers: int = 2
     max_bad_fraction: float = (
         0.01  # stop when more than this fraction of the samples read (all processes) is

@@ -298,13 +298,14 @@ def settings(args, model_cfg):
 
 def condition_text(model_cfg, values):
     """{name: value} -> {field: text} for a PNG's chunks, one per field of each condition the model
-    reads ("lat", "lon" for a location): "%g" of a value, "none" when not given (its null)."""
+    reads ("lat", "lon" for a location): the value to 10 significant digits, "none" when not
+    given (its null)."""
     out = {}
     for name in model_cfg.unet.embedded_conditions():
         value = values.get(name)
         names = model_cfg.conditions[name].field_names()
         parts = [value] if len(names) == 1 else (value or [None] * len(names))
-        out.update({f: "none" if v is None else f"{v:g}" for f, v in zip(names, parts)})
+        out.update({f: "none" if v is None else f"{v:.10g}" for f, v in zip(names, parts)})
     return out
 
 

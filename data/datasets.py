@@ -10,7 +10,10 @@ Map-style readers for Text2Earth training data, each yielding the sample dict of
 Each reader names a sample's fields in one dict, {"key", "caption", "level", "quality"} plus
 any other numeric field its source holds per sample (a CaptionFolder manifest's extra columns,
 a Karpathy json's numeric per-image keys), and data/samples.build_sample makes the sample.
-Levels follow data/levels.py: L = 17 - log2(resolution_m), L = 0 means "no resolution".
+Levels follow data/levels.py: L = 17 - log2(resolution_m), L = 0 means "no resolution". A
+sample's place is its fields "lat" and "lon" (data/places.py; Git-10M: the centre of its
+Google_location tile); `places="train"` / `"held_out"` reads one side of the spatial split
+(whole regions held out, data/places.in_split), decided at index time.
 Per-sample randomness is seeded by (seed, epoch, index), so with ResumableSampler the order
 *and* the pixels of a run are reproducible and resumable mid-epoch, whatever num_workers is:
 
@@ -33,7 +36,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.levels import level_from_resolution, parse_google_location, parse_level_prefix
+from data.levels import (
+    level_from_resolution,
+    parse_google_location,
+    parse_level_prefix,
+    tile_to_lonlat,
+)
+from data.places import in_split
 from data.samples import BadDataCounter, build_sample, extra_fields, is_number, sample_generator
 
 MANIFEST_COLUMNS = ("file", "caption", "level", "resolution_m", "quality")  # CaptionFolder's own
@@ -48,6 +57,28 @@ def _to_float(v):
         return float(v)
     except (TypeError, ValueError):
         return float("nan")
+
+
+def google_place(loc):
+    """Git-10M's Google_location "Z_X_Y" -> {"lat", "lon"} of the tile's centre (WGS84 degrees,
+    from the Web-Mercator tile); {} when there is none. ValueError for a malformed one."""
+    if not loc:
+        return {}
+    lon, lat = tile_to_lonlat(*parse_google_location(loc), center=True)
+    return {"lat": lat, "lon": lon}
+
+
+def _check_filter_columns(path, names, min_quality, places):
+    """ValueError naming the file when a filter needs a column it lacks."""
+    if min_quality is not None and "img_quality_score" not in names:
+        raise ValueError(f"{path}: min_quality={min_quality} needs column 'img_quality_score'")
+    if places != "all" and "Google_location" not in names:
+        raise ValueError(f"{path}: places={places!r} needs column 'Google_location'")
+
+
+def _in_places(fields, places):
+    """Whether a sample's fields put it in the spatial split `places` (data/places.in_split)."""
+    return in_split(fields.get("lat"), fields.get("lon"), places)
 
 
 # -----------------------------------------------------------------------------
@@ -131,9 +162,11 @@ class Git10M(CaptionImageDataset):
     Columns: image (struct {bytes, path} as the HF Image feature stores it, or raw binary),
     img_name, img_quality_score, caption, caption_length, resolution, Google_location; or the
     older revision's single `text` column '{L}_GOOGLE_LEVEL_{caption}'.
-    Level: from `resolution` (m/px) when positive, else from Google_location's Z, else 0.
-    min_quality keeps rows with img_quality_score > min_quality (stage 2: 4.8), decided at
-    index time from the quality column alone, so len() is the filtered size.
+    Level: from `resolution` (m/px) when positive, else from Google_location's Z, else 0. Place:
+    lat / lon of the Google_location tile's centre (either layout), none without one.
+    min_quality keeps rows with img_quality_score > min_quality (stage 2: 4.8) and places the
+    rows of one side of the spatial split, both decided at index time from those columns alone,
+    so len() is the filtered size.
     `root` may also be the split folder itself (the one holding state.json).
     """
 
@@ -148,9 +181,12 @@ class Git10M(CaptionImageDataset):
         seed=0,
         max_open_files=64,
         allow_empty_caption=False,
+        places="all",
     ):
         super().__init__(transform, min_size, counter, seed, allow_empty_caption)
         import pyarrow  # noqa: F401  (fail here, before indexing, when pyarrow is missing)
+
+        in_split(0.0, 0.0, places)  # a ValueError naming the splits for an unknown one
 
         root = Path(root)
         split_dir = root if (root / "state.json").is_file() else root / split
@@ -196,15 +232,13 @@ class Git10M(CaptionImageDataset):
                     f"{f}: missing columns {sorted({'image', self.layout} - names)} (has "
                     f"{sorted(names)})"
                 )
-            if min_quality is not None and "img_quality_score" not in names:
-                raise ValueError(f"{f}: min_quality={min_quality} needs column 'img_quality_score'")
+            _check_filter_columns(f, names, min_quality, places)
             self.schemas.append(schema)
             for span in spans:
                 batch = self._batch(fi, span)
-                if min_quality is not None:
-                    q = batch.column("img_quality_score").to_numpy(zero_copy_only=False)
-                    q = np.asarray(q, dtype=np.float64)
-                    keep.append(np.flatnonzero(q > min_quality) + sum(b_rows))  # nan is never kept
+                if min_quality is not None or places != "all":
+                    kept = self._kept_rows(batch, min_quality, places)
+                    keep.append(np.flatnonzero(kept) + sum(b_rows))
                 b_file.append(fi)
                 b_span.append(span)
                 b_rows.append(batch.num_rows)
@@ -215,11 +249,28 @@ class Git10M(CaptionImageDataset):
         self.batch_offset = np.concatenate([[0], np.cumsum(b_rows)]).astype(np.int64)
         first_batch = np.searchsorted(self.batch_file, np.arange(len(self.files)))
         self.file_offset = self.batch_offset[first_batch]  # (n_files,) first row of each file
-        self.rows = None  # kept row numbers (min_quality), or None for all
-        if min_quality is not None:
+        self.rows = None  # kept row numbers (min_quality, places), or None for all
+        if min_quality is not None or places != "all":
             self.rows = np.concatenate(keep).astype(np.int64) if keep else np.zeros(0, np.int64)
         self.min_quality = min_quality
         self._maps.clear()
+
+    @staticmethod
+    def _kept_rows(batch, min_quality, places):
+        """(rows,) bool: the rows of a record batch with quality > min_quality (nan never) and a
+        place in `places` (a malformed Google_location counts as no place)."""
+        kept = np.ones(batch.num_rows, dtype=bool)
+        if min_quality is not None:
+            q = batch.column("img_quality_score").to_numpy(zero_copy_only=False)
+            kept &= np.asarray(q, dtype=np.float64) > min_quality
+        if places != "all":
+            for j, loc in enumerate(batch.column("Google_location").to_pylist()):
+                try:
+                    place = google_place(loc)
+                except ValueError:
+                    place = {}
+                kept[j] = kept[j] and _in_places(place, places)
+        return kept
 
     def __len__(self):
         return int(self.batch_offset[-1]) if self.rows is None else len(self.rows)
@@ -260,6 +311,10 @@ class Git10M(CaptionImageDataset):
             else:
                 image = None  # -> counted as bad by build_sample
         fields = {"key": key, "quality": _to_float(row.get("img_quality_score"))}
+        try:
+            fields.update(google_place(row.get("Google_location")))
+        except ValueError as e:
+            self.counter.record_converted(key, f"place and level unknown: {e}")
         if self.layout == "text":
             text = row["text"] if isinstance(row["text"], str) else ""
             fields["level"], fields["caption"] = parse_level_prefix(text)
@@ -268,11 +323,8 @@ class Git10M(CaptionImageDataset):
         m = _to_float(row.get("resolution"))
         if math.isfinite(m) and m > 0:
             level = level_from_resolution(m)
-        elif row.get("Google_location"):
-            try:
-                level = float(parse_google_location(row["Google_location"])[0])
-            except ValueError as e:
-                self.counter.record_converted(key, f"level unknown: {e}")
+        elif "lat" in fields:
+            level = float(parse_google_location(row["Google_location"])[0])
         return {**fields, "caption": row["caption"], "level": level}, image
 
 
@@ -291,7 +343,8 @@ class KarpathyCaptions(CaptionImageDataset):
     gsd_m: dataset-wide ground sample distance in m/px -> one level for every image; None uses
     the json's "gsd_m" key when present, else level 0 (unknown).
     Numeric per-image keys become sample fields of the same name, except the ids (imgid,
-    cocoid) and level, quality (the level comes from gsd_m, the quality is nan).
+    cocoid) and level, quality (the level comes from gsd_m, the quality is nan); "lat" and "lon"
+    keys are the image's place, and places keeps one side of the spatial split.
     """
 
     def __init__(
@@ -306,8 +359,10 @@ class KarpathyCaptions(CaptionImageDataset):
         counter=None,
         seed=0,
         allow_empty_caption=False,
+        places="all",
     ):
         super().__init__(transform, min_size, counter, seed, allow_empty_caption)
+        in_split(0.0, 0.0, places)  # a ValueError naming the splits for an unknown one
         json_path = Path(json_path)
         if not json_path.is_file():
             raise ValueError(f"KarpathyCaptions: caption file {json_path} does not exist")
@@ -333,10 +388,15 @@ class KarpathyCaptions(CaptionImageDataset):
                 continue
             path = self.image_root / im.get("filepath", "") / im["filename"]
             caps = [s.get("raw", "") for s in im["sentences"]] or [""]
-            self.entries.append((im["filename"], path, caps, extra_fields(im, KARPATHY_IDS)))
+            extra = extra_fields(im, KARPATHY_IDS)
+            if _in_places(extra, places):
+                self.entries.append((im["filename"], path, caps, extra))
         if not self.entries:
             found = sorted({str(im.get("split")) for im in meta["images"]})
-            raise ValueError(f"{json_path}: no images in split {split!r} (splits present: {found})")
+            raise ValueError(
+                f"{json_path}: no images in split {split!r}, places {places!r} (splits present: "
+                f"{found})"
+            )
         # all_captions: flat index -> (entry, caption)
         self.pairs = [(e, c) for e, entry in enumerate(self.entries) for c in range(len(entry[2]))]
 
@@ -388,8 +448,9 @@ class CaptionFolder(CaptionImageDataset):
     `file, caption` and optionally `level` or `resolution_m` (level wins when both are set)
     and `quality`. Every other numeric column (e.g. `cloud`) becomes a sample field of the same
     name; in a csv a cell is numeric when it parses as a float, and an empty cell leaves the
-    field out of that row's sample. Files are relative to `image_root` (default: the manifest's
-    folder). min_quality keeps rows whose quality > min_quality."""
+    field out of that row's sample; `lat` and `lon` columns are the image's place. Files are
+    relative to `image_root` (default: the manifest's folder). min_quality keeps rows whose
+    quality > min_quality, places one side of the spatial split."""
 
     def __init__(
         self,
@@ -401,8 +462,10 @@ class CaptionFolder(CaptionImageDataset):
         counter=None,
         seed=0,
         allow_empty_caption=False,
+        places="all",
     ):
         super().__init__(transform, min_size, counter, seed, allow_empty_caption)
+        in_split(0.0, 0.0, places)  # a ValueError naming the splits for an unknown one
         manifest = Path(manifest)
         if not manifest.is_file():
             raise ValueError(f"CaptionFolder: manifest {manifest} does not exist")
@@ -439,9 +502,12 @@ class CaptionFolder(CaptionImageDataset):
                 "level": level,
                 "quality": quality,
             }
-            self.rows.append((fields, self.image_root / str(r["file"])))
+            if _in_places(fields, places):
+                self.rows.append((fields, self.image_root / str(r["file"])))
         if not self.rows:
-            raise ValueError(f"{manifest}: no rows (after min_quality={min_quality})")
+            raise ValueError(
+                f"{manifest}: no rows (after min_quality={min_quality}, places={places!r})"
+            )
 
     def __len__(self):
         return len(self.rows)

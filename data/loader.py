@@ -2,7 +2,8 @@
 and this process's batches.
 
 `cfg` is any object with train.py's data fields (data, data_path, data_split, image_size, gsd_m,
-min_quality, max_bad_fraction, seed, batch_size, num_workers, synthetic_*): TrainConfig in practice.
+min_quality, max_bad_fraction, seed, batch_size, num_workers, synthetic_*, places): TrainConfig in
+practice.
 Paired data for a ControlNet (data/modalities.py) reads control_task, control_path and pair_replace,
 and a text -> SAR/NIR/PAN fine-tune on the procedural Earth reads modality; configs without
 these fields get none of it.
@@ -56,6 +57,11 @@ def _control_fields(cfg):
     return task, modality
 
 
+def _places(cfg):
+    """The side of the spatial split the run reads (data/places.py): "all", "train", "held_out"."""
+    return getattr(cfg, "places", "all")
+
+
 def build_dataset(cfg, max_bad_fraction=None):
     """A map-style dataset of sample dicts (image (3, H, W) in [-1, 1], caption, level,
     ...; + control (3, H, W) with a control_task). Its readers stop at max_bad_fraction unreadable
@@ -76,6 +82,9 @@ def build_dataset(cfg, max_bad_fraction=None):
             seed=cfg.seed,
             integer_levels=cfg.synthetic_integer_levels,
             pair=TASKS[task] if task else (modality or None),
+            located=getattr(cfg, "synthetic_located", False),
+            places=_places(cfg),
+            omit_class=getattr(cfg, "synthetic_omit_class", 0.0),
         )
     if not cfg.data_path:
         raise ValueError(f"--data={cfg.data} needs --data_path")
@@ -119,6 +128,7 @@ def _reader(cfg, tf, counter):
             gsd_m=cfg.gsd_m or None,
             counter=counter,
             seed=cfg.seed,
+            places=_places(cfg),
         )
     if cfg.data == "folder":
         return CaptionFolder(
@@ -127,6 +137,7 @@ def _reader(cfg, tf, counter):
             min_quality=cfg.min_quality or None,
             counter=counter,
             seed=cfg.seed,
+            places=_places(cfg),
         )
     if cfg.data == "git10m":
         return Git10M(
@@ -136,6 +147,7 @@ def _reader(cfg, tf, counter):
             min_quality=cfg.min_quality or None,
             counter=counter,
             seed=cfg.seed,
+            places=_places(cfg),
         )
     raise ValueError(f"--data must be one of {DATA}; got {cfg.data!r}")
 
@@ -161,6 +173,7 @@ class Batches:
                 batch_size=cfg.batch_size,
                 min_quality=cfg.min_quality or None,
                 counter=BadDataCounter(1.0),
+                places=_places(cfg),
             )
             self.sampler = None
         else:

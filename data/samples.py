@@ -22,6 +22,7 @@ mid-epoch sees the same pixels.
 
 import io
 import logging
+import math
 from collections import Counter
 
 import numpy as np
@@ -245,8 +246,9 @@ def collate(batch):
 
         "image" (B, 3, H, W), "latent" (B, 4, h, w), "control" (B, 3, H, W): each when every
         sample has it; "caption" [B str], "key" [B str], "level" (B,), "quality" (B,);
-        "label" (B,) when every sample has one; every other numeric field all samples have:
-        (B,) float; "n_bad": how many were unreadable, "n_filtered": how many filtered.
+        "label" (B,) when every sample has one; every other numeric field: (B,) float, NaN for
+        a sample without it (an image with no place has no "lat"); "n_bad": how many were
+        unreadable, "n_filtered": how many filtered.
 
     When no sample is left the batch is {"caption": [], "key": [], "n_bad", "n_filtered"}: a
     training loop refills it, or skips it and still counts it as consumed, so resume positions
@@ -276,7 +278,8 @@ def collate(batch):
                     "(use a transform with a fixed size)"
                 )
             out[name] = torch.stack([s[name] for s in batch])
-    for name in set(batch[0]) - set(out) - set(TENSORS):  # other numeric fields
-        if all(is_number(s.get(name)) for s in batch):
-            out[name] = torch.tensor([float(s[name]) for s in batch])
+    names = {name for s in batch for name in s} - set(out) - set(TENSORS)
+    for name in sorted(names):  # other numeric fields; NaN where a sample lacks one
+        if all(is_number(s.get(name)) or name not in s for s in batch):
+            out[name] = torch.tensor([float(s.get(name, math.nan)) for s in batch])
     return {**out, **counts}

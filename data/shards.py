@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data.places import in_split
 from data.sampler import _dist_rank_world
 from data.samples import FILTERED, BadDataCounter, build_sample, extra_fields, sample_generator
 from data.transforms import random_dihedral, tensor_to_pil
@@ -172,7 +173,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
     with the same num_workers, batch_size and world_size as the interrupted run.
     load_images=False ignores image members (latent-only training). augment_latents applies
     random flips / rot90 to latents (only without images, so both never disagree).
-    min_quality: samples whose quality is not > min_quality are filtered (yielded as FILTERED).
+    min_quality: samples whose quality is not > min_quality are filtered (yielded as FILTERED),
+    as are, with places "train" or "held_out", the samples on the other side of the spatial split
+    (data/places.py; their json's "lat" and "lon").
     """
 
     def __init__(  # noqa: PLR0913 (every option of the reader, all keywords)
@@ -193,7 +196,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         min_size=0,
         counter=None,
         allow_empty_caption=False,
+        places="all",
     ):
+        in_split(0.0, 0.0, places)  # a ValueError naming the splits for an unknown one
         if augment_latents and load_images:
             raise ValueError(
                 "augment_latents=True needs load_images=False (image and latent would get "
@@ -212,7 +217,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         self.transform, self.skip_batches, self.batch_size = transform, skip_batches, batch_size
         self.drop_remainder, self.load_images = drop_remainder, load_images
         self.augment_latents = augment_latents
-        self.min_quality, self.min_size = min_quality, min_size
+        self.min_quality, self.min_size, self.places = min_quality, min_size, places
         self.allow_empty_caption = allow_empty_caption
         self.counter = counter if counter is not None else BadDataCounter()
         if self.num_samples() == 0:
@@ -309,6 +314,9 @@ class ShardDataset(torch.utils.data.IterableDataset):
         }
         if self.min_quality is not None and not quality > self.min_quality:
             c.record_filtered(key, f"quality {quality} <= {self.min_quality}")
+            return FILTERED
+        if not in_split(fields.get("lat"), fields.get("lon"), self.places):
+            c.record_filtered(key, f"place outside the spatial split {self.places!r}")
             return FILTERED
         g = sample_generator(self.seed, self.epoch, pos)
         latent = None

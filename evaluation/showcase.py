@@ -86,9 +86,13 @@ def editing_examples(model, size, guidance, steps, level=14.0, seed=20_000):
 
 
 def editing_strip(model, size, guidance, steps, cell=96, **kw):
-    """The examples drawn as rows of captioned images, each enlarged `cell / size`
-    times (nearest neighbour)."""
-    rows = editing_examples(model, size, guidance, steps, **kw)
+    """The examples drawn as rows of captioned images (draw_strip)."""
+    return draw_strip(editing_examples(model, size, guidance, steps, **kw), size, cell)
+
+
+def draw_strip(rows, size, cell=96):
+    """{row title: [(caption, PIL image)]} drawn as rows of captioned images, each enlarged
+    `cell / size` times (nearest neighbour)."""
     font, small = load_font(15), load_font(11)
     scale, pad, gap = cell / size, 10, 6
     widths = [sum(round(im.width * scale) + gap for _, im in row) for row in rows.values()]
@@ -103,4 +107,18 @@ def editing_strip(model, size, guidance, steps, cell=96, **kw):
             page.paste(big, (x, y + 20))
             d.text((x, y + 22 + cell), caption, fill="dimgray", font=small)
             x += big.width + gap
+    return page
+
+
+def stack_images(images, gap=8):
+    """PIL images one beneath the other, left-aligned on white."""
+    page = Image.new(
+        "RGB",
+        (max(im.width for im in images), sum(im.height + gap for im in images)),
+        "white",
+    )
+    y = 0
+    for im in images:
+        page.paste(im, (0, y))
+        y += im.height + gap
     return page

@@ -4,18 +4,20 @@
     images, classes = load_testset("data/rsicd/dataset_rsicd.json", split="test")
     # {file name: caption}
     images, classes = load_testset("rsicd_sample/captions.json")
-    # procedural Earth renders
+    # procedural Earth renders; at places of the procedural globe, in the held-out regions
     images, classes = load_testset("procedural:120", out="eval/real")
+    images, classes = load_testset("procedural-globe:120", out="eval/real", places="held_out")
 
 RSICD's classes are its file names' prefix (`<class>_<n>.jpg`; numeric names have none);
 UCM-Captions gives a `class_id` per image into its `classes` list. Levels come from the json's
-dataset-wide `gsd_m` (or --level).
+dataset-wide `gsd_m` (or --level); an image's other numeric keys (its place: "lat", "lon") are its
+fields.
 """
 
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +26,9 @@ from PIL import Image
 
 from data.datasets import CaptionFolder, Git10M
 from data.levels import level_from_resolution
-from data.synthetic import CLASSES as PROCEDURAL_CLASSES, sample
+from data.samples import extra_fields
+from data.places import random_place
+from data.synthetic import CLASSES as PROCEDURAL_CLASSES, class_probabilities, sample
 from data.transforms import eval_transform
 from evaluation.probe import make_probe_data
 
@@ -36,6 +40,8 @@ class EvalImage:
     caption: str  # the first caption
     label: str = None  # scene class name, None when the set has none
     level: float = None  # Google map level, None when unknown
+    # other numbers the set gives the image, by name: its place "lat", "lon" (data/places.py)
+    fields: dict = field(default_factory=dict)
 
 
 _RSICD_NAME = re.compile(r"^([a-z]+(?:[a-z_]*[a-z])?)_\d+$")
@@ -94,6 +100,7 @@ def karpathy(path, split="test", image_root=None):
                 caption.strip(),
                 label,
                 level,
+                extra_fields(im, skip=("imgid", "cocoid", "class_id")),
             )
         )
     if not out:
@@ -149,19 +156,54 @@ def procedural(n, out, size=32, seed=0, levels=(10, 18)):
     return images
 
 
-def load_testset(spec, split="test", image_root=None, out=None, size=32, seed=0):
-    """(test images, sorted class names or None) for a test-set spec: "procedural:N", a Karpathy
-    json, or a {file name: caption} json. Every image file must exist, keys must be unique."""
+def procedural_globe(n, out, size=32, seed=0, levels=(10, 18), places="all"):
+    """n procedural Earth renders at places of the procedural globe, written once to
+    out/globe_{places}_{i}.png: image i at a place drawn uniformly over the sphere's area within
+    the spatial split `places` (seeded from (seed, i, 29)), its class drawn from the place's
+    (data/synthetic/geography.py), its level and scene as procedural()'s; its fields are the
+    place."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    images = []
+    for i in range(n):
+        rng = np.random.default_rng([int(seed), i, 29])
+        lat, lon = random_place(rng, places)
+        cls = int(rng.choice(len(PROCEDURAL_CLASSES), p=class_probabilities(lat, lon)))
+        level = float(rng.integers(levels[0], levels[1] + 1))
+        scene_seed = int(np.random.default_rng([int(seed), i, 23]).integers(1 << 62))
+        s = sample(scene_seed, level, size, cls)
+        path = out / f"globe_{places}_{i:05d}.png"
+        if not path.exists():
+            tmp = path.with_suffix(".tmp.png")
+            Image.fromarray(s["image"]).save(tmp)
+            tmp.replace(path)
+        place = {"lat": float(lat), "lon": float(lon)}
+        images.append(
+            EvalImage(path.stem, path, s["caption"], PROCEDURAL_CLASSES[cls], level, place)
+        )
+    return images
+
+
+def _count(spec):
+    """N of "procedural:N" / "procedural-globe:N"."""
+    try:
+        n = int(str(spec).split(":", 1)[1])
+    except ValueError:
+        name = str(spec).split(":", 1)[0]
+        raise ValueError(f"test set {spec!r}: expected {name}:N with N a whole number") from None
+    if n < 2:
+        raise ValueError(f"test set {spec!r}: needs at least 2 images")
+    return n
+
+
+def load_testset(spec, split="test", image_root=None, out=None, size=32, seed=0, places="all"):
+    """(test images, sorted class names or None) for a test-set spec: "procedural:N",
+    "procedural-globe:N" (at places within the spatial split `places`), a Karpathy json, or a
+    {file name: caption} json. Every image file must exist, keys must be unique."""
     if str(spec).startswith("procedural:"):
-        try:
-            n = int(str(spec).split(":", 1)[1])
-        except ValueError:
-            raise ValueError(
-                f"test set {spec!r}: expected procedural:N with N a whole number"
-            ) from None
-        if n < 2:
-            raise ValueError(f"test set {spec!r}: needs at least 2 images")
-        images = procedural(n, out, size=size, seed=seed)
+        images = procedural(_count(spec), out, size=size, seed=seed)
+    elif str(spec).startswith("procedural-globe:"):
+        images = procedural_globe(_count(spec), out, size=size, seed=seed, places=places)
     else:
         meta = _read_json(spec)
         is_karpathy = isinstance(meta, dict) and isinstance(meta.get("images"), list)

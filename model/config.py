@@ -26,6 +26,8 @@ class UNetConfig:
     # embedded like the timestep, added to the time embedding
     # (the release's level: class_embed_type="timestep")
     scalar_conditions: tuple = ("level",)
+    # places on the globe (fields lat, lon in degrees), embedded on the sphere (PlaceEmbedding)
+    place_conditions: tuple = ()
     scale_shift_norm: bool = False  # ADM's AdaGN in the res-blocks (the release: False)
     gradient_checkpointing: bool = False
 
@@ -35,7 +37,7 @@ class UNetConfig:
 
 
 # the UNetConfig fields that name embedded conditions, one per way of embedding (model/unet.py)
-CONDITION_FIELDS = ("scalar_conditions",)
+CONDITION_FIELDS = ("scalar_conditions", "place_conditions")
 
 
 @dataclass
@@ -101,6 +103,18 @@ def default_conditions():
         "text": ConditionConfig(field="caption", null="", p_drop=0.1),
         "level": ConditionConfig(field="level", null=0.0, p_drop=0.1),
     }
+
+
+def location_condition(p_drop=0.1):
+    """The image centre's latitude and longitude in degrees, from the fields "lat" and "lon"; its
+    null, "no place", is NaN, never confused with (0, 0), a real place in the Gulf of Guinea. Goes
+    with a name in UNetConfig.place_conditions."""
+    return ConditionConfig(
+        field=("lat", "lon"),
+        null=float("nan"),
+        p_drop=p_drop,
+        bounds=((-90.0, 90.0), (-180.0, 180.0)),
+    )
 
 
 @dataclass

@@ -16,6 +16,8 @@ and x0 prediction alike. A negative prompt is the text's null. Refinements:
 - interval: guide only for timesteps in [lo, hi] (Kynkaanniemi et al. 2024, "Applying guidance in a
   limited interval improves sample and distribution quality", Sec. 3); outside it only the
   conditional branch runs, so the other forward passes are skipped.
+- a group whose conditions are their nulls in every sample (a location not given) adds nothing,
+  and its branch is not run.
 - rescale: phi of Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed",
   Eq. 15-16, which rescales the guided output to the conditional output's standard deviation.
 """
@@ -45,6 +47,15 @@ def rescale_guidance(guided, cond, phi):
     std_cond = cond.std(dim=dims, keepdim=True)  # B, 1, 1, 1
     std_cfg = guided.std(dim=dims, keepdim=True)
     return phi * guided * (std_cond / std_cfg) + (1 - phi) * guided
+
+
+def _is_null(value, null):
+    """Whether an encoded condition equals its null in every sample (NaN equal to NaN)."""
+    value, null = torch.as_tensor(value), torch.as_tensor(null).to(value)
+    if value.shape[1:] != null.shape[1:]:
+        return False
+    same = (value == null) | (value.isnan() & null.isnan())
+    return bool(same.all())
 
 
 def guided_model_fn(denoiser, cond, null, scales, *, interval=None, rescale=0.0):
@@ -80,7 +91,13 @@ def guided_model_fn(denoiser, cond, null, scales, *, interval=None, rescale=0.0)
             f"text context {tuple(cond['text'].shape)} and its null {tuple(null['text'].shape)} "
             "must both be (B, L, D) with the same L and D"
         )
-    steps = groups(scales)
+    # a group given as its null in every sample adds s_k (b_k - b_{k-1}) = 0: not run, so a
+    # condition left out computes exactly what a model without it computes
+    steps = [
+        (names, s)
+        for names, s in groups(scales)
+        if not all(_is_null(cond[k], null[k]) for k in names)
+    ]
     plain = all(s == 1 for _, s in steps)  # the sum telescopes to b_G
 
     def model_fn(x, t):

@@ -2,12 +2,14 @@
 resolution embedding.
 
     unet(x_t, t, cond) -> prediction (eps, v or x0, as the diffusion config says)
-    cond = {"text": (B, L, D) context, "level": (B,), ...}     (model/conditions.py)
+    cond = {"text": (B, L, D) context, "level": (B,), "location": (B, 2), ...}
+    (model/conditions.py)
 
 The Google map level L (resolution_m = 2 ** (17 - L); 0 = "no resolution") is embedded exactly like
 the timestep and *added* to the time embedding, so every res-block is told the ground resolution.
 Every name in `scalar_conditions` is embedded that way, each with its own MLP: a new scalar
-condition needs no new code here.
+condition needs no new code here. Every name in `place_conditions` (a location: latitude and
+longitude) is embedded on the sphere (PlaceEmbedding) and added the same way.
 
 Open for extension without rewrites:
 - `in_channels` = 9 gives the inpainting model
@@ -59,6 +61,41 @@ class ScalarEmbedding(EmbeddingMLP):
     def forward(self, value):
         features = sinusoidal_embedding(value, self.fc1.in_features)  # B, in_dim
         return super().forward(features.to(self.fc1.weight.dtype))
+
+
+class PlaceEmbedding(EmbeddingMLP):
+    """A place on the globe, (lat, lon) in degrees -> the time-embedding width. The place becomes
+    its 3-D unit vector u = (cos lat cos lon, cos lat sin lon, sin lat), so 179.9 E sits next to
+    179.9 W and every longitude at a pole is one point; the features are sin and cos of each
+    coordinate of u at `frequencies` frequencies from 1 to `max_frequency` (geometric; 128 tells
+    apart places ~0.5 degrees of arc apart), then an MLP. Smooth on the whole sphere as spherical
+    harmonics are (SatCLIP), at a fixed cost and with no Legendre recursions. A row with a NaN
+    (the null: no place) embeds to exactly zero, so the model without a place computes what the
+    model without the embedder computes. Takes (B, 2)."""
+
+    width = 2  # numbers per sample
+
+    def __init__(self, dim, frequencies=16, max_frequency=128.0):
+        super().__init__(6 * frequencies, dim)
+        self.frequencies, self.max_frequency = frequencies, max_frequency
+        # the last layer starts at zero, from scratch too: the place joins a U-Net that learns
+        # the text and the level undisturbed, and grows in as it is learnt (DiT's adaLN-Zero)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, place):
+        place = place.float()
+        given = place.isfinite().all(dim=-1)  # B
+        # no NaN reaches the MLP, not even in rows thrown away (its gradient would be NaN)
+        lat, lon = torch.deg2rad(torch.where(given[:, None], place, 0.0)).unbind(-1)  # B each
+        u = torch.stack([lat.cos() * lon.cos(), lat.cos() * lon.sin(), lat.sin()], dim=-1)  # B, 3
+        freqs = torch.logspace(
+            0.0, math.log2(self.max_frequency), self.frequencies, base=2.0, device=u.device
+        )  # F
+        angles = (u[:, :, None] * freqs).flatten(1)  # B, 3F
+        features = torch.cat([angles.sin(), angles.cos()], dim=-1)  # B, 6F
+        out = super().forward(features.to(self.fc1.weight.dtype))  # B, dim
+        return torch.where(given[:, None], out, torch.zeros_like(out))
 
 
 class ResBlock(nn.Module):
@@ -156,6 +193,7 @@ class Encoder(nn.Module):
         # model, model/weights.load_pretrained)
         self.cond_embed = nn.ModuleDict(
             {name: ScalarEmbedding(ch0, emb_dim) for name in cfg.scalar_conditions}
+            | {name: PlaceEmbedding(emb_dim) for name in cfg.place_conditions}
         )
         self.conv_in = nn.Conv2d(cfg.in_channels, ch0, 3, padding=1)
         skips, ch = [ch0], ch0

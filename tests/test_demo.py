@@ -52,7 +52,7 @@ def test_fast_demo_follows_the_prompt_and_the_level(fast_demo):
         real["class_acc"] > 0.7 and through_vae["class_acc"] > 0.4
     )  # the probe works, also on decodes
     assert real["level_corr"] > 0.5  # and reads levels
-    ours, floor = r["generated, prompt + level (ours)"], r["unconditional samples (floor)"]
+    ours, floor = r["generated, prompt + level + place (ours)"], r["unconditional samples (floor)"]
     assert floor["class_acc"] < 0.2, floor  # ~1/12 when nothing is followed
     assert ours["class_acc"] > floor["class_acc"] + 0.2, (
         ours,
@@ -113,6 +113,7 @@ def test_default_demo_trains_the_unet_on_the_shipped_vae_and_scores_with_the_shi
     out = tmp_path / "demo"
     summary = demo.main(
         [f"--out={out}", "--unet_steps=20", "--pool=216", "--eval_seeds=1", "--steps=3"]
+        + ["--globe_places=2", "--globe_samples=3"]
     )
     stages = summary["stages"]
     assert (
@@ -127,7 +128,9 @@ def test_default_demo_trains_the_unet_on_the_shipped_vae_and_scores_with_the_shi
         and not (out / "vae").exists()
         and not (out / "probe.safetensors").exists()
     )
-    assert stages["sampling"]["images"] == 216
+    # 108 prompts at a place and without, 108 unconditional; the class-silent prompt: 3 samples at
+    # each of 2 places and twice without
+    assert stages["sampling"]["images"] == 3 * 108 + (2 + 2) * 3
     shipped = load_part("configs/pretrained/demo_vae.safetensors", "vae").state_dict()
     for k, v in load_model(out / "model.safetensors").vae.state_dict().items():
         torch.testing.assert_close(v, shipped[k], rtol=0, atol=0)  # the VAE stayed frozen
@@ -135,9 +138,14 @@ def test_default_demo_trains_the_unet_on_the_shipped_vae_and_scores_with_the_shi
     assert set(r) == {
         "real procedural images (ceiling)",
         "real images through the VAE",
-        "generated, prompt + level (ours)",
+        "generated, prompt + level + place (ours)",
+        "generated, prompt + level, no place",
         "unconditional samples (floor)",
     }
+    for split in ("train", "held_out"):  # the class-silent prompt at a place of each side
+        figures = summary["globe"][split]
+        assert len(figures["places"]) == 1 and 0 <= figures["tv_real"] <= 1
+        assert figures["places"][0]["lat"] == pytest.approx(demo.places_in(split, 1)[0][0])
     page = Image.open(out / "overview.png")
     assert page.width > 8 * 128 and page.height > 12 * 128  # 12 classes x 4 levels x 2, 4x
 

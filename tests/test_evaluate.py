@@ -339,7 +339,7 @@ def test_ucm_captions_end_to_end_with_a_tiny_model(tiny_ckpt, tmp_path, capsys):
     from PIL import Image
 
     info = Image.open(out / "generated" / f"{Path(first['filename']).stem}_0.png").text
-    assert info["prompt"] == first["sentences"][0]["raw"].strip() and info["level"] == "18.7141"
+    assert info["prompt"] == first["sentences"][0]["raw"].strip() and info["level"] == "18.71406519"
 
 
 @pytest.mark.parametrize(

@@ -18,6 +18,7 @@ What can go wrong, and what is kept:
 
 import contextlib
 import copy
+import math
 from pathlib import Path
 
 import torch
@@ -156,13 +157,19 @@ def _flat(d, prefix=""):
     return out
 
 
+def _same(a, b):
+    """a == b, with NaN equal to NaN (the location's null)."""
+    nan = isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b)
+    return nan or a == b
+
+
 def model_changes(before, now, path):
     """The model fields a resumed run changes: {field: new value} of those it may change (condition
     dropout, gradient checkpointing); any other field of `now` (the command's model config, a
     JSON-like dict) that differs from `before` (the one the checkpoint's run was given) is a
     ValueError naming it, since a resumed run keeps its model."""
     old, new = _flat(before), _flat(now)
-    changed = sorted(k for k in new if k in old and old[k] != new[k])
+    changed = sorted(k for k in new if k in old and not _same(old[k], new[k]))
     fixed = [k for k in changed if not any(k.endswith(s) for s in RESUME_MAY_CHANGE)]
     if fixed:
         shown = "; ".join(f"model.{k}: {old[k]!r} -> {new[k]!r}" for k in fixed[:3])

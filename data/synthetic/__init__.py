@@ -27,14 +27,16 @@ The modules, in the order a scene passes through them:
     compose   compositing, texture and tint: render, kind_map, object_mask
     captions  the inventory of a frame and one caption rule per class
     sensors   the paired modalities
+    geography which class a place on the globe shows (for located samples)
     dataset   sample, ProceduralEarth, InOrder
 Names with a leading underscore are shared among these modules, not part of the package's API.
 """
 
-from .captions import NUMBER_WORDS, caption, inventory
+from .captions import NUMBER_WORDS, caption, inventory, silent_caption
 from .compose import kind_map, object_mask, render
 from .dataset import InOrder, ProceduralEarth, sample
 from .detail import Grid
+from .geography import class_probabilities
 from .raster import Frame
 from .scenes import make_scene
 from .sensors import modalities
@@ -91,6 +93,8 @@ __all__ = [
     "NUMBER_WORDS",
     "inventory",
     "caption",
+    "silent_caption",
+    "class_probabilities",
     "sample",
     "modalities",
     "ProceduralEarth",

@@ -413,6 +413,35 @@ def _caption_airport(scene, inv, res, rng):
     return s
 
 
+def silent_caption(level: float, rng=None) -> str:
+    """A caption that does not reveal the class: a generic overhead image at this level's scale
+    (a wide area from high above at low levels, a close view at high ones), no class name and no
+    class-specific object. The training caption of ProceduralEarth(omit_class=p) with probability
+    p, and the class-silent prompt of a location-only evaluation."""
+    rng = np.random.default_rng(0) if rng is None else rng
+    res = resolution_m(level)
+    if res > 16:  # below level 13
+        return _choose(
+            rng,
+            "a satellite image of a wide area seen from high above",
+            "a wide area seen from high above",
+            "an overhead view of a large area",
+        )
+    if res > 2:  # levels 13 to 16
+        return _choose(
+            rng,
+            "a satellite image of the area",
+            "an overhead image of the area",
+            "a remote sensing image of the area",
+        )
+    return _choose(
+        rng,
+        "a close overhead view of the area",
+        "a detailed satellite image of a small area",
+        "a high resolution overhead image of the ground",
+    )
+
+
 _CAPTIONS = {
     "dense_residential": _caption_residential,
     "sparse_residential": _caption_residential,

@@ -5,6 +5,7 @@ ordered multi-process reader.
     s = sample(seed=7, level=14.0, size=64)
     ds = ProceduralEarth(100_000, size=64)  # items in the dataset readers' common sample dict
     ds = ProceduralEarth(1000, pair=("sar", "rgb"))  # + control: the SAR view of the same frame
+    ds = ProceduralEarth(1000, located=True, places="train")  # + lat, lon; class from the place
 """
 
 import math
@@ -13,10 +14,12 @@ import numpy as np
 import torch
 
 from data.modalities import MODALITIES, SR_FACTOR, TASKS, make_control
+from data.places import SPLITS, random_place
 from data.samples import sample_generator
 
-from .captions import caption
+from .captions import caption, silent_caption
 from .compose import _compose, _finish
+from .geography import class_probabilities
 from .scenes import make_scene
 from .sensors import modalities
 from .world import CLASSES, LEVEL_RANGE, resolution_m
@@ -59,7 +62,14 @@ class ProceduralEarth(torch.utils.data.Dataset):
     str. pair = (control, target) modalities, one of data.modalities.TASKS' values, e.g.
     ("sar", "rgb"): image is the target view and control (3, H, W) the control view, pixel-aligned
     (sensors.modalities); a single modality, e.g. pair="sar", makes image that view alone (a
-    text -> SAR fine-tune)."""
+    text -> SAR fine-tune).
+
+    located=True gives each item a place, drawn uniformly over the sphere's area within `places`
+    (a data.places split: "all", "train", "held_out"), and its class drawn from the geography of
+    that place (geography.class_probabilities, balanced over the sphere); the items get float
+    fields lat and lon. omit_class = p replaces the caption, with probability p, by one that does
+    not reveal the class (captions.silent_caption), so the model learns what a place alone shows.
+    The defaults (located=False, omit_class=0) give the same items as before they existed."""
 
     def __init__(
         self,
@@ -69,6 +79,9 @@ class ProceduralEarth(torch.utils.data.Dataset):
         seed: int = 0,
         integer_levels: bool = False,
         pair=None,
+        located: bool = False,
+        places: str = "all",
+        omit_class: float = 0.0,
     ):
         if n <= 0 or size <= 0:
             raise ValueError(f"n and size must be positive, got n={n}, size={size}")
@@ -93,6 +106,11 @@ class ProceduralEarth(torch.utils.data.Dataset):
                 f"pair={pair!r}: lowres needs size divisible by {SR_FACTOR}, got size={size}"
             )
         self.pair = pair if pair is None or isinstance(pair, str) else tuple(pair)
+        if places not in SPLITS:
+            raise ValueError(f"places={places!r}: expected one of {SPLITS}")
+        if not 0.0 <= omit_class <= 1.0:
+            raise ValueError(f"omit_class must be a probability in [0, 1], got {omit_class}")
+        self.located, self.places, self.omit_class = located, places, float(omit_class)
 
     def __len__(self):
         return self.n
@@ -107,15 +125,27 @@ class ProceduralEarth(torch.utils.data.Dataset):
             level = float(rng.integers(math.ceil(self.levels[0]), math.floor(self.levels[1]) + 1))
         else:
             level = float(rng.uniform(*self.levels))
-        s = sample(seed, level, self.size, cls=i % len(CLASSES))
+        cls, where = i % len(CLASSES), {}
+        if self.located:  # its own stream: the draws above stay those of an unlocated item
+            place_rng = np.random.default_rng([self.seed, i, 5])
+            lat, lon = random_place(place_rng, self.places)
+            cls = int(place_rng.choice(len(CLASSES), p=class_probabilities(lat, lon)))
+            where = dict(lat=float(lat), lon=float(lon))
+        s = sample(seed, level, self.size, cls=cls)
+        text = s["caption"]
+        if self.omit_class > 0:
+            omit_rng = np.random.default_rng([self.seed, i, 6])
+            if omit_rng.random() < self.omit_class:
+                text = silent_caption(s["level"], omit_rng)
         img = torch.from_numpy(s["image"]).permute(2, 0, 1).float() / 127.5 - 1.0
         item = dict(
             image=img,
-            caption=s["caption"],
+            caption=text,
             level=s["level"],
             label=s["label"],
             quality=float("nan"),
             key=f"procedural-{self.seed}-{i}",
+            **where,
         )  # the readers' common sample dict
         if self.pair is None:
             return item
