@@ -23,4 +23,4 @@ min_snr_gamma = 5.0  # Hang et al. 2023
 # class drawn from the place's; one caption in five does not name the class, so the place must tell
 synthetic_located = True
 places = "train"
-synthetic_omit_class = 0.5
+synthetic_omit_class = 0.2

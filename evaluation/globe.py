@@ -155,5 +155,8 @@ def places_strip(figures, shown, size, held_out=False, per_place=6, cell=64):
                 f"{info['tv_no_place']:.2f}, real {info['tv_real']:.2f})"
             )
         rows[title] = [("", tensor_to_pil(x)) for x in samples[:per_place]]
-    head = {f'"{figures["prompt"]}", level {figures["level"]:g}, at each place:': []}
-    return draw_strip({**head, **rows}, size, cell)
+    heading = (
+        f'"{figures["prompt"]}", level {figures["level"]:g}, at places of the globe '
+        f"(the same seeds in every row); TV: the classes the probe reads against the world's"
+    )
+    return draw_strip(rows, size, cell, heading=heading)

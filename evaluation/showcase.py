@@ -90,17 +90,20 @@ def editing_strip(model, size, guidance, steps, cell=96, **kw):
     return draw_strip(editing_examples(model, size, guidance, steps, **kw), size, cell)
 
 
-def draw_strip(rows, size, cell=96):
+def draw_strip(rows, size, cell=96, heading=None):
     """{row title: [(caption, PIL image)]} drawn as rows of captioned images, each enlarged
-    `cell / size` times (nearest neighbour)."""
+    `cell / size` times (nearest neighbour), under a `heading` line if given."""
     font, small = load_font(15), load_font(11)
     scale, pad, gap = cell / size, 10, 6
     widths = [sum(round(im.width * scale) + gap for _, im in row) for row in rows.values()]
-    row_h = cell + 40
-    page = Image.new("RGB", (max(widths) + 2 * pad, pad + len(rows) * row_h), "white")
+    widths += [round(font.getlength(text)) for text in [*rows, heading or ""]]
+    row_h, top = cell + 40, pad + (24 if heading else 0)
+    page = Image.new("RGB", (max(widths) + 2 * pad, top + len(rows) * row_h), "white")
     d = ImageDraw.Draw(page)
+    if heading:
+        d.text((pad, pad), heading, fill="black", font=font)
     for r, (title, row) in enumerate(rows.items()):
-        y, x = pad + r * row_h, pad
+        y, x = top + r * row_h, pad
         d.text((x, y), title, fill="black", font=font)
         for caption, im in row:
             big = im.resize((round(im.width * scale), round(im.height * scale)), Image.NEAREST)

@@ -36,6 +36,8 @@ from model.text2earth import Text2Earth
 from model.unet import UNet
 from model.vae import AutoencoderKL
 
+ALIGNMENT = 64  # bytes: where a loaded weight's memory starts (load_state_strict)
+
 
 # ----------------------------------------------------------------------------------------------
 # Strict loading with clear errors
@@ -80,7 +82,11 @@ def load_state_strict(module, state, source, original_names=None, place=None):
         return
     device, dtype = place
     for k, v in state.items():  # in place, key by key: the source tensor is dropped at once
-        state[k] = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        v = v.to(device=device, dtype=dtype if v.is_floating_point() else v.dtype)
+        # a tensor still on a file's memory map may start anywhere the file put it; the CPU
+        # kernels' results can depend on that, so the weights get memory of their own, aligned as
+        # a fresh model's are, and a model computes the same whatever its file's header length
+        state[k] = v.clone() if v.data_ptr() % ALIGNMENT else v
     module.load_state_dict(state, strict=True, assign=True)
 
 
