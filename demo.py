@@ -77,7 +77,16 @@ from model.weights import (
 )
 
 GRID_LEVELS = (11, 13, 15, 17)
-FAST = dict(vae_steps=600, unet_steps=600, pool=4000, probe_train_images=2160, probe_steps=1000)
+# the CI run: 600 U-Net steps do not learn the place (TV 0.86 with it, 0.87 without) and its
+# silent captions cost them level control, so its scenes have no place
+FAST = dict(
+    vae_steps=600,
+    unet_steps=600,
+    pool=4000,
+    probe_train_images=2160,
+    probe_steps=1000,
+    located=False,
+)
 PRETRAINED = Path("configs/pretrained")
 # held-out renders (make_probe_data) the shipped VAE's error is recorded on
 VAE_HELD = dict(n=216, seed=3)
@@ -113,6 +122,9 @@ class DemoConfig:
     globe_places: int = 12
     globe_samples: int = 16  # ... with this many samples at each (evaluation/globe.py)
     steps: int = 20  # DPM-Solver++(2M) steps per sample
+    # scenes at places of the globe, as the U-Net config says (synthetic_located); False: none,
+    # every caption naming its class, and no scoring of the place
+    located: bool = True
     overwrite: bool = False  # replace a finished demo in `out`
 
 
@@ -171,14 +183,14 @@ def eval_targets(size, levels=(10, 18), seed=10_000):
     return targets
 
 
-def reads_location(model_cfg):
-    """Whether the demo's model reads a location (configs/demo.py)."""
-    return "location" in model_cfg.condition_names()
+def reads_location(model_cfg, args):
+    """Whether the demo's model reads a location (configs/demo.py) and its scenes have places."""
+    return "location" in model_cfg.condition_names() and args.located
 
 
 def guidance_of(model_cfg, args):
     """The demo's guidance: the text at --cfg, the level and the location at their own scales."""
-    own = args.location_cfg if reads_location(model_cfg) else None
+    own = args.location_cfg if "location" in model_cfg.condition_names() else None
     return conditions.scales(model_cfg, args.cfg, level=args.level_cfg, location=own)
 
 
@@ -341,11 +353,11 @@ def scoring_seconds(model_cfg, args, size, batch=54):
     torch.manual_seed(0)
     model, n = Text2Earth(model_cfg).eval(), 108 * args.eval_seeds
     targets = eval_targets(size)[:batch]
-    place = [t[4] for t in targets] if reads_location(model_cfg) else None
+    place = [t[4] for t in targets] if reads_location(model_cfg, args) else None
     prompted = conditions.request(
         model_cfg, batch, text=[t[0] for t in targets], level=14.0, location=place
     )
-    if reads_location(model_cfg):  # and without the place; the class-silent prompt at places
+    if reads_location(model_cfg, args):  # and without the place; the silent prompt at places
         n = 2 * n + (args.globe_places + 1) * args.globe_samples
     unconditional = conditions.request(model_cfg, batch)
     return sampling_seconds(
@@ -522,6 +534,8 @@ def train_models(args, out, t0, budget, cores, stages):
     probe_file, job, reserve): job is the probe's process (None: the shipped probe), reserve the
     seconds kept for the scoring (None: fixed steps)."""
     spec = scenes(args.unet_config, args.pool, args.seed)  # the VAE's, at places of the globe
+    if not args.located:
+        spec = {k: v for k, v in spec.items() if k not in ("located", "places", "omit_class")}
     unet_cfg = load_config(args.unet_config)
     size = unet_cfg.image_size
     out.mkdir(parents=True, exist_ok=True)
@@ -576,7 +590,7 @@ def sample_and_measure(args, model, probe, size, results, reserve, stages):
     labels = torch.tensor([t[2] for t in targets])
     lv = torch.tensor(levels)
     guided = guidance_of(model.cfg, args)
-    n, located = len(prompts), reads_location(model.cfg)
+    n, located = len(prompts), reads_location(model.cfg, args)
     places = [t[4] for t in targets] if located else None
     images = generate_all(model, prompts, levels, guided, args.steps, size, places)
     ours = f"generated, prompt + level{' + place' if located else ''} (ours)"
