@@ -1,6 +1,6 @@
-"""Text2Earth plus location: fine-tune the release (or stage 2's export) on Git-10M with the latitude
-and longitude of each image's centre (its Google_location tile) as a third condition, leaving whole
-regions out for a spatial evaluation (data/places.py).
+"""Text2Earth plus location: fine-tune the release (or stage 2's export) on Git-10M with the
+latitude and longitude of each image's centre (its Google_location tile) as a third condition,
+leaving whole regions out for a spatial evaluation (data/places.py).
 
 The location embedder starts with its last layer at zero, so at step 0 the model is exactly the
 release; the null location ("no place") is NaN, so images without a Google_location train it, and
