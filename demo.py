@@ -123,7 +123,7 @@ class DemoConfig:
     globe_samples: int = 16  # ... with this many samples at each (evaluation/globe.py)
     steps: int = 20  # DPM-Solver++(2M) steps per sample
     # scenes at places of the globe, as the U-Net config says (synthetic_located); False: none,
-    # every caption naming its class, and no scoring of the place
+    # every caption naming its class, a model without the place embedding, no scoring of the place
     located: bool = True
     overwrite: bool = False  # replace a finished demo in `out`
 
@@ -494,10 +494,17 @@ def fork_probe(args, size, vae_file, probe_file, deadline):
     return job, vae_ready
 
 
+def model_overrides(args):
+    """The stages' changes to configs/demo.py's model: without places (--located=False) no place
+    embedding either, the model and its training draws those of the recipe without location."""
+    return [] if args.located else ["--model.unet.place_conditions=()"]
+
+
 def vae_stage(args, out, t0, budget):
     """A from-scratch run's VAE, trained on the rendered scenes in out/vae (under a budget: at most
     40% of what is left, fewer steps if slower); returns its stage record."""
     vae_args = ["--data=shards", f"--data_path={out / 'images'}", f"--seed={args.seed}"]
+    vae_args += model_overrides(args)
     if budget is not None:
         share = started_budget(out / "vae") or 0.4 * (budget - (time.time() - t0)) / 60
         vae_args.append(f"--max_minutes={share}")
@@ -514,6 +521,7 @@ def unet_stage(args, out, vae_file, t0, budget, reserve, probe):
         f"--data_path={out / 'latents'}",
         f"--init_from={vae_file}",
         f"--seed={args.seed}",
+        *model_overrides(args),
     ]
     record = {}
     if budget is not None:

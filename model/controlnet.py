@@ -57,6 +57,7 @@ ARCHITECTURE = (
     "norm_eps",
     "time_dim",
     "scalar_conditions",
+    "place_conditions",
     "scale_shift_norm",
 )
 

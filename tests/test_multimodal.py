@@ -25,6 +25,11 @@ RUN = [
     "--batch_size=32",
     "--lr=3e-3",
     "--ema_decay=0.99",
+    # the fast demo's model is the recipe without location (demo.py --located=False): so are its runs
+    "--model.unet.place_conditions=()",
+    "--synthetic_located=False",
+    "--synthetic_omit_class=0",
+    "--places=all",
 ]
 
 
