@@ -42,7 +42,7 @@ from data.levels import (
     parse_level_prefix,
     tile_to_lonlat,
 )
-from data.places import in_split
+from data.places import check_split, in_split
 from data.samples import BadDataCounter, build_sample, extra_fields, is_number, sample_generator
 
 MANIFEST_COLUMNS = ("file", "caption", "level", "resolution_m", "quality")  # CaptionFolder's own
@@ -186,7 +186,7 @@ class Git10M(CaptionImageDataset):
         super().__init__(transform, min_size, counter, seed, allow_empty_caption)
         import pyarrow  # noqa: F401  (fail here, before indexing, when pyarrow is missing)
 
-        in_split(0.0, 0.0, places)  # a ValueError naming the splits for an unknown one
+        check_split(places)
 
         root = Path(root)
         split_dir = root if (root / "state.json").is_file() else root / split
@@ -362,7 +362,7 @@ class KarpathyCaptions(CaptionImageDataset):
         places="all",
     ):
         super().__init__(transform, min_size, counter, seed, allow_empty_caption)
-        in_split(0.0, 0.0, places)  # a ValueError naming the splits for an unknown one
+        check_split(places)
         json_path = Path(json_path)
         if not json_path.is_file():
             raise ValueError(f"KarpathyCaptions: caption file {json_path} does not exist")
@@ -465,7 +465,7 @@ class CaptionFolder(CaptionImageDataset):
         places="all",
     ):
         super().__init__(transform, min_size, counter, seed, allow_empty_caption)
-        in_split(0.0, 0.0, places)  # a ValueError naming the splits for an unknown one
+        check_split(places)
         manifest = Path(manifest)
         if not manifest.is_file():
             raise ValueError(f"CaptionFolder: manifest {manifest} does not exist")

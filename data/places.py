@@ -71,11 +71,16 @@ def held_out_regions(fraction=HELD_OUT_FRACTION, cell_deg=CELL_DEG, seed=0):
     return frozenset((int(i) // cols, int(i) % cols) for i in chosen)
 
 
+def check_split(split, what="spatial split"):
+    """ValueError naming `what` and the splits for a `split` that is not one of them."""
+    if split not in SPLITS:
+        raise ValueError(f"{what} {split!r}: expected one of {SPLITS}")
+
+
 def in_split(lat, lon, split, fraction=HELD_OUT_FRACTION, cell_deg=CELL_DEG, seed=0):
     """Whether a sample at (lat, lon) belongs to `split` ("all", "train" or "held_out") of the
     spatial split. A sample without a place is in "train" and "all", never in "held_out"."""
-    if split not in SPLITS:
-        raise ValueError(f"spatial split {split!r}: expected one of {SPLITS}")
+    check_split(split)
     if split == "all":
         return True
     if not has_place(lat, lon):

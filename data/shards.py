@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.places import in_split
+from data.places import check_split, in_split
 from data.sampler import _dist_rank_world
 from data.samples import FILTERED, BadDataCounter, build_sample, extra_fields, sample_generator
 from data.transforms import random_dihedral, tensor_to_pil
@@ -198,7 +198,7 @@ class ShardDataset(torch.utils.data.IterableDataset):
         allow_empty_caption=False,
         places="all",
     ):
-        in_split(0.0, 0.0, places)  # a ValueError naming the splits for an unknown one
+        check_split(places)
         if augment_latents and load_images:
             raise ValueError(
                 "augment_latents=True needs load_images=False (image and latent would get "

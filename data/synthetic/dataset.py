@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from data.modalities import MODALITIES, SR_FACTOR, TASKS, make_control
-from data.places import SPLITS, random_place
+from data.places import check_split, random_place
 from data.samples import sample_generator
 
 from .captions import caption, silent_caption
@@ -106,8 +106,7 @@ class ProceduralEarth(torch.utils.data.Dataset):
                 f"pair={pair!r}: lowres needs size divisible by {SR_FACTOR}, got size={size}"
             )
         self.pair = pair if pair is None or isinstance(pair, str) else tuple(pair)
-        if places not in SPLITS:
-            raise ValueError(f"places={places!r}: expected one of {SPLITS}")
+        check_split(places, what="places")
         if not 0.0 <= omit_class <= 1.0:
             raise ValueError(f"omit_class must be a probability in [0, 1], got {omit_class}")
         self.located, self.places, self.omit_class = located, places, float(omit_class)
