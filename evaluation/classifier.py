@@ -101,17 +101,23 @@ def init_name(init):
     return f"ImageNet from {Path(init).name}" if init else "scratch"
 
 
-class _Labelled(Dataset):
-    """(preprocessed image (3, size, size), label) pairs over an indexable image set."""
+def prepare_tensor(image, size):
+    """The default `prepare` of train_classifier / predict: an image tensor (3, H, W) in [-1, 1]
+    -> the network's input (3, size, size) (preprocess)."""
+    return preprocess(torch.as_tensor(image), size)
 
-    def __init__(self, images, labels, size):
-        self.images, self.labels, self.size = images, labels, size
+
+class _Labelled(Dataset):
+    """(prepared image (3, size, size), label) pairs over an indexable image set."""
+
+    def __init__(self, images, labels, size, prepare=prepare_tensor):
+        self.images, self.labels, self.size, self.prepare = images, labels, size, prepare
 
     def __len__(self):
         return len(self.images)
 
     def __getitem__(self, i):
-        return preprocess(torch.as_tensor(self.images[i]), self.size), self.labels[i]
+        return self.prepare(self.images[i], self.size), self.labels[i]
 
 
 def _labels(labels, n, what):
@@ -137,14 +143,19 @@ def train_classifier(
     seed=0,
     progress=False,
     device="cpu",
-    num_workers=0,
+    prepare=prepare_tensor,
 ):
     """A ResNet-18 (resnet18(num_classes, init)) trained on images (N of (3, H, W) in [-1, 1]) with
     int labels (N,) in [0, num_classes): Adam, cross entropy, `epochs` passes in a seeded shuffled
     order, images resized to `size`. No augmentation, as in the protocol. The fc (or the whole net,
     from scratch) is initialised from `seed` without touching the caller's RNG; deterministic on CPU
-    for a given thread count. A final batch of one image is skipped (BatchNorm needs two). Returns
-    the net in eval mode, with `net.size` set."""
+    for a given thread count. A final batch of one image is skipped (BatchNorm needs two values per
+    channel, and a ResNet-18 at 32 px ends in 1x1). Returns the net in eval mode, with `net.size`
+    set.
+
+    Another protocol's classifier: `init` the network itself (an nn.Module built and initialised by
+    the caller, trained on every batch; `seed` then sets only the shuffle), and `prepare(image,
+    size)` -> its input (3, size, size), for images of another kind (e.g. file paths)."""
     labels = _labels(labels, len(images), "labels").long()
     if len(labels) < 2:
         raise ValueError(f"train_classifier needs at least two images, got {len(labels)}")
@@ -152,15 +163,19 @@ def train_classifier(
         raise ValueError(
             f"labels must lie in [0, {num_classes}), got [{labels.min()}, {labels.max()}]"
         )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        net = resnet18(num_classes, init).to(device)
+    built_here = not isinstance(init, nn.Module)
+    if built_here:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            net = resnet18(num_classes, init)
+    else:
+        net = init
+    net = net.to(device)
     loader = DataLoader(
-        _Labelled(images, labels, size),
+        _Labelled(images, labels, size, prepare),
         batch_size=batch_size,
         shuffle=True,
         generator=torch.Generator().manual_seed(seed),
-        num_workers=num_workers,
     )
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()
@@ -168,7 +183,7 @@ def train_classifier(
     for epoch in range(epochs):
         total, seen = 0.0, 0
         for x, y in loader:  # x (B, 3, size, size), y (B,)
-            if len(y) < 2:
+            if len(y) < 2 and built_here:
                 continue
             loss = F.cross_entropy(net(x.to(device)), y.to(device))
             opt.zero_grad(set_to_none=True)
@@ -185,15 +200,14 @@ def train_classifier(
 
 
 @torch.no_grad()
-def predict(net, images, size=None, batch_size=64):
-    """Predicted classes (N,) int64 of images (N of (3, H, W) in [-1, 1]) at
-    `size` (default: net.size)."""
+def predict(net, images, size=None, batch_size=64, prepare=prepare_tensor):
+    """Predicted classes (N,) int64 of images (N of (3, H, W) in [-1, 1], or what `prepare`
+    reads) at `size` (default: net.size)."""
     size = size or net.size
     was_training, device = net.training, next(net.parameters()).device
     net.eval()
-    loader = DataLoader(
-        _Labelled(images, torch.zeros(len(images), dtype=torch.long), size), batch_size=batch_size
-    )
+    labels = torch.zeros(len(images), dtype=torch.long)
+    loader = DataLoader(_Labelled(images, labels, size, prepare), batch_size=batch_size)
     pred = [net(x.to(device)).argmax(-1).cpu() for x, _ in loader]  # (B,) each
     net.train(was_training)
     return torch.cat(pred) if pred else torch.zeros(0, dtype=torch.long)
@@ -226,7 +240,7 @@ def accuracy(pred, labels, num_classes):
 def zero_shot_cls(train_images, train_labels, test_images, test_labels, classes, **train_kw):
     """Cls-OA: a ResNet-18 trained on train_images (the generated ones) with train_labels (ints
     indexing `classes`), scored on the real test_images / test_labels. train_kw go to
-    train_classifier (epochs, batch_size, lr, size, init, seed, progress, device, num_workers). A
+    train_classifier (epochs, batch_size, lr, size, init, seed, progress, device). A
     label outside `classes`, or a test class that no training image shows, is a ValueError naming
     them: the generated set does not match the test set. Returns dict(oa, aa, per_class {name: acc}
     over the test classes, n_train, n_test, init, epochs, lr, batch_size, size)."""

@@ -64,17 +64,27 @@ def _read_json(path):
         raise ValueError(f"test set {path}: not valid json ({e})") from None
 
 
+def split_holds(image_split, split):
+    """Whether an image of Karpathy split `image_split` belongs to the asked `split`: that name, "!"
+    + a name for every other image (Txt2Img-MHN's RSICD test set is "!train"), None for all."""
+    if split is None:
+        return True
+    if split.startswith("!"):
+        return image_split != split[1:]
+    return image_split == split
+
+
 def karpathy(path, split="test", image_root=None):
     """The `split` images of a Karpathy-format json ({"images": [{"filename", "split", "sentences",
-    "class_id"?}], "classes"?, "gsd_m"?}); images in image_root (default:
-    `images` beside the json)."""
+    "class_id"?}], "classes"?, "gsd_m"?}) (split: a name, "!name" for every image not in it, None
+    for all); images in image_root (default: `images` beside the json)."""
     meta = _read_json(path)
     root = Path(image_root) if image_root else Path(path).parent / "images"
     names = meta.get("classes")
     level = level_from_resolution(meta["gsd_m"]) if meta.get("gsd_m") else None
     out = []
     for n, im in enumerate(meta.get("images", [])):
-        if split is not None and im.get("split") != split:
+        if not split_holds(im.get("split"), split):
             continue
         if "filename" not in im or not isinstance(im.get("sentences"), list) or not im["sentences"]:
             raise ValueError(f"{path}: images[{n}] lacks 'filename' or a 'sentences' list")
