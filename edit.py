@@ -3,6 +3,8 @@ unbounded canvases.
 
     python edit.py inpaint  --weights W --image IMG --mask MASK --prompt "a dense forest" --level 16
     python edit.py declouds --weights W --image IMG [--mask MASK] [--cloud-threshold 0.75]
+    python edit.py declouds --weights W --pairs ROOT [--split test.txt] [--lpips FILE [FILE]]
+    python edit.py declouds --pairs ROOT --outputs DIR [--lpips FILE [FILE]]
     python edit.py img2img  --weights W --image IMG --strength 0.5 --prompt P --level 15 \\
         [--preset sr|dehaze]
     python edit.py extend   --weights W --prompts FILE --size 1024 4096 --level 16 \\
@@ -22,13 +24,21 @@ holds one prompt per line in row-major tile order (or one for every tile); it pr
 (model/controlnet.py) on the frozen model: pan2rgb, nir2rgb, sar2rgb, pan2nir take a grey image (a
 colour one is made grey with the training's luma weights), dehaze a hazy RGB image, sr a
 low-resolution one, up-sampled --scale times and generated at level + log2(scale); the output has
-the control's size. Every PNG carries the command, inputs and settings in its text chunks; files are
+the control's size. `declouds --pairs ROOT` declouds the first cloudy acquisition of every pair of a
+folder (data/pairs.py: Sen2-MTC's tiles, or cloudy/ + clear/) with its estimated cloud mask, writes
+OUT/<name>_declouds_seed<S>.png and OUT/<name>_cloudmask.png, and scores each output and the cloudy
+input (the do-nothing baseline) against the clear image: PSNR, SSIM and, with --lpips, LPIPS, in
+OUT/scores.json and a printed table; an interrupted run resumes, keeping the outputs written with
+the same settings. `--outputs DIR` scores DIR/<name>.<ext> (another method's images) instead of
+running a model. Every PNG carries the command, inputs and settings in its text chunks; files are
 never overwritten unless --overwrite. docs/editing.md has what each edit reaches on the procedural
 Earth, docs/multimodal.md what translation does.
 """
 
 import argparse
+import json
 import math
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -36,11 +46,15 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
 from cli import sampling as cli
-from data.modalities import SR_FACTOR, TASKS, to_pan
+from data.modalities import IMAGE_EXTENSIONS, SR_FACTOR, TASKS, to_pan
+from data.pairs import CloudPairs
 from data.samples import to_rgb8
 from data.transforms import pil_to_tensor
+from evaluation.editing import mean_scores, score_pairs, scores_table
+from evaluation.lpips import load_lpips
 from model import conditions, editing
 from model.controlnet import Controlled, load_controlnet
 from model.pipeline import generate
@@ -91,7 +105,7 @@ def parse_args(argv=None):
     )
     for name, parents, help_ in (
         ("inpaint", [common, images, masked], "regenerate the white part of --mask"),
-        ("declouds", [common, images, masked], "inpaint the clouds (mask given or found)"),
+        ("declouds", [common, masked], "inpaint the clouds (mask given or found)"),
         ("img2img", [common, images], "SDEdit: re-noise the image and denoise it"),
         ("extend", [common], "a canvas of any size, tile by tile"),
         ("translate", [common], "another modality of the control image's frame"),
@@ -100,9 +114,17 @@ def parse_args(argv=None):
         if name == "inpaint":
             s.add_argument("--mask", required=True, help="white = regenerate, black = keep")
         if name == "declouds":
+            source = s.add_mutually_exclusive_group(required=True)
+            source.add_argument("--image", help="the cloudy image (PNG, JPEG, TIFF, ...)")
+            source.add_argument(
+                "--pairs",
+                help="a folder of cloudy / clear pairs (Sen2-MTC's tiles, or cloudy/ + clear/): "
+                "each declouded and scored against its clear image",
+            )
             s.add_argument(
                 "--mask", default=None, help="the cloud mask (default: estimated from the image)"
             )
+            add_pairs_flags(s)
             s.add_argument(
                 "--cloud-threshold",
                 type=float,
@@ -204,6 +226,8 @@ def check_args(args, p, model_cfg):
     values = cli.condition_values(args, model_cfg, p)
     if getattr(args, "resample", 1) < 1 or getattr(args, "feather", 0) < 0:
         p.error("--resample must be >= 1 and --feather >= 0")
+    if args.command == "declouds":
+        check_pairs_flags(args, p)
     if args.command == "extend":
         args.prompt = canvas_prompts(args, p)
     elif args.command == "img2img":
@@ -230,6 +254,50 @@ def check_args(args, p, model_cfg):
             "--level (> 0): the output is generated at level + log2(scale)"
         )
     return values
+
+
+def add_pairs_flags(s):
+    """declouds' flags for --pairs."""
+    s.add_argument("--split", default=None, help="--pairs: Sen2-MTC's tile list (its test.txt)")
+    s.add_argument(
+        "--outputs",
+        default=None,
+        help="--pairs: score this folder's images (DIR/<name>.<ext>, another method's) instead of "
+        "running a model",
+    )
+    s.add_argument(
+        "--lpips",
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="--pairs: LPIPS weights: torchvision's alexnet-owt-7be5be79.pth (or "
+        "vgg16-397923af.pth) and the lpips package's weights/v0.1/alex.pth (vgg.pth), or one "
+        "file holding both",
+    )
+    s.add_argument(
+        "--full-scale",
+        type=float,
+        default=None,
+        help="--pairs: the value of white in images of more than 8 bits (default 10000: "
+        "Sentinel-2 reflectance x 10000)",
+    )
+
+
+def check_pairs_flags(args, p):
+    """declouds: the --pairs flags go with --pairs, and --pairs with what it can use."""
+    if not args.pairs:
+        for flag in ("split", "outputs", "lpips", "full_scale"):
+            if getattr(args, flag) is not None:
+                p.error(f"--{flag.replace('_', '-')} goes with --pairs (cloudy / clear pairs)")
+        return
+    if args.mask is not None:
+        p.error("--mask is one image's; with --pairs each cloud mask is estimated")
+    if args.full_scale is not None and not args.full_scale > 0:
+        p.error(f"--full-scale must be > 0, got {args.full_scale}")
+    if args.outputs and args.weights != cli.DEFAULT_WEIGHTS:
+        p.error("--outputs scores images already made: give --weights or --outputs, not both")
+    if args.outputs and args.n > 1:
+        p.error("--outputs holds one image a pair: --n does not apply")
 
 
 def canvas_prompts(args, p):
@@ -317,6 +385,8 @@ def load_inputs(args, p):
 
 def main(argv=None):
     args, p, values = parse_args(argv)
+    if args.command == "declouds" and args.pairs:
+        return decloud_pairs(args, p, values)
     out = Path(args.out)
     seeds = [args.seed + i for i in range(args.n)]
     stems = {"extend": "canvas", "translate": Path(getattr(args, "control", "")).stem}
@@ -553,6 +623,176 @@ def run(args, model, image, mask, values, seeds, sampling, info, out):
     if args.command == "declouds":
         results.append((mask.expand(-1, 3, -1, -1) * 2 - 1, {"seed": ""}))
     return results
+
+
+# ----------------------------------------------------------------------------------------------
+# declouds --pairs: a folder of cloudy / clear pairs declouded and scored
+# ----------------------------------------------------------------------------------------------
+PER_IMAGE = ("image", "seed", "cloud_cover")  # the PNG chunks that differ between the outputs
+
+
+def decloud_pairs(args, p, values):
+    """declouds --pairs: the outputs made (decloud_missing) or found (--outputs), scored with the
+    cloudy inputs against the clear images; OUT/scores.json (atomically) and the table printed."""
+    out = Path(args.out)
+    report = out / "scores.json"
+    cli.refuse_overwrite([report], args.overwrite, p)
+    try:
+        pairs = CloudPairs(args.pairs, args.split, args.full_scale)
+    except ValueError as e:
+        p.error(f"--pairs {args.pairs}: {e}")
+    lpips = None
+    if args.lpips:
+        try:
+            lpips = load_lpips(*args.lpips, device=args.device)
+        except WeightsError as e:
+            p.error(f"--lpips: {e}")
+    print(f"{len(pairs)} pairs ({pairs.layout} layout) in {args.pairs}")
+    if args.outputs:
+        outputs, settings, no_cloud = method_outputs(args, pairs, p), None, []
+        label = f"outputs in {args.outputs}"
+    else:
+        outputs, settings, no_cloud = decloud_missing(args, p, values, pairs, out)
+        label = "declouded"
+    try:
+        rows = score_pairs(pairs, outputs, lpips)
+    except ValueError as e:
+        p.error(str(e))
+    means = {k: mean_scores(v) for k, v in rows.items()}  # "outputs", "cloudy input"
+    scores = {
+        "pairs": str(args.pairs),
+        "layout": pairs.layout,
+        "split": args.split,
+        "full_scale": args.full_scale,
+        "declouded": "the first cloudy acquisition of each pair",
+        "outputs": f"the images in {args.outputs}" if args.outputs else "edit.py declouds",
+        "settings": settings,
+        "lpips": {"net": lpips.net, "files": args.lpips} if lpips else "not measured",
+        "mean": means,
+        "no_cloud_found": no_cloud,
+        "images": rows,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = report.with_suffix(".tmp")
+    tmp.write_text(json.dumps(scores, indent=1))
+    os.replace(tmp, report)
+    named = {label: means["outputs"], "cloudy input (do nothing)": means["cloudy input"]}
+    print(scores_table(named, lpips.net if lpips else None))
+    if no_cloud:
+        print(f"no cloud found in {len(no_cloud)} inputs: their outputs are the inputs")
+    print(f"wrote {report}")
+    return 0
+
+
+def method_outputs(args, pairs, p):
+    """--outputs: {pair name: [its image]}, DIR/<name>_declouds_seed<S>.png (this command's) or
+    DIR/<name>.<ext> (another method's); every pair needs one."""
+    folder, found, missing = Path(args.outputs), {}, []
+    for pair in pairs.pairs:
+        names = [f"{pair.name}_declouds_seed{args.seed}.png"]
+        names += [pair.name + ext for e in IMAGE_EXTENSIONS for ext in (e, e.upper())]
+        path = next((folder / n for n in names if (folder / n).is_file()), None)
+        found[pair.name] = [path]
+        if path is None:
+            missing.append(folder / f"{pair.name}.png")
+    if missing:
+        p.error(
+            f"--outputs {folder}: {len(missing)} of {len(pairs)} pairs have no image there "
+            f"(e.g. {missing[0]}, or another image extension)"
+        )
+    return found
+
+
+def decloud_missing(args, p, values, pairs, out):
+    """The model's outputs of every pair: ({name: [files]}, the settings they record, the names of
+    the pairs where no cloud was found). The first cloudy acquisition is inpainted where
+    editing.cloud_mask finds clouds (kept as it is where it finds none); outputs already in OUT with
+    the same settings are kept, other settings exit 2 unless --overwrite remakes them."""
+    model = cli.load_checked(args, p)
+    cli.check_values(values, model.cfg, args.weights, p)
+    if args.cfg is None:
+        args.cfg = 3.5 if editing.is_inpainting_model(model) else 4.0
+    info = {
+        "command": "declouds --pairs",
+        "prompt": args.prompt[0],
+        **cli.condition_text(model.cfg, values),
+        **cli.settings(args, model.cfg),
+        "method": editing.inpaint_method(model, args.method),
+        "resample": args.resample,
+        "feather": args.feather,
+        "mask": f"estimated (threshold {args.cloud_threshold}, saturation "
+        f"{args.cloud_saturation}, dilate {args.dilate})",
+    }
+    seeds = [args.seed + i for i in range(args.n)]
+    outputs = {q.name: [out / f"{q.name}_declouds_seed{s}.png" for s in seeds] for q in pairs.pairs}
+    todo = [
+        (i, seed, path)
+        for i, q in enumerate(pairs.pairs)
+        for seed, path in zip(seeds, outputs[q.name])
+        if args.overwrite or not path.exists()
+    ]
+    if not args.overwrite:
+        check_kept([f for files in outputs.values() for f in files if f.exists()], info, p)
+    total = len(pairs) * len(seeds)
+    print(f"declouds: {total - len(todo)} of {total} outputs already written, {len(todo)} to go")
+    cond = conditions.request(model.cfg, 1, text=args.prompt[:1], **values)
+    sampling = dict(
+        sampler=args.sampler,
+        steps=args.steps,
+        guidance=cli.guidance_scales(args, model.cfg),
+        negative_prompt=args.negative_prompt,
+        dtype=args.dtype,
+        method=args.method,
+        resample=args.resample,
+        feather=args.feather,
+    )
+    f = model.vae.downsample
+    for i, seed, path in tqdm(todo, desc="declouding", disable=not todo):
+        cloudy, _, name = pairs[i]
+        image = cloudy[:1]  # 1, 3, H, W: the first acquisition
+        if image.shape[2] % f or image.shape[3] % f:
+            p.error(
+                f"{pairs.pairs[i].cloudy[0]} is {image.shape[3]}x{image.shape[2]}: width and "
+                f"height must be multiples of {f} (crop or pad the pairs)"
+            )
+        mask = editing.cloud_mask(image, args.cloud_threshold, args.cloud_saturation, args.dilate)
+        result = image
+        if mask.any():
+            try:
+                result = editing.inpaint(model, cond, image, mask, seeds=[seed], **sampling)
+            except ValueError as e:  # a combination the library refuses
+                p.error(str(e))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        extra = {"image": pairs.pairs[i].cloudy[0], "seed": seed, "cloud_cover": mask.mean().item()}
+        if seed == seeds[0]:  # the mask first: an output on disk has its mask beside it
+            cli.save_png(mask[0].expand(3, -1, -1) * 2 - 1, out / f"{name}_cloudmask.png", extra)
+        cli.save_png(result[0], path, {**info, **extra})
+    no_cloud = [
+        name
+        for name, files in outputs.items()
+        if float(png_text(files[0]).get("cloud_cover", "nan")) == 0
+    ]
+    return outputs, info, no_cloud
+
+
+def png_text(path):
+    """A PNG's text chunks."""
+    with Image.open(path) as im:
+        return im.text
+
+
+def check_kept(files, info, p):
+    """Outputs kept from an earlier run must record this run's settings; the first that does not
+    -> exit 2 naming it and the settings that differ."""
+    for path in files:
+        recorded = png_text(path)
+        differ = [k for k in info if k not in PER_IMAGE and recorded.get(k) != str(info[k])]
+        if differ:
+            was = ", ".join(f"{k} {recorded.get(k)!r} not {str(info[k])!r}" for k in differ)
+            p.error(
+                f"{path} was made with other settings ({was}); pass --overwrite to remake the "
+                "outputs, or another --out"
+            )
 
 
 if __name__ == "__main__":

@@ -22,6 +22,12 @@ the truth; hf, the energy above half the Nyquist frequency over the truth's (1 =
 detail, < 1 blurrier); what the conditioning probe (evaluation/probe.py) reads off the whole image:
 class kept (its class is the truth's label) and the mean level. Metrics take images in [0, 1]
 (to_unit); the editing library's images are in [-1, 1].
+
+Real pairs (data/pairs.py: Sen2-MTC, or cloudy/ + clear/ folders) are scored by `score_pairs`: each
+output against its pair's clear image, beside the cloudy input itself (the do-nothing baseline), in
+PSNR, SSIM and, given a network (evaluation/lpips.py), LPIPS:
+    rows = score_pairs(CloudPairs(root), {name: [output files]}, lpips=load_lpips(...))
+    print(scores_table({"outputs": mean_scores(rows["outputs"]), ...}, lpips_net="alex"))
 """
 
 import math
@@ -31,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.pairs import read_image
 from data.synthetic import CLASSES, make_scene, modalities, sample
 from model import conditions
 from model.editing import PRESETS, cloud_mask, encode, img2img, inpaint, super_resolve, upsample
@@ -542,3 +549,71 @@ def sweep_markdown(swept):
     for task, rows in swept.items():
         out += [f"### {task}", "", table({f"{s:g}": f for s, f in rows.items()}, "strength")]
     return "\n".join(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Real pairs: outputs scored against the clear image
+# ----------------------------------------------------------------------------------------------
+
+
+def pair_scores(image, truth, lpips=None):
+    """One image (3, H, W) in [-1, 1] against its truth: {"psnr" (dB, 120 for equal images),
+    "ssim", "lpips" (None without a network)}."""
+    a, b = to_unit(image)[None], to_unit(truth)[None]
+    scores = {"psnr": psnr(a, b).item(), "ssim": ssim(a, b).item(), "lpips": None}
+    if lpips is not None:
+        device = next(lpips.parameters()).device
+        with torch.no_grad():
+            scores["lpips"] = lpips(a.to(device), b.to(device)).item()
+    return scores
+
+
+def score_pairs(pairs, outputs, lpips=None):
+    """Every output file against its pair's clear image, and each pair's first cloudy acquisition
+    (what was declouded) as the do-nothing baseline. pairs: a data.pairs.CloudPairs; outputs:
+    {pair name: [files]} (read as the pairs' images are). Returns {"outputs": rows, "cloudy input":
+    rows}, a row {"name", "file", "psnr", "ssim", "lpips"}. An output of another size than its
+    clear image is a ValueError naming both."""
+    rows = {"outputs": [], "cloudy input": []}
+    for i, pair in enumerate(pairs.pairs):
+        cloudy, clear, name = pairs[i]
+        rows["cloudy input"].append(
+            {"name": name, "file": str(pair.cloudy[0]), **pair_scores(cloudy[0], clear, lpips)}
+        )
+        for path in outputs[name]:
+            image = read_image(path, pairs.full_scale)
+            if image.shape != clear.shape:
+                raise ValueError(
+                    f"{path} is {image.shape[2]}x{image.shape[1]} and its clear image "
+                    f"{pair.clear} {clear.shape[2]}x{clear.shape[1]}"
+                )
+            rows["outputs"].append(
+                {"name": name, "file": str(path), **pair_scores(image, clear, lpips)}
+            )
+    return rows
+
+
+def mean_scores(rows):
+    """The means of score rows: {"n", "psnr", "psnr_se" (its standard error), "ssim", "lpips"
+    (None when not measured)}."""
+    p = torch.tensor([r["psnr"] for r in rows], dtype=torch.float64)
+    lp = [r["lpips"] for r in rows]
+    return {
+        "n": len(rows),
+        "psnr": p.mean().item(),
+        "psnr_se": (p.std() / math.sqrt(len(p))).item() if len(p) > 1 else 0.0,
+        "ssim": sum(r["ssim"] for r in rows) / len(rows),
+        "lpips": None if None in lp else sum(lp) / len(lp),
+    }
+
+
+def scores_table(means, lpips_net=None):
+    """A markdown table of {row name: mean_scores}; LPIPS "not measured" without a network."""
+    head = f"LPIPS ({lpips_net})" if lpips_net else "LPIPS"
+    lines = [f"| images | n | PSNR dB | SSIM | {head} |", "|---|---|---|---|---|"]
+    for name, m in means.items():
+        lp = "not measured" if m["lpips"] is None else f"{m['lpips']:.4f}"
+        lines.append(
+            f"| {name} | {m['n']} | {m['psnr']:.2f} ± {m['psnr_se']:.2f} | {m['ssim']:.4f} | {lp} |"
+        )
+    return "\n".join(lines) + "\n"
