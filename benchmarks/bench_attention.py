@@ -1,6 +1,6 @@
 """
-Benchmark: our fused Triton attention (kernels/flash_attention.py) vs PyTorch SDPA backends on every
-attention shape of the text2earth U-Net, forward and forward+backward.
+Benchmark: our fused Triton attention (gpu_kernels/flash_attention.py) vs PyTorch SDPA backends on
+every attention shape of the text2earth U-Net, forward and forward+backward.
 
     python benchmarks/bench_attention.py  # needs CUDA; writes benchmarks/results/attention_<gpu>.md
     python benchmarks/bench_attention.py --dry-run  # CPU: shape table and FLOP bookkeeping only
@@ -91,7 +91,7 @@ def implementations():
     import torch.nn.functional as F
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.flash_attention import flash_attention
+    from gpu_kernels.flash_attention import flash_attention
 
     impls = {"triton (ours)": flash_attention}
 

@@ -1,10 +1,11 @@
-"""Compile each attention kernel in each autotune config for the GPUs, on this CPU (kernels/aot.py).
+"""Compile each attention kernel in each autotune config for the GPUs, on this CPU
+(gpu_kernels/aot.py).
 
     nice -n 10 python benchmarks/compile_kernels.py [--head-dims 64 128] \\
         [--out benchmarks/results/kernel_compile.md]
 
 bf16 for sm_90 (H100/H200) and fp16 for sm_80 (A100), at each head dim: the 4 kernels of
-kernels/flash_attention.py in each config their autotuner may pick there. Prints one line per
+gpu_kernels/flash_attention.py in each config their autotuner may pick there. Prints one line per
 compile and writes a markdown report: the machine, counts, failures, the most shared memory per
 kernel and target against the device's limit per block, total time. Runs without a GPU; ptxas
 ships in the triton wheel.
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 import triton  # noqa: E402
 
-from kernels import aot  # noqa: E402
+from gpu_kernels import aot  # noqa: E402
 from model.flops import cpu_name, usable_cores  # noqa: E402
 
 HEADER = "| kernel | target | dtype | D | config | shared (bytes) | warps | s | status |"
@@ -103,9 +104,9 @@ def main():
         "",
         f"{cpu_name()}, {usable_cores()} cores usable, one compile at a time; triton "
         f"{triton.__version__}, ptxas {ptxas} (the wheel's). Head dims "
-        f"{', '.join(map(str, args.head_dims))}; each kernel of kernels/flash_attention.py in "
+        f"{', '.join(map(str, args.head_dims))}; each kernel of gpu_kernels/flash_attention.py in "
         "every config its autotuner may pick at that head dim; launch specialised for contiguous "
-        "inputs and sequence lengths that are not block multiples (kernels/aot.py).",
+        "inputs and sequence lengths that are not block multiples (gpu_kernels/aot.py).",
         "",
         f"**{len(records)} compiles, {len(failed)} failures, {len(over)} over the shared-memory "
         f"limit; total {wall / 60:.1f} min** (median "

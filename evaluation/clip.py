@@ -1,7 +1,9 @@
 """CLIP embeddings from a local open_clip checkpoint, for the CLIP score and CMMD.
 
 RemoteCLIP and GeoRSCLIP are open_clip state dicts: the model is named by open_clip's architecture
-name and the file, e.g. ViT-B-32 and RemoteCLIP-ViT-B-32.pt. Nothing is downloaded.
+name and the file, e.g. ViT-B-32 and RemoteCLIP-ViT-B-32.pt. Hugging Face folders (clip-rsicd-v2,
+Git-RSCLIP) are read by evaluation/hf_clip.py, with functions of the same names and results.
+Nothing is downloaded.
 
     clip = load_clip("ViT-B-32", "RemoteCLIP-ViT-B-32.pt")
     img, txt = image_embeddings(clip, images), text_embeddings(clip, captions)  # (N, D), unit norm
@@ -17,6 +19,8 @@ from PIL import Image
 
 from model.release import WeightsError
 
+HF = "hf"  # parse_spec's first field for a Hugging Face folder
+
 
 @dataclass
 class Clip:
@@ -28,12 +32,20 @@ class Clip:
 
 
 def parse_spec(spec):
-    """'ARCH:FILE' -> (ARCH, FILE); the --clip flag's format."""
-    arch, sep, path = str(spec).partition(":")
-    if not sep or not arch or not path:
+    """The --clip flag's format: 'ARCH:FILE' (an open_clip architecture and checkpoint) ->
+    (ARCH, FILE); a Hugging Face folder, 'hf:FOLDER' or a folder holding config.json, ->
+    (HF, FOLDER), read by evaluation/hf_clip.py."""
+    spec = str(spec)
+    if spec.startswith(HF + ":") or (Path(spec) / "config.json").is_file():
+        folder = spec[len(HF) + 1 :] if spec.startswith(HF + ":") else spec
+        if folder:
+            return HF, Path(folder)
+    arch, sep, path = spec.partition(":")
+    if not sep or not arch or not path or arch == HF:
         raise ValueError(
             f"--clip {spec!r}: expected ARCH:FILE, an open_clip architecture name and a local "
-            "checkpoint, e.g. ViT-B-32:RemoteCLIP-ViT-B-32.pt"
+            "checkpoint (e.g. ViT-B-32:RemoteCLIP-ViT-B-32.pt), or hf:FOLDER, a Hugging Face CLIP "
+            "or SigLIP folder (e.g. hf:clip-rsicd-v2)"
         )
     return arch, Path(path)
 

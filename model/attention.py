@@ -4,10 +4,10 @@ Every attention call in the U-Net goes through `attention()`. Which implementati
 exactly one place, `set_backend()`:
   "sdpa"   torch.nn.functional.scaled_dot_product_attention (default; flash / efficient /
            cuDNN / math on its own)
-  "triton" our fused FlashAttention-2 kernel (kernels/flash_attention.py) for CUDA tensors
+  "triton" our fused FlashAttention-2 kernel (gpu_kernels/flash_attention.py) for CUDA tensors
            (and any tensor under TRITON_INTERPRET=1, Triton's CPU interpreter, which is how CI
            tests it); otherwise SDPA
-  "math"   the plain softmax(q k^T / sqrt(D)) v in fp32 math (kernels/reference.py),
+  "math"   the plain softmax(q k^T / sqrt(D)) v in fp32 math (gpu_kernels/reference.py),
            for reading and testing
 """
 
@@ -17,7 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
-from kernels.reference import attention_reference  # plain PyTorch, no Triton import
+from gpu_kernels.reference import attention_reference  # plain PyTorch, no Triton import
 
 BACKENDS = ("sdpa", "triton", "math")
 _backend = "sdpa"
@@ -40,7 +40,7 @@ def attention(q, k, v):
     q (B, heads, Lq, D), k/v (B, heads, Lk, D) -> (B, heads, Lq, D)."""
     if _backend == "triton" and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         # imported lazily: triton is only needed on the GPU
-        from kernels.flash_attention import flash_attention
+        from gpu_kernels.flash_attention import flash_attention
 
         return flash_attention(q, k, v)
     if _backend == "math":

@@ -1,7 +1,7 @@
-"""Fused Triton attention (kernels/flash_attention.py) vs the plain PyTorch reference, forward and backward.
+"""Fused Triton attention (gpu_kernels/flash_attention.py) vs the plain PyTorch reference, forward and backward.
 
 Without CUDA the kernels run in Triton's numpy interpreter. Triton reads TRITON_INTERPRET when a function is
-decorated with `@triton.jit`: for our kernels when kernels.flash_attention is imported, and for triton.language's
+decorated with `@triton.jit`: for our kernels when gpu_kernels.flash_attention is imported, and for triton.language's
 own helpers (tl.zeros, tl.sum, tl.max, ...) when triton.language is first imported -- which open_clip and
 diffusers do at import. Importing torch first is harmless. So the variable is set here before any import of
 triton; if another test module already imported triton in compiled mode, this file re-runs itself in a fresh
@@ -24,8 +24,8 @@ import pytest  # noqa: E402
 triton = pytest.importorskip("triton")
 import triton.language as tl  # noqa: E402
 
-from kernels import flash_attention as fa  # noqa: E402
-from kernels.reference import attention_reference  # noqa: E402
+from gpu_kernels import flash_attention as fa  # noqa: E402
+from gpu_kernels.reference import attention_reference  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -185,7 +185,7 @@ def test_custom_scale_and_very_negative_scores():
 
 
 def test_math_backend_is_the_reference():
-    # model.attention's "math" backend is kernels/reference.py's function, and agrees with SDPA
+    # model.attention's "math" backend is gpu_kernels/reference.py's function, and agrees with SDPA
     from model import attention as attn
 
     q, k, v, _ = _inputs(2, 3, 9, 77, 40, torch.float32)

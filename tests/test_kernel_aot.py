@@ -1,4 +1,4 @@
-"""The attention kernels compile ahead of time for sm_90 (bf16) and sm_80 (fp16), no GPU needed (kernels/aot.py).
+"""The attention kernels compile ahead of time for sm_90 (bf16) and sm_80 (fp16), no GPU needed (gpu_kernels/aot.py).
 
 Each of the 4 kernels in its largest configs (tile area, then stages) at head dim 128, where the most shared
 memory is: the compile succeeds and the shared memory per block fits the device's limit (the forward's 64x128
@@ -26,7 +26,7 @@ HEAD_DIM = 128
 _CHILD = f"""
 import json
 from dataclasses import asdict
-from kernels import aot
+from gpu_kernels import aot
 for kernel, config in aot.kernel_configs({HEAD_DIM}, largest_only=True):
     for dtype, target in aot.CHECKS:
         print(json.dumps(asdict(aot.compile_for(kernel, config, dtype, {HEAD_DIM}, target))), flush=True)

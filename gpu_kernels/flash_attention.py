@@ -2,7 +2,7 @@
 Fused attention (FlashAttention-2) in Triton, forward and backward, for the text2earth U-Net.
 
     o = flash_attention(q, k, v)      # q (B, heads, Lq, D), k/v (B, heads, Lk, D) -> o like q
-    o = attention_reference(q, k, v)  # the same in plain PyTorch (fp32 math; kernels/reference.py)
+    o = attention_reference(q, k, v)  # the same in plain PyTorch (fp32 math; reference.py)
 
 Algorithm: Dao, "FlashAttention-2: Faster Attention with Better Parallelism and Work Partitioning"
 (arXiv 2307.08691), Algorithm 1 (forward, online softmax over key blocks, logsumexp kept for the
@@ -30,7 +30,7 @@ import os
 
 import torch
 
-from kernels.reference import attention_reference  # noqa: F401  the definition the kernel is tested against
+from gpu_kernels.reference import attention_reference  # noqa: F401  the definition the kernel is tested against
 
 try:
     import triton
@@ -563,7 +563,7 @@ def _check_inputs(q, k, v):
     if not q.is_cuda and not _INTERPRET:
         raise ValueError(
             f"flash_attention: inputs are on {q.device}; the Triton kernel needs CUDA tensors "
-            "(or TRITON_INTERPRET=1 set before importing kernels.flash_attention)"
+            "(or TRITON_INTERPRET=1 set before importing gpu_kernels.flash_attention)"
         )
 
 

@@ -1,6 +1,6 @@
 """
 Ahead-of-time compilation of the attention kernels
-(kernels/flash_attention.py) for GPUs this machine lacks.
+(gpu_kernels/flash_attention.py) for GPUs this machine lacks.
 
     # returns a Record: shared memory, warps, seconds, error
     rec = compile_for("_attn_fwd", config, "bf16", 128, SM90)
@@ -32,7 +32,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from kernels import flash_attention as fa
+from gpu_kernels import flash_attention as fa
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def describe(config):
 
 
 def _head_dim_pad(head_dim):
-    # as _kernel_constants in kernels/flash_attention.py
+    # as _kernel_constants in gpu_kernels/flash_attention.py
     return max(16, triton.next_power_of_2(head_dim))
 
 
