@@ -12,7 +12,9 @@ Generation: --n images (default 10) from the first caption of each test image, a
 json's gsd_m, the procedural level, or --level), written to OUT/generated/{key}_{k}.png with
 seed + n * i + k. A rerun keeps the images already written (an interrupted run resumes) and refuses
 other generation settings unless --regenerate. Without --weights, the images already in
-OUT/generated are evaluated as they are (another method's output).
+OUT/generated are evaluated as they are (another method's output). Under `torchrun
+--nproc_per_node=N -- evaluate.py ...` the N processes share the generation (one GPU each, the same
+images as one process) and rank 0 computes the metrics.
 
 Metrics, each run when the network it needs is given (nothing is downloaded):
   FID, KID, precision / recall   --inception: pytorch-fid's FID Inception-v3 weights
@@ -40,7 +42,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from cli import sampling as cli
+from cli import distributed, sampling as cli
 from data.places import SPLITS, in_split
 from data.synthetic import CLASSES as PROCEDURAL_CLASSES
 from evaluation import classifier, clip as clipnet, metrics
@@ -162,6 +164,7 @@ def parse_args(argv=None):
             "--n, --steps, --batch, --cls-epochs and --level-images must be >= 1, "
             "--cls-batch and --limit >= 2, --size >= 8"
         )
+    args.device = distributed.local_device(args.device)  # under torchrun: this rank's GPU
     args.device, args.dtype = cli.check_sampling(args, p)
     values = cli.condition_values(args, model_cfg, p)
     try:
@@ -250,43 +253,21 @@ def settings_of(args, size, values, model_cfg):
     }
 
 
-def check_resume(folder, settings, regenerate, p):
-    """The generated folder's settings file against this run's: other settings, or images without a
-    settings file, -> exit 2, or with --regenerate the images are deleted and made again."""
-    record = folder / "generation.json"
-    old = json.loads(record.read_text()) if record.is_file() else None
-    keys = [*settings, *(k for k in old or {} if k not in settings)]
-    differ = [k for k in keys if old.get(k) != settings.get(k)] if old is not None else []
-    unknown = old is None and any(folder.glob("*.png"))
-    if (differ or unknown) and not regenerate:
-        what = (
-            f"other settings ({', '.join(differ)}: {', '.join(str(old.get(k)) for k in differ)})"
-            if differ
-            else f"no {record.name}: images of unknown settings"
-        )
-        p.error(
-            f"{folder} holds images generated with {what}; "
-            "pass --regenerate to make them again, or another --out"
-        )
-    if differ or unknown:
-        for f in folder.glob("*.png"):
-            f.unlink()
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = record.with_suffix(".tmp")
-    tmp.write_text(json.dumps(settings, indent=1))
-    os.replace(tmp, record)
-
-
 def generate_missing(model, guidance, jobs, args, size):
-    """Make every (path, cli.Job) whose file does not exist yet; files are written atomically."""
-    todo = [(path, job) for path, job in jobs if not path.exists()]
-    print(
-        f"generation: {len(jobs) - len(todo)} of {len(jobs)} images already written, "
-        f"{len(todo)} to go"
-    )
+    """Make the images of `jobs` ((path, cli.Job)) whose file does not exist yet, this process's
+    share under torchrun (cli/distributed.py): the job list in fixed batches of --batch, a batch
+    with a file missing generated whole, so every image comes from the same batch on any number of
+    processes and after any interruption; its missing files are written atomically."""
+    rank, world = distributed.rank_and_world()
+    mine, missing = distributed.share_of_batches([path for path, _ in jobs], args.batch)
+    if rank == 0:
+        print(
+            f"generation: {len(jobs) - missing} of {len(jobs)} images already written, "
+            f"{missing} to go" + (f" ({world} processes)" if world > 1 and missing else "")
+        )
     settings = cli.settings(args, model.cfg)
-    for i in tqdm(range(0, len(todo), args.batch), desc="generating", disable=not todo):
-        batch = todo[i : i + args.batch]
+    for r in tqdm(mine, desc="generating", disable=rank > 0 or not mine):
+        batch = [jobs[i] for i in r]
         jobs_here = [job for _, job in batch]
         cond = cli.job_conditions(model.cfg, jobs_here, [job.text for job in jobs_here])
         images = generate(
@@ -301,6 +282,8 @@ def generate_missing(model, guidance, jobs, args, size):
             dtype=args.dtype,
         )
         for (path, job), image in zip(batch, images):
+            if path.exists():  # made before, in this same batch
+                continue
             info = {
                 "prompt": job.text,
                 **cli.condition_text(model.cfg, job.values),
@@ -597,7 +580,9 @@ def generate_test_images(args, p, values, jobs, images, size, gen):
     if size[0] % model.vae.downsample or size[1] % model.vae.downsample:
         p.error(f"--size {size[0]} {size[1]}: must be multiples of {model.vae.downsample}")
     settings = settings_of(args, size, values, model.cfg)
-    check_resume(gen, settings, args.regenerate, p)
+    # every process checks the folder before any writes; rank 0 records the settings
+    write = distributed.rank_and_world()[0] == 0
+    cli.check_resume(gen, settings, args.regenerate, p, flag="--regenerate", write=write)
     generate_missing(model.eval(), guidance, jobs, args, size)
     return jobs, settings
 
@@ -713,11 +698,16 @@ def main(argv=None):
         )
     record = gen / "generation.json"
     recorded = json.loads(record.read_text()) if record.is_file() else {}
-    size, images, classes, levels, jobs = test_set(args, values, out, recorded, p)
-    if args.weights is not None:
-        jobs, settings = generate_test_images(args, p, values, jobs, images, size, gen)
-    else:
-        settings = check_generated(args, p, recorded, jobs, gen)
+    # under torchrun every process generates its share; the metrics and the report are rank 0's
+    with distributed.processes(args.device) as (rank, _):
+        with distributed.rank0_first():  # a procedural test set is rendered once, by rank 0
+            size, images, classes, levels, jobs = test_set(args, values, out, recorded, p)
+        if args.weights is not None:
+            jobs, settings = generate_test_images(args, p, values, jobs, images, size, gen)
+        else:
+            settings = check_generated(args, p, recorded, jobs, gen)
+    if rank:
+        return 0
     level_net = level_net_of(args, out, size, p)
     results, skipped, failed = measure(
         args, level_net, images, jobs, classes, levels, size, out / "cache"

@@ -10,6 +10,8 @@
     model = load_checked(args, p)
     cond = conditions.request(model.cfg, n, text=prompts, **values)
     guidance = guidance_scales(args, model.cfg)
+    # a folder of generated images made with other settings: refused (exit 2) unless --regenerate
+    check_resume(folder, settings, args.regenerate, p)
 
 The flags of the conditions come from the model's condition table (ModelConfig.conditions, the
 U-Net's embedded_conditions): `--NAME V` sets a condition for every image (one flag per field for a
@@ -20,6 +22,7 @@ the release's "{L}_GOOGLE_LEVEL_{text}" prompt prefix.
 """
 
 import argparse
+import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -280,6 +283,38 @@ def refuse_overwrite(paths, overwrite, p):
             f"{existing[0]} exists ({len(existing)} files would be overwritten); "
             "pass --overwrite or another --out"
         )
+
+
+def check_resume(folder, settings, replace, p, flag="--regenerate", write=True):
+    """A folder of generated images against this run's `settings` (recorded in
+    folder/generation.json): images made with other settings, or images without that file, are
+    refused (exit 2, naming what differs) unless `replace` (the script's `flag`), which deletes them
+    to be made again; then the settings are recorded. write=False only refuses (every process
+    checks, one writes)."""
+    record = folder / "generation.json"
+    old = json.loads(record.read_text()) if record.is_file() else None
+    keys = [*settings, *(k for k in old or {} if k not in settings)]
+    differ = [k for k in keys if old.get(k) != settings.get(k)] if old is not None else []
+    unknown = old is None and any(folder.glob("*.png"))
+    if (differ or unknown) and not replace:
+        what = (
+            f"other settings ({', '.join(differ)}: {', '.join(str(old.get(k)) for k in differ)})"
+            if differ
+            else f"no {record.name}: images of unknown settings"
+        )
+        p.error(
+            f"{folder} holds images generated with {what}; "
+            f"pass {flag} to make them again, or another --out"
+        )
+    if not write:
+        return
+    if differ or unknown:
+        for f in folder.glob("*.png"):
+            f.unlink()
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = record.with_suffix(".tmp")
+    tmp.write_text(json.dumps(settings, indent=1))
+    os.replace(tmp, record)
 
 
 def settings(args, model_cfg):
