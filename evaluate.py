@@ -21,13 +21,18 @@ Metrics, each run when the network it needs is given (nothing is downloaded):
                                  (pt_inception-2015-12-05); --resize pytorch-fid (bilinear, its
                                  default) or clean (clean-fid's PIL bicubic)
   CLIP score, CMMD               --clip ARCH:FILE, an open_clip checkpoint (RemoteCLIP, GeoRSCLIP,
-                                 OpenAI CLIP)
+                                 OpenAI CLIP), or hf:FOLDER, a Hugging Face CLIP / SigLIP folder
   zero-shot Cls-OA / AA          a ResNet-18 trained on the generated images labelled with their
                                  test image's class, tested on the real ones (Txt2Img-MHN's
                                  protocol); ImageNet init from --resnet-init
   resolution accuracy            --level-net: a level net (evaluation/classifier.py) or a probe
                                  (evaluation/probe.py), or --fit-level-net DATA trains one on images
                                  of known levels (procedural:N, Git-10M)
+
+--protocol mhn measures instead as Txt2Img-MHN's released code does, the protocol of the papers'
+RSICD table (evaluation/mhn.py): FID and IS through their RSICD-tuned Inception (--mhn-inception, or
+--fit-mhn-inception IMAGENET_FILE makes one), clip-rsicd-v2's dot score (--clip hf:FOLDER), their
+Cls-OA loop, every RSICD image not in train as the test set; the report lists the deviations.
 Writes OUT/report.json and OUT/report.md (the paper's table and the settings that define each
 number).
 """
@@ -45,7 +50,7 @@ from tqdm.auto import tqdm
 from cli import distributed, sampling as cli
 from data.places import SPLITS, in_split
 from data.synthetic import CLASSES as PROCEDURAL_CLASSES
-from evaluation import classifier, clip as clipnet, metrics
+from evaluation import classifier, clip as clipnet, hf_clip, metrics, mhn
 from evaluation.inception import RESIZE_MODES, fid_features, load_fid_inception
 from evaluation.probe import load_probe
 from evaluation.report import evaluation_table
@@ -53,6 +58,8 @@ from evaluation.testset import ImageFiles, check_classes, level_images, load_tes
 from model.pipeline import generate
 from model.release import WeightsError
 from model.weights import read_metadata, trained_size
+
+PROTOCOLS = ("ours", "mhn")  # the metrics' networks and preprocessing (docs/evaluation.md)
 
 
 def parse_args(argv=None):
@@ -72,7 +79,19 @@ def parse_args(argv=None):
         "procedural-globe:N (scenes at places of the procedural globe, each class drawn from "
         "its place's)",
     )
-    p.add_argument("--split", default="test", help="split of a Karpathy json")
+    p.add_argument(
+        "--protocol",
+        default="ours",
+        choices=PROTOCOLS,
+        help="ours: pytorch-fid's FID, open_clip or HF cosine CLIP score, Cls-OA; mhn: "
+        "Txt2Img-MHN's, which the papers' RSICD table follows (evaluation/mhn.py)",
+    )
+    p.add_argument(
+        "--split",
+        default=None,
+        help="split of a Karpathy json; !NAME = every image not in NAME (default: test; with "
+        "--protocol mhn !train, their RSICD test set)",
+    )
     p.add_argument(
         "--places",
         default="all",
@@ -117,7 +136,10 @@ def parse_args(argv=None):
         "--resize", default="pytorch-fid", choices=RESIZE_MODES, help="resize to 299 for FID"
     )
     p.add_argument(
-        "--clip", default=None, help="ARCH:FILE, an open_clip checkpoint, for CLIP score and CMMD"
+        "--clip",
+        default=None,
+        help="ARCH:FILE, an open_clip checkpoint, or hf:FOLDER, a Hugging Face CLIP / SigLIP "
+        "folder, for CLIP score and CMMD (mhn: clip-rsicd-v2's folder, for their dot score)",
     )
     p.add_argument(
         "--resnet-init", default=None, help="torchvision's ImageNet ResNet-18 weights for Cls-OA"
@@ -144,6 +166,7 @@ def parse_args(argv=None):
         default=5000,
         help="at most this many images for --fit-level-net",
     )
+    add_mhn_flags(p)
     p.add_argument(
         "--overwrite", action="store_true", help="recompute the metrics of a finished evaluation"
     )
@@ -164,19 +187,34 @@ def parse_args(argv=None):
             "--n, --steps, --batch, --cls-epochs and --level-images must be >= 1, "
             "--cls-batch and --limit >= 2, --size >= 8"
         )
+    check_protocol(args, p)
     args.device = distributed.local_device(args.device)  # under torchrun: this rank's GPU
     args.device, args.dtype = cli.check_sampling(args, p)
     values = cli.condition_values(args, model_cfg, p)
+    check_networks(args, p)
+    if args.classes:
+        src = Path(args.classes)
+        names = src.read_text().splitlines() if src.is_file() else args.classes.split(",")
+        args.classes = [c.strip() for c in names if c.strip()]
+    return args, p, values
+
+
+def check_networks(args, p):
+    """Every network file given exists and is of the kind its flag takes."""
     try:
         if args.clip:
             args.clip = clipnet.parse_spec(args.clip)
     except ValueError as e:
         p.error(str(e))
+    if args.clip and args.protocol == "mhn" and args.clip[0] != clipnet.HF:
+        p.error("--protocol mhn: --clip takes clip-rsicd-v2's Hugging Face folder (hf:FOLDER)")
     for flag, path in (
         ("--inception", args.inception),
         ("--resnet-init", args.resnet_init),
         ("--level-net", args.level_net),
-        ("--clip", args.clip and args.clip[1]),
+        ("--clip", args.clip and args.clip[0] != clipnet.HF and args.clip[1]),
+        ("--mhn-inception", args.mhn_inception),
+        ("--fit-mhn-inception", args.fit_mhn_inception),
     ):
         if path and not Path(path).is_file():
             what = {
@@ -184,39 +222,114 @@ def parse_args(argv=None):
                 "--resnet-init": "torchvision's ImageNet ResNet-18 (resnet18-f37072fd.pth)",
                 "--level-net": "a level net or probe .safetensors",
                 "--clip": "an open_clip checkpoint",
+                "--mhn-inception": "a fine-tuned Inception (--fit-mhn-inception makes one)",
+                "--fit-mhn-inception": "torchvision's inception_v3_google-0cc3c7bd.pth",
             }[flag]
             p.error(f"{flag} {path}: no such file (expected {what} there)")
     if args.level_net:
-        try:
-            meta = read_metadata(args.level_net)
-        except WeightsError as e:
-            p.error(f"--level-net: {e}")
-        kind = (
-            json.loads(meta.get("net", "{}")).get("kind")
-            if meta.get("format") == classifier.FORMAT
-            else ("probe" if meta.get("format") == "text2earth-probe" else None)
+        check_level_net(args, p)
+    if args.clip:
+        check_clip(args, p)
+
+
+def check_level_net(args, p):
+    """--level-net is a level net, or a probe for a procedural test set."""
+    try:
+        meta = read_metadata(args.level_net)
+    except WeightsError as e:
+        p.error(f"--level-net: {e}")
+    kind = (
+        json.loads(meta.get("net", "{}")).get("kind")
+        if meta.get("format") == classifier.FORMAT
+        else ("probe" if meta.get("format") == "text2earth-probe" else None)
+    )
+    if kind not in ("levels", "probe"):
+        p.error(
+            f"--level-net {args.level_net}: neither a level net "
+            "(evaluate.py --fit-level-net) nor a probe (evaluation/probe.py)"
+            + (" but a scene classifier" if kind == "classes" else "")
         )
-        if kind not in ("levels", "probe"):
+    if kind == "probe" and not str(args.test).startswith("procedural:"):
+        p.error(
+            f"--level-net {args.level_net}: a probe reads procedural Earth renders only; "
+            f"give a level net for {args.test} (--fit-level-net on images of known levels)"
+        )
+
+
+def check_clip(args, p):
+    """--clip, parsed to (ARCH, FILE) or (HF, FOLDER), names a network its protocol can use."""
+    if args.clip[0] == clipnet.HF:
+        try:
+            kind = hf_clip.check_folder(args.clip[1])
+        except WeightsError as e:
+            p.error(f"--clip: {e}")
+        if args.protocol == "mhn" and kind != "clip":
             p.error(
-                f"--level-net {args.level_net}: neither a level net "
-                "(evaluate.py --fit-level-net) nor a probe (evaluation/probe.py)"
-                + (" but a scene classifier" if kind == "classes" else "")
+                f"--clip {args.clip[1]}: a {kind} folder; their score is clip-rsicd-v2's (CLIP)"
             )
-        if kind == "probe" and not str(args.test).startswith("procedural:"):
-            p.error(
-                f"--level-net {args.level_net}: a probe reads procedural Earth renders only; "
-                f"give a level net for {args.test} (--fit-level-net on images of known levels)"
-            )
-    if args.clip and args.clip[0] not in clipnet.architectures():
+    elif args.clip[0] not in clipnet.architectures():
         p.error(
             f"--clip: unknown open_clip architecture {args.clip[0]!r} "
             "(open_clip.list_models() has them)"
         )
-    if args.classes:
-        src = Path(args.classes)
-        names = src.read_text().splitlines() if src.is_file() else args.classes.split(",")
-        args.classes = [c.strip() for c in names if c.strip()]
-    return args, p, values
+
+
+def add_mhn_flags(p):
+    """The flags of --protocol mhn's networks and image lists."""
+    g = p.add_argument_group("--protocol mhn (Txt2Img-MHN's evaluation, evaluation/mhn.py)")
+    g.add_argument(
+        "--mhn-inception",
+        default=None,
+        help="their Inception-v3 fine-tuned on RSICD's 30 classes (FID, IS); never released: "
+        "--fit-mhn-inception makes one",
+    )
+    g.add_argument(
+        "--fit-mhn-inception",
+        default=None,
+        metavar="IMAGENET_FILE",
+        help="fine-tune it first from torchvision's ImageNet Inception-v3 file "
+        "(inception_v3_google-0cc3c7bd.pth) on --mhn-train, to OUT/mhn_inception.safetensors",
+    )
+    g.add_argument(
+        "--mhn-train",
+        default=None,
+        metavar="LIST",
+        help="its training images: their RSICD_train.txt (9000 lines '<class>/<name>.jpg "
+        "<label>', files found in the image root by name); default the json's train split",
+    )
+    g.add_argument("--mhn-epochs", type=int, default=10, help="its fine-tuning epochs")
+    g.add_argument(
+        "--mhn-fid-lists",
+        nargs=2,
+        default=None,
+        metavar=("REAL", "GENERATED"),
+        help="their FID lists (is_fid_score/dataset/RSICD_test.txt, RSICD_gen.txt); default "
+        f"{mhn.FID_IMAGES} of each drawn with a fixed seed",
+    )
+    g.add_argument(
+        "--stretch",
+        action="store_true",
+        help="save generated images min-max stretched, as their gen_im.py did (save_image "
+        "normalize=True)",
+    )
+
+
+def check_protocol(args, p):
+    """Each protocol's flags with its protocol; the split's default."""
+    mhn_flags = ("mhn_inception", "fit_mhn_inception", "mhn_train", "mhn_fid_lists")
+    if args.protocol == "ours":
+        given = [f for f in mhn_flags if getattr(args, f)]
+        if given:
+            p.error(f"--{given[0].replace('_', '-')} goes with --protocol mhn")
+    elif args.inception:
+        p.error("--protocol mhn measures FID with --mhn-inception, not pytorch-fid's --inception")
+    if args.mhn_inception and args.fit_mhn_inception:
+        p.error("--mhn-inception or --fit-mhn-inception, not both")
+    if args.mhn_epochs < 1:
+        p.error(f"--mhn-epochs must be >= 1, got {args.mhn_epochs}")
+    if args.split is None:  # their RSICD test set: every image of the json not in train
+        karpathy = str(args.test).endswith(".json")
+        args.split = mhn.NOT_TRAIN if args.protocol == "mhn" and karpathy else "test"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -250,6 +363,7 @@ def settings_of(args, size, values, model_cfg):
         "seed": args.seed,
         "dtype": str(args.dtype),
         "batch": args.batch if args.sampler == "ddpm" else None,
+        **({"stretch": True} if args.stretch else {}),
     }
 
 
@@ -284,6 +398,8 @@ def generate_missing(model, guidance, jobs, args, size):
         for (path, job), image in zip(batch, images):
             if path.exists():  # made before, in this same batch
                 continue
+            if args.stretch:  # their gen_im.py: save_image(normalize=True)
+                image = mhn.stretch(image).float() / 127.5 - 1
             info = {
                 "prompt": job.text,
                 **cli.condition_text(model.cfg, job.values),
@@ -360,16 +476,23 @@ def coverage_metrics(args, real, fake, cache, computed):
 def clip_metrics(args, real, fake, captions, real_captions, cache):
     """CLIP score of each generated image with its caption (and of the real images, the reference),
     and CMMD."""
-    net = clipnet.load_clip(*args.clip, device=args.device)
-    key = metrics.cache_key([*real.paths, args.clip[1]], arch=args.clip[0])
+    if args.clip[0] == clipnet.HF:  # a Hugging Face folder: the same functions in hf_clip
+        embed = hf_clip
+        net = hf_clip.load_hf_clip(args.clip[1], device=args.device)
+        files = list(net.files)
+    else:
+        embed = clipnet
+        net = clipnet.load_clip(*args.clip, device=args.device)
+        files = [args.clip[1]]
+    key = metrics.cache_key([*real.paths, *files], arch=args.clip[0])
     er = metrics.cached_features(
-        cache, "clip", key, lambda: clipnet.image_embeddings(net, real.batches(args.batch))
+        cache, "clip", key, lambda: embed.image_embeddings(net, real.batches(args.batch))
     )
-    ef = clipnet.image_embeddings(net, fake.batches(args.batch))
+    ef = embed.image_embeddings(net, fake.batches(args.batch))
     return {
         "clip_score": dict(
-            value=clipnet.clip_score(ef, clipnet.text_embeddings(net, captions)),
-            real_images=clipnet.clip_score(er, clipnet.text_embeddings(net, real_captions)),
+            value=clipnet.clip_score(ef, embed.text_embeddings(net, captions)),
+            real_images=clipnet.clip_score(er, embed.text_embeddings(net, real_captions)),
             implementation=f"100 * max(cos, 0), {net.name}",
         ),
         "cmmd": dict(
@@ -419,6 +542,154 @@ def cls_metrics(args, images, jobs, classes):
             f"{r['lr']:g}, batch {r['batch_size']}, {r['size']} px{unlabelled}",
         )
     }
+
+
+def mhn_fid_metrics(args, inception, images, jobs):
+    """Txt2Img-MHN's FID and IS through their fine-tuned Inception: on their list files, else on
+    1000 real test images and 1000 generated images drawn with fixed seeds."""
+    if args.mhn_fid_lists:
+        root = Path(args.image_root) if args.image_root else images[0].path.parent
+        real = mhn.read_list(args.mhn_fid_lists[0], root)
+        fake = mhn.read_list(args.mhn_fid_lists[1], Path(args.out) / "generated")
+        sets = "their lists " + ", ".join(Path(f).name for f in args.mhn_fid_lists)
+    else:
+        real = mhn.draw([im.path for im in images], seed=0)
+        fake = mhn.draw([path for path, _ in jobs], seed=1)
+        sets = f"{len(real)} real and {len(fake)} generated images drawn (seeds 0, 1)"
+    r = mhn.fid_and_is(mhn.load_inception(inception), real, fake, device=args.device)
+    impl = f"Txt2Img-MHN: RSICD-tuned Inception-v3 {Path(inception).name}, 256 px, {r['route']}"
+    return {
+        "fid": dict(
+            value=r["fid"], implementation=impl, n_real=r["n_real"], n_fake=r["n_generated"]
+        ),
+        "is": dict(
+            value=r["is_generated"],
+            real_images=r["is_real"],
+            implementation=f"{impl}, one split; FID sets: {sets}",
+        ),
+    }
+
+
+def mhn_clip_metrics(args, jobs):
+    """Txt2Img-MHN's CLIP score: clip-rsicd-v2's unnormalised dot product of every generated image
+    with its test image's first caption (evaluation/hf_clip.py)."""
+    net = hf_clip.load_hf_clip(args.clip[1], device=args.device)
+    captions = [mhn.caption(job.text) for _, job in jobs]
+    value = hf_clip.clip_dot_score(net, [path for path, _ in jobs], captions, args.batch)
+    return {
+        "clip_score": dict(
+            value=value,
+            implementation=f"Txt2Img-MHN: image . text (unnormalised), {net.name}, "
+            "transformers 4.27's preprocessing",
+        )
+    }
+
+
+def mhn_cls_metrics(args, images, jobs, classes):
+    """Txt2Img-MHN's zero-shot Cls-OA: their ResNet-18 (evaluation/mhn.py) trained on the
+    generated images of the test images that have a class, read as their code reads files."""
+    labelled = [i for i, im in enumerate(images) if im.label is not None]
+    names = mhn.CLASSES if {images[i].label for i in labelled} <= set(mhn.CLASSES) else classes
+    labels = [names.index(images[i].label) for i in labelled]
+    r = mhn.zero_shot(
+        [jobs[args.n * i + k][0] for i in labelled for k in range(args.n)],
+        [c for c in labels for _ in range(args.n)],
+        [images[i].path for i in labelled],
+        labels,
+        args.resnet_init,
+        classes=tuple(names),
+        seed=args.seed,
+        epochs=args.cls_epochs,
+        batch_size=args.cls_batch,
+        lr=args.cls_lr,
+        size=args.cls_size,
+        progress=True,
+        device=args.device,
+    )
+    return {
+        "cls_oa": dict(
+            value=r["oa"],
+            aa=r["aa"],
+            per_class=r["per_class"],
+            n_train=r["n_train"],
+            n_test=r["n_test"],
+            implementation=f"Txt2Img-MHN: ResNet-18, {r['init']}, {r['epochs']} epochs, Adam "
+            f"{r['lr']:g}, batch {r['batch_size']}, Resize(({r['size']}, {r['size']})), "
+            f"{len(images) - len(labelled)} test images without a class left out",
+        )
+    }
+
+
+def mhn_deviations(args, size, inception):
+    """What in this --protocol mhn run differs from Txt2Img-MHN's own evaluation of RSICD."""
+    out = []
+    if not str(args.test).endswith(".json"):
+        out.append(f"test set {args.test} (theirs: RSICD, every image not in train)")
+    elif args.split != mhn.NOT_TRAIN:
+        out.append(f"test set: split {args.split} (theirs: every RSICD image not in train)")
+    if args.n != 10:
+        out.append(f"{args.n} images per test image (theirs: 10)")
+    if list(size) != [mhn.SIZE, mhn.SIZE]:
+        out.append(f"generated at {size[0]} x {size[1]} px (theirs: 256)")
+    if inception and not args.mhn_fid_lists:
+        out.append("FID sets drawn here: their RSICD_test.txt / RSICD_gen.txt not given")
+    cls = (args.cls_epochs, args.cls_batch, args.cls_lr, args.cls_size)
+    if cls != (5, 64, 1e-4, mhn.SIZE):
+        out.append(f"Cls-OA epochs / batch / lr / size {cls} (theirs: 5, 64, 0.0001, 256)")
+    if not args.resnet_init:
+        out.append("Cls-OA ResNet-18 from scratch (theirs: ImageNet weights, --resnet-init)")
+    if inception:
+        info = json.loads(read_metadata(inception).get("info", "{}"))
+        if info and (info.get("epochs"), info.get("n_train")) != (10, 9000):
+            out.append(
+                f"Inception fine-tuned here: {info.get('n_train')} images, {info.get('epochs')} "
+                f"epochs from {info.get('init')} (theirs: 9000 images, 10 epochs; their network "
+                "was never released, so every FID of this protocol approximates theirs)"
+            )
+    return out
+
+
+def fit_mhn_inception(args, out, p):
+    """OUT/mhn_inception.safetensors: their Inception fine-tuned from --fit-mhn-inception's ImageNet
+    weights on --mhn-train (or the json's train split), reused when made the same way."""
+    path = out / "mhn_inception.safetensors"
+    try:
+        if args.mhn_train:
+            root = Path(args.image_root) if args.image_root else Path(args.test).parent / "images"
+            files = mhn.read_list(args.mhn_train, root)
+            source = args.mhn_train
+        else:
+            train = load_testset(args.test, "train", args.image_root)[0]
+            files, source = [im.path for im in train], f"{args.test} (train)"
+    except ValueError as e:
+        p.error(f"--fit-mhn-inception: {e} (give --mhn-train LIST or a Karpathy json --test)")
+    labelled = [f for f in files if mhn.class_index(f.name) is not None]
+    recipe = dict(
+        init=Path(args.fit_mhn_inception).name,
+        trained_on=str(source),
+        n_train=len(labelled),
+        epochs=args.mhn_epochs,
+        seed=args.seed,
+    )
+    if path.is_file():
+        info = json.loads(read_metadata(path).get("info", "{}"))
+        if all(info.get(k) == v for k, v in recipe.items()):
+            print(f"mhn inception: {path} (fine-tuned on {source})")
+            return path
+    if len(labelled) < 2:
+        p.error(f"--fit-mhn-inception: {source} holds {len(labelled)} images of RSICD's classes")
+    print(f"mhn inception: fine-tuning on {len(labelled)} images of {source}")
+    net = mhn.fit_inception(
+        labelled,
+        [mhn.class_index(f.name) for f in labelled],
+        args.fit_mhn_inception,
+        epochs=args.mhn_epochs,
+        seed=args.seed,
+        progress=True,
+        device=args.device,
+    )
+    mhn.save_inception(net.cpu(), path, recipe)
+    return path
 
 
 def level_metrics(args, level_net, fake, asked, fake_names):
@@ -616,9 +887,11 @@ def level_net_of(args, out, size, p):
         p.error(str(e))
 
 
-def measure(args, level_net, images, jobs, classes, levels, size, cache):
-    """(results, skipped, failed): every metric whose network is given; one that fails is reported
-    and the others are still measured."""
+def measure(args, nets, images, jobs, classes, levels, size, cache):
+    """(results, skipped, failed): every metric of the protocol whose network is given (`nets`:
+    the level net and mhn's Inception, paths or None); one that fails is reported and the others
+    are still measured."""
+    level_net, inception = nets
     real, fake = (
         ImageFiles([im.path for im in images]),
         ImageFiles([path for path, _ in jobs], size=size[0]),
@@ -627,7 +900,7 @@ def measure(args, level_net, images, jobs, classes, levels, size, cache):
     labelled = all(im.label for im in images)
     fake_names = [im.label for im in images for _ in range(args.n)] if labelled else None
     computed = {}  # features several metrics share
-    steps = [
+    ours = [
         (
             "fid",
             args.inception,
@@ -652,6 +925,29 @@ def measure(args, level_net, images, jobs, classes, levels, size, cache):
             "two classes or more in the test set",
             lambda: cls_metrics(args, images, jobs, classes),
         ),
+    ]
+    theirs = [
+        (
+            "fid",
+            inception,
+            "--mhn-inception or --fit-mhn-inception",
+            lambda: mhn_fid_metrics(args, inception, images, jobs),
+        ),
+        (
+            "clip",
+            args.clip,
+            "--clip hf:FOLDER (clip-rsicd-v2)",
+            lambda: mhn_clip_metrics(args, jobs),
+        ),
+        (
+            "cls",
+            classes and len(classes) > 1,
+            "two classes or more in the test set",
+            lambda: mhn_cls_metrics(args, images, jobs, classes),
+        ),
+    ]
+    steps = [
+        *(theirs if args.protocol == "mhn" else ours),
         (
             "level",
             level_net and all(lv for lv in levels),
@@ -709,11 +1005,14 @@ def main(argv=None):
     if rank:
         return 0
     level_net = level_net_of(args, out, size, p)
+    inception = fit_mhn_inception(args, out, p) if args.fit_mhn_inception else args.mhn_inception
     results, skipped, failed = measure(
-        args, level_net, images, jobs, classes, levels, size, out / "cache"
+        args, (level_net, inception), images, jobs, classes, levels, size, out / "cache"
     )
     report = {
         "weights": args.weights or settings.get("weights"),
+        "protocol": args.protocol,
+        "deviations": mhn_deviations(args, size, inception) if args.protocol == "mhn" else [],
         "test": str(args.test),
         "split": args.split,
         "n_test": len(images),

@@ -310,36 +310,62 @@ def imagenet_resnet18(init, num_classes=len(CLASSES)):
     return net
 
 
-def zero_shot(train_files, train_labels, test_files, test_labels, init=None, *, seed=0, **kw):
+def zero_shot(
+    train_files, train_labels, test_files, test_labels, init=None, *, classes=CLASSES, seed=0, **kw
+):
     """Their zero_shot_evaluation.py: imagenet_resnet18(init) trained on the generated files with
-    their test image's class (ints in CLASSES' order) for 5 epochs, Adam 1e-4, batch 64, shuffled,
-    Resize((256, 256)); then OA and per-class AA on the real test files. kw go to
-    classifier.train_classifier (epochs, batch_size, lr, size, progress, device). Returns dict(oa,
-    aa, per_class {name: accuracy}, n_train, n_test, init, epochs, lr, batch_size)."""
+    their test image's class (ints into `classes`, RSICD's in CLASSES' order) for 5 epochs, Adam
+    1e-4, batch 64, shuffled, Resize((256, 256)); then OA and per-class AA on the real test files.
+    kw go to classifier.train_classifier (epochs, batch_size, lr, size, progress, device). Returns
+    dict(oa, aa, per_class {name: accuracy}, n_train, n_test, init, epochs, lr, batch_size,
+    size)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        net = imagenet_resnet18(init)
+        net = imagenet_resnet18(init, len(classes))
     settings = dict(epochs=5, batch_size=64, lr=1e-4, size=SIZE)
     settings.update(kw)
     net = classifier.train_classifier(
         train_files,
         train_labels,
-        len(CLASSES),
+        len(classes),
         init=net,
         seed=seed,
         prepare=prepare,
         **settings,
     )
     pred = classifier.predict(net, test_files, settings["size"], settings["batch_size"], prepare)
-    acc = classifier.accuracy(pred, test_labels, len(CLASSES))
+    acc = classifier.accuracy(pred, test_labels, len(classes))
     return dict(
         oa=acc["oa"],
         aa=acc["aa"],
-        per_class={CLASSES[k]: a for k, a in enumerate(acc["per_class"]) if a is not None},
+        per_class={classes[k]: a for k, a in enumerate(acc["per_class"]) if a is not None},
         n_train=len(train_files),
         n_test=acc["n"],
         init=classifier.init_name(init),
         epochs=settings["epochs"],
         lr=settings["lr"],
         batch_size=settings["batch_size"],
+        size=settings["size"],
+    )
+
+
+def fid_and_is(net, real_files, generated_files, batch_size=32, device="cpu"):
+    """Their is_fid_score.py: FID of the generated against the real files through `net`'s pool
+    features, and the IS of each set (theirs prints both; the generated one is the table's).
+    Returns dict(fid, route, is_generated, is_real, n_real, n_generated)."""
+    if min(len(real_files), len(generated_files)) < 2:
+        raise ValueError(
+            f"FID needs two images or more a set, got {len(real_files)} real and "
+            f"{len(generated_files)} generated"
+        )
+    f_gen, p_gen = inception_outputs(net, generated_files, batch_size, device)
+    f_real, p_real = inception_outputs(net, real_files, batch_size, device)
+    fid, route = frechet_distance(*stats(f_gen), *stats(f_real))
+    return dict(
+        fid=fid,
+        route=route,
+        is_generated=inception_score(p_gen),
+        is_real=inception_score(p_real),
+        n_real=len(real_files),
+        n_generated=len(generated_files),
     )

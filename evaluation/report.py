@@ -116,7 +116,12 @@ MORE_COLUMNS = (
     ("level +-1", "level", "within_one", "{:.1%}", 1),
     ("level corr.", "level", "corr", "{:.2f}", 1),
     ("probe class", "probe_class", "value", "{:.1%}", 1),
+    ("IS", "is", "value", "{:.2f}", 1),
 )
+PROTOCOL_NAMES = {
+    "ours": "ours (pytorch-fid's FID; not comparable with the papers' RSICD table)",
+    "mhn": "Txt2Img-MHN's (the papers' RSICD table), evaluation/mhn.py",
+}
 
 
 def _cell(metrics, key, field, fmt, scale=1):
@@ -130,8 +135,11 @@ def evaluation_table(report):
     steps, guidance, seed)."""
     m, g = report["metrics"], report.get("generation", {})
     name = report.get("weights") or "generated images"
+    protocol = report.get("protocol", "ours")
     lines = [
         f"# Evaluation of {name} on {report['test']} ({report['split']})",
+        "",
+        f"Protocol: {PROTOCOL_NAMES.get(protocol, protocol)}",
         "",
         "| method | " + " | ".join(c[0] for c in PAPER_COLUMNS) + " |",
         "|---" * (len(PAPER_COLUMNS) + 1) + "|",
@@ -160,6 +168,9 @@ def evaluation_table(report):
             lines.append(
                 f"- clip_score of the real test images with their captions: {r['real_images']:.2f}"
             )
+        if key == "is" and r.get("real_images") is not None:
+            lines.append(f"- IS of the real FID images: {r['real_images']:.2f}")
         lines += [f"- {key}: note: {n}" for n in r.get("notes", [])]
     lines += [f"- not measured: {k} ({why})" for k, why in report.get("skipped", {}).items()]
+    lines += [f"- deviation from their protocol: {d}" for d in report.get("deviations", [])]
     return "\n".join(lines) + "\n"

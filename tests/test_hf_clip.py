@@ -379,3 +379,25 @@ def test_transformers_models_import_beside_our_packages():
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300
     )
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+@pytest.mark.parametrize("protocol", ["ours", "mhn"])
+def test_evaluate_reads_a_hugging_face_folder(tiny_ckpt, clip_folder, tmp_path, capsys, protocol):
+    """evaluate.py --clip hf:FOLDER: the cosine score and CMMD under our protocol, their dot score
+    (equal to clip_dot_score on the generated files and captions) under --protocol mhn."""
+    import evaluate
+
+    out = tmp_path / protocol
+    args = ["--weights", str(tiny_ckpt), "--test", "procedural:3", "--size", "32", "32", "--n", "2",
+            "--steps", "2", "--out", str(out), "--clip", f"hf:{clip_folder}", "--protocol", protocol,
+            "--cls-size", "32", "--cls-epochs", "1"]  # fmt: skip
+    assert evaluate.main(args) == 0, capsys.readouterr().err
+    m = json.loads((out / "report.json").read_text())["metrics"]
+    if protocol == "ours":
+        assert -100 <= m["clip_score"]["value"] <= 100 and "cmmd" in m
+        return
+    assert "cmmd" not in m and "Txt2Img-MHN" in m["clip_score"]["implementation"]
+    files = sorted((out / "generated").glob("*.png"))  # each with its own caption: order is free
+    captions = [Image.open(f).text["prompt"].split(" .")[0] for f in files]
+    want = hf_clip.clip_dot_score(hf_clip.load_hf_clip(clip_folder), files, captions)
+    assert m["clip_score"]["value"] == pytest.approx(want, rel=1e-6)

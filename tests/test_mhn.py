@@ -18,6 +18,7 @@ from evaluation import mhn
 from evaluation.metrics import frechet_distance as frechet_eigh
 from evaluation.testset import karpathy
 from model.release import WeightsError
+from model.weights import read_metadata
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -296,3 +297,96 @@ def test_rsicd_splits_as_theirs(tmp_path):
     assert {mhn.class_index(im.path.name) for im in named} == set(range(30))
     assert mhn.class_index("parking_3.jpg") == 16 and mhn.class_index("park_3.jpg") == 17
     assert mhn.class_index("00744.jpg") is None
+
+
+# ----------------------------------------------------------------------------------------------
+# evaluate.py --protocol mhn
+# ----------------------------------------------------------------------------------------------
+def run_evaluate(args, capsys):
+    import evaluate
+
+    try:
+        code = evaluate.main([str(a) for a in args])
+    except SystemExit as e:
+        code = e.code
+    text = capsys.readouterr()
+    return code, text.out + text.err
+
+
+@pytest.fixture(scope="module")
+def rsicd_like(tmp_path_factory):
+    """A Karpathy json in RSICD's naming: 4 train images (2 classes), a val and a test split of 3
+    classes plus one numeric name; random networks as their ImageNet files."""
+    d = tmp_path_factory.mktemp("rsicd")
+    tint = {"airport": (200, 200, 200), "forest": (30, 120, 40), "port": (40, 60, 160)}
+    names = {
+        "train": ["airport_1.jpg", "airport_2.jpg", "forest_1.jpg", "forest_2.jpg"],
+        "val": ["airport_3.jpg", "forest_3.jpg"],
+        "test": ["port_4.jpg", "forest_4.jpg", "00007.jpg"],
+    }
+    images = []
+    for split, files in names.items():
+        for f in files:
+            t = {**tint, "00007.jpg": (120, 120, 120)}
+            write_images(
+                d / "images", [f], size=64, tint={f.split("_")[0]: t.get(f, t.get(f.split("_")[0]))}
+            )
+            images.append(
+                {"filename": f, "split": split, "sentences": [{"raw": f"a view of {f[:-4]} ."}]}
+            )
+    (d / "dataset_rsicd.json").write_text(json.dumps({"images": images}))
+    torch.manual_seed(0)
+    torch.save(
+        torchvision.models.inception_v3(weights=None, init_weights=False).state_dict(),
+        d / "inception.pth",
+    )
+    torch.save(torchvision.models.resnet18().state_dict(), d / "resnet18.pth")
+    return d
+
+
+def test_evaluate_protocol_mhn_end_to_end(tiny_ckpt, rsicd_like, tmp_path, capsys):
+    d, out = rsicd_like, tmp_path / "eval"
+    args = [
+        "--weights", tiny_ckpt, "--test", d / "dataset_rsicd.json", "--protocol", "mhn", "--level", 17,
+        "--size", 32, 32, "--n", 2, "--steps", 2, "--out", out, "--stretch",
+        "--fit-mhn-inception", d / "inception.pth", "--mhn-epochs", 1,
+        "--resnet-init", d / "resnet18.pth", "--cls-size", 64, "--cls-epochs", 1,
+    ]  # fmt: skip
+    code, text = run_evaluate(args, capsys)
+    assert code == 0, text
+    report = json.loads((out / "report.json").read_text())
+    m = report["metrics"]
+    assert report["protocol"] == "mhn" and report["split"] == mhn.NOT_TRAIN
+    assert report["n_test"] == 5 and report["n_generated"] == 10  # val + test, the numeric one too
+    assert m["fid"]["n_real"] == 5 and m["fid"]["n_fake"] == 10 and np.isfinite(m["fid"]["value"])
+    assert 1 <= m["is"]["value"] <= 30 and "Txt2Img-MHN" in m["fid"]["implementation"]
+    assert m["cls_oa"]["n_test"] == 4 and m["cls_oa"]["n_train"] == 8  # 00007 has no class
+    assert "clip" in report["skipped"]
+    dev = " ".join(report["deviations"])
+    assert "2 images per test image" in dev and "drawn here" in dev and "fine-tuned here" in dev
+    md = (out / "report.md").read_text()
+    assert "Protocol: Txt2Img-MHN's" in md and "deviation from their protocol" in md
+    info = json.loads(read_metadata(out / "mhn_inception.safetensors")["info"])
+    assert info["n_train"] == 4 and info["epochs"] == 1
+    for f in (out / "generated").glob("*.png"):  # --stretch: each image spans 0..255
+        x = np.array(Image.open(f))
+        assert x.min() == 0 and x.max() == 255
+    # a rerun with --overwrite reuses the fine-tuned Inception and the images
+    code, text = run_evaluate([*args, "--overwrite"], capsys)
+    assert code == 0 and "10 of 10 images already written" in text and "fine-tuned on" in text
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--protocol", "mhn", "--inception", "x.pth"], "measures FID with --mhn-inception"),
+        (["--mhn-inception", "x.pth"], "goes with --protocol mhn"),
+        (["--protocol", "mhn", "--clip", "ViT-B-32:x.pt"], "clip-rsicd-v2's Hugging Face folder"),
+        (["--protocol", "mhn", "--mhn-inception", "missing.pth"], "--fit-mhn-inception makes one"),
+    ],
+)
+def test_evaluate_protocol_errors(tiny_ckpt, tmp_path, capsys, extra, message):
+    code, text = run_evaluate(
+        ["--weights", tiny_ckpt, "--test", "procedural:4", "--out", tmp_path, *extra], capsys
+    )
+    assert code == 2 and message in text, text
