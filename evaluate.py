@@ -531,6 +531,15 @@ def cls_metrics(args, images, jobs, classes):
         if len(labelled) < len(images)
         else ""
     )
+    return cls_report(
+        r,
+        f"ResNet-18, {r['init']}, {r['epochs']} epochs, Adam {r['lr']:g}, batch "
+        f"{r['batch_size']}, {r['size']} px{unlabelled}",
+    )
+
+
+def cls_report(r, implementation):
+    """The report's cls_oa entry of a zero-shot result r (either protocol's)."""
     return {
         "cls_oa": dict(
             value=r["oa"],
@@ -538,8 +547,7 @@ def cls_metrics(args, images, jobs, classes):
             per_class=r["per_class"],
             n_train=r["n_train"],
             n_test=r["n_test"],
-            implementation=f"ResNet-18, {r['init']}, {r['epochs']} epochs, Adam "
-            f"{r['lr']:g}, batch {r['batch_size']}, {r['size']} px{unlabelled}",
+            implementation=implementation,
         )
     }
 
@@ -606,18 +614,12 @@ def mhn_cls_metrics(args, images, jobs, classes):
         progress=True,
         device=args.device,
     )
-    return {
-        "cls_oa": dict(
-            value=r["oa"],
-            aa=r["aa"],
-            per_class=r["per_class"],
-            n_train=r["n_train"],
-            n_test=r["n_test"],
-            implementation=f"Txt2Img-MHN: ResNet-18, {r['init']}, {r['epochs']} epochs, Adam "
-            f"{r['lr']:g}, batch {r['batch_size']}, Resize(({r['size']}, {r['size']})), "
-            f"{len(images) - len(labelled)} test images without a class left out",
-        )
-    }
+    return cls_report(
+        r,
+        f"Txt2Img-MHN: ResNet-18, {r['init']}, {r['epochs']} epochs, Adam {r['lr']:g}, batch "
+        f"{r['batch_size']}, Resize(({r['size']}, {r['size']})), "
+        f"{len(images) - len(labelled)} test images without a class left out",
+    )
 
 
 def mhn_deviations(args, size, inception):

@@ -82,7 +82,14 @@ def resnet18(num_classes, init=None):
             f"{path}: no such file; --resnet-init takes torchvision's ResNet-18 ImageNet state "
             "dict (resnet18-f37072fd.pth, or the same keys as .safetensors), as a local file"
         )
-    state = {k: v for k, v in read_tensors(path).items() if not k.startswith("fc.")}
+    return load_trunk(net, path)
+
+
+def load_trunk(net, path, skip=("fc.",)):
+    """Load torchvision's ImageNet state dict in the file `path` into `net` but its fc (and the
+    other heads whose keys start with `skip`), strictly: a missing, unexpected or mis-shaped key is
+    a WeightsError naming it. Returns the net."""
+    state = {k: v for k, v in read_tensors(path).items() if not k.startswith(skip)}
     # older torchvision files lack the BatchNorm step counters
     for k, v in net.state_dict().items():
         if k.endswith("num_batches_tracked") and k not in state:

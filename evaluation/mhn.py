@@ -177,13 +177,7 @@ def imagenet_inception(init, num_classes=len(CLASSES)):
             f"{path}: no such file; give torchvision's Inception-v3 ImageNet state dict "
             "(inception_v3_google-0cc3c7bd.pth) as a local file"
         )
-    state = {k: v for k, v in read_tensors(path).items() if not k.startswith(("fc.", "AuxLogits."))}
-    fc, net.fc = net.fc, nn.Identity()
-    try:
-        load_state_strict(net, state, path)
-    finally:
-        net.fc = fc
-    return net
+    return classifier.load_trunk(net, path, skip=("fc.", "AuxLogits."))
 
 
 def fit_inception(files, labels, init, *, epochs=10, batch_size=64, lr=1e-4, seed=0, **kw):
