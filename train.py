@@ -119,6 +119,9 @@ class TrainConfig:
     control_path: str = ""  # --data=paired: the control images' folder (data_path: the targets')
     # --data=paired: (old, new, ...) turning a control's path into its target's
     pair_replace: tuple = ()
+    # --data=paired: a manifest (or a folder's metadata.jsonl) captioning each pair by its target's
+    # or control's file ("" = no captions)
+    pair_captions: str = ""
     modality: str = (
         ""  # --data=synthetic: "sar" | "nir" | "pan" images for a modality LoRA ("" = rgb)
     )

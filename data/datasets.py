@@ -3,8 +3,11 @@ Map-style readers for Text2Earth training data, each yielding the sample dict of
 (None for a bad or filtered sample):
 
     Git10M             Git-10M as distributed (HF `save_to_disk` Arrow files), read in place
-    KarpathyCaptions   RSICD / UCM-Captions style caption json + images folder
-    CaptionFolder      a folder of images + a jsonl or csv manifest
+    KarpathyCaptions   caption json + images folder: Karpathy's layout (RSICD, UCM-Captions,
+                       Sydney-Captions) or NWPU-Captions' (images listed per class)
+    CaptionFolder      a folder of images + a jsonl or csv manifest: ours (`file`, `caption`) or
+                       Hugging Face imagefolder's metadata.jsonl (`file_name`, `text`)
+    PairCaptions       real pairs (data/modalities.PairedFolder) captioned by such a manifest
 (the webdataset tar-shard stream and its writer live in data/shards.py)
 
 Each reader names a sample's fields in one dict, {"key", "caption", "level", "quality"} plus
@@ -30,6 +33,8 @@ Per-sample randomness is seeded by (seed, epoch, index), so with ResumableSample
 import csv
 import json
 import math
+import os
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -45,8 +50,18 @@ from data.levels import (
 from data.places import check_split, in_split
 from data.samples import BadDataCounter, build_sample, extra_fields, is_number, sample_generator
 
-MANIFEST_COLUMNS = ("file", "caption", "level", "resolution_m", "quality")  # CaptionFolder's own
+# manifest columns, each by its spellings, the first present read: ours, then Hugging Face
+# imagefolder's metadata (file_name, text) and the other spellings users have (image, gsd_m)
+FILE_COLUMNS = ("file", "file_name", "image")
+CAPTION_COLUMNS = ("caption", "text")
+RESOLUTION_COLUMNS = ("resolution_m", "gsd_m")
+MANIFEST_COLUMNS = FILE_COLUMNS + CAPTION_COLUMNS + RESOLUTION_COLUMNS + ("level", "quality")
+METADATA_FILES = ("metadata.jsonl", "metadata.csv")  # a folder's manifest, as imagefolder names it
 KARPATHY_IDS = ("imgid", "cocoid")  # numeric per-image keys of the Karpathy json that are ids
+# the image folders the caption datasets ship beside their json: ours, UCM- and Sydney-Captions',
+# RSICD's, NWPU-Captions'
+KARPATHY_IMAGE_FOLDERS = ("images", "imgs", "RSICD_images", "NWPU_images")
+NWPU_CAPTION = re.compile(r"raw(?:_(\d+))?")  # NWPU-Captions' caption keys: raw, raw_1 .. raw_4
 
 
 def _to_float(v):
@@ -329,13 +344,64 @@ class Git10M(CaptionImageDataset):
 
 
 # -----------------------------------------------------------------------------
-# Karpathy caption json (RSICD dataset_rsicd.json, UCM-Captions dataset.json)
+# Karpathy caption json (RSICD dataset_rsicd.json, UCM- and Sydney-Captions dataset.json) and
+# NWPU-Captions' dataset_nwpu.json
+
+
+def _kind(v):
+    """A value's type and its start, for an error message."""
+    return f"a {type(v).__name__} ({str(v)[:40]!r})"
+
+
+def _karpathy_images(meta, json_path):
+    """The images of Karpathy's layout, {"images": [{"filename", "sentences": [{"raw"}], "split",
+    "filepath"?}]} -> [(entry, its subfolder, [captions])]."""
+    if not isinstance(meta["images"], list):
+        raise ValueError(f"{json_path}: key 'images' must hold a list, not {_kind(meta['images'])}")
+    out = []
+    for n, im in enumerate(meta["images"]):
+        if not isinstance(im, dict) or "filename" not in im or "sentences" not in im:
+            raise ValueError(f"{json_path}: images[{n}] lacks 'filename' or 'sentences'")
+        caps = [s.get("raw", "") for s in im["sentences"]] or [""]
+        out.append((im, im.get("filepath", ""), caps))
+    return out
+
+
+def _nwpu_images(meta, json_path):
+    """The images of NWPU-Captions' layout, {class: [{"filename", "split", "raw", "raw_1" ..
+    "raw_4"}]} with each class's images in a folder of its name -> [(entry, its subfolder,
+    [captions])]. A top-level "gsd_m" is the dataset's resolution, as in Karpathy's layout."""
+    out = []
+    for name, ims in meta.items():
+        if name == "gsd_m":
+            continue
+        if not isinstance(ims, list):
+            raise ValueError(
+                f"{json_path}: neither Karpathy's caption json (an 'images' list) nor "
+                f"NWPU-Captions' ({{class: [images]}}): key {name!r} holds {_kind(ims)}"
+            )
+        for n, im in enumerate(ims):
+            if not isinstance(im, dict) or "filename" not in im or "raw" not in im:
+                raise ValueError(f"{json_path}: {name}[{n}] lacks 'filename' or 'raw'")
+            keys = sorted(
+                (k for k in im if NWPU_CAPTION.fullmatch(k)),
+                key=lambda k: int(NWPU_CAPTION.fullmatch(k)[1] or 0),
+            )
+            for k in keys:
+                if not isinstance(im[k], str):
+                    raise ValueError(f"{json_path}: {name}[{n}][{k!r}] is {_kind(im[k])}")
+            out.append((im, name, [im[k] for k in keys]))
+    return out
 
 
 class KarpathyCaptions(CaptionImageDataset):
-    """Karpathy-format caption json: {"images": [{"filename", "split", "sentences": [{"raw"}]}]},
-    images in `image_root` (default: the `images` folder beside the json; an entry's "filepath"
-    is joined in when present).
+    """Caption json + images, in either layout the remote-sensing caption datasets ship:
+    Karpathy's {"images": [{"filename", "split", "sentences": [{"raw"}]}]} (RSICD, UCM-Captions,
+    Sydney-Captions; an entry's "filepath" is a subfolder of the images), or NWPU-Captions'
+    {class: [{"filename", "split", "raw", "raw_1" .. "raw_4"}]} (each class's images in a
+    subfolder of its name). A json in neither is a ValueError naming the key that is not.
+    image_root: default the first of KARPATHY_IMAGE_FOLDERS beside the json that exists
+    (images, imgs, RSICD_images, NWPU_images), else `images`.
 
     split: 'train' / 'val' / 'test', a list of them, or None for all.
     all_captions=False draws one caption per visit (from the per-sample generator);
@@ -343,8 +409,8 @@ class KarpathyCaptions(CaptionImageDataset):
     gsd_m: dataset-wide ground sample distance in m/px -> one level for every image; None uses
     the json's "gsd_m" key when present, else level 0 (unknown).
     Numeric per-image keys become sample fields of the same name, except the ids (imgid,
-    cocoid) and level, quality (the level comes from gsd_m, the quality is nan); "lat" and "lon"
-    keys are the image's place, and places keeps one side of the spatial split.
+    cocoid, sentids*) and level, quality (the level comes from gsd_m, the quality is nan); "lat"
+    and "lon" keys are the image's place, and places keeps one side of the spatial split.
     """
 
     def __init__(
@@ -370,29 +436,32 @@ class KarpathyCaptions(CaptionImageDataset):
             meta = json.loads(json_path.read_text())
         except json.JSONDecodeError as e:
             raise ValueError(f"{json_path}: not valid json ({e})") from None
-        if not isinstance(meta, dict) or not isinstance(meta.get("images"), list):
-            raise ValueError(f"{json_path}: expected a Karpathy json with an 'images' list")
-        self.image_root = Path(
-            image_root if image_root is not None else json_path.parent / "images"
-        )
+        if not isinstance(meta, dict) or not meta:
+            raise ValueError(
+                f"{json_path}: expected Karpathy's caption json ({{'images': [...]}}) or "
+                f"NWPU-Captions' ({{class: [images]}}), got {_kind(meta)}"
+            )
+        images = (_karpathy_images if "images" in meta else _nwpu_images)(meta, json_path)
+        if image_root is None:
+            found = [json_path.parent / d for d in KARPATHY_IMAGE_FOLDERS]
+            image_root = next((d for d in found if d.is_dir()), found[0])
+        self.image_root = Path(image_root)
         splits = {split} if isinstance(split, str) else set(split) if split is not None else None
         if gsd_m is None:
             gsd_m = meta.get("gsd_m")
         self.level = level_from_resolution(gsd_m) if gsd_m is not None else 0.0
         self.all_captions = all_captions
         self.entries = []  # [(key, path, [captions], {extra field: number})]
-        for n, im in enumerate(meta["images"]):
-            if "filename" not in im or "sentences" not in im:
-                raise ValueError(f"{json_path}: images[{n}] lacks 'filename' or 'sentences'")
+        for im, folder, caps in images:
             if splits is not None and im.get("split") not in splits:
                 continue
-            path = self.image_root / im.get("filepath", "") / im["filename"]
-            caps = [s.get("raw", "") for s in im["sentences"]] or [""]
-            extra = extra_fields(im, KARPATHY_IDS)
+            ids = KARPATHY_IDS + tuple(k for k in im if k.startswith("sentid"))
+            extra = extra_fields(im, ids)
             if _in_places(extra, places):
+                path = self.image_root / folder / im["filename"]
                 self.entries.append((im["filename"], path, caps, extra))
         if not self.entries:
-            found = sorted({str(im.get("split")) for im in meta["images"]})
+            found = sorted({str(im.get("split")) for im, _, _ in images})
             raise ValueError(
                 f"{json_path}: no images in split {split!r}, places {places!r} (splits present: "
                 f"{found})"
@@ -425,6 +494,50 @@ class KarpathyCaptions(CaptionImageDataset):
 # folder of images + jsonl / csv manifest
 
 
+def find_manifest(path, split="train"):
+    """The manifest a path names: the path itself when it is not a folder; for a folder, the
+    METADATA_FILES it holds (Hugging Face imagefolder's metadata.jsonl or metadata.csv), or, when
+    it holds none, its `split` subfolder's (imagefolder's train/ and test/ layout)."""
+    path = Path(path)
+    if not path.is_dir():
+        return path
+    for folder in [path] if split is None else [path, path / split]:
+        found = [folder / name for name in METADATA_FILES if (folder / name).is_file()]
+        if len(found) > 1:
+            raise ValueError(f"{folder}: holds both {' and '.join(METADATA_FILES)}; keep one")
+        if found:
+            return found[0]
+    splits = sorted(
+        d.name for d in path.iterdir() if any((d / name).is_file() for name in METADATA_FILES)
+    )
+    raise ValueError(
+        f"{path} is a folder; give the manifest (.jsonl or .csv), or a folder holding "
+        f"{' or '.join(METADATA_FILES)}"
+        + (f" (itself or its split folder {split}/)" if split is not None else "")
+        + (f"; split folders holding one here: {', '.join(splits)}" if splits else "")
+    )
+
+
+def _read_rows(manifest):
+    """[(line, row)] of a .jsonl manifest (one json object a line, blank lines skipped) or a .csv
+    one (a header, then a row a record; line: where the record ends)."""
+    if manifest.suffix == ".jsonl":
+        rows = []
+        with open(manifest, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append((n, json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{manifest}:{n}: not valid json ({e})") from None
+        return rows
+    if manifest.suffix == ".csv":
+        with open(manifest, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            return [(reader.line_num, r) for r in reader]
+    raise ValueError(f"CaptionFolder: manifest {manifest} must end in .jsonl or .csv")
+
+
 def _numeric_cells(row, parse_text):
     """The numeric cells of a manifest row outside MANIFEST_COLUMNS, by column name: ints and
     floats as they are; with parse_text (csv), text that parses as a float. Empty cells, other
@@ -443,14 +556,62 @@ def _numeric_cells(row, parse_text):
     return out
 
 
+def _row_level(row):
+    """A manifest row's level: its `level`, else the level of its resolution (the first of
+    RESOLUTION_COLUMNS that is a positive number of m/px), else None."""
+    level = _to_float(row.get("level"))
+    if math.isfinite(level):
+        return level
+    for name in RESOLUTION_COLUMNS:
+        res = _to_float(row.get(name))
+        if math.isfinite(res) and res > 0:
+            return level_from_resolution(res)
+    return None
+
+
+def read_manifest(manifest):
+    """A manifest's rows -> [(line, fields, file column, file)]: fields {"key": file, "caption",
+    "level" (None: the row has none), "quality" (nan: none), + its other numeric columns}; each of
+    file and caption is the first of its spellings (FILE_COLUMNS, CAPTION_COLUMNS) the row holds.
+    A row without one is a ValueError naming the manifest and line, as is a file_name or image
+    cell that is not a path."""
+    manifest = Path(manifest)
+    out = []
+    for n, (line, r) in enumerate(_read_rows(manifest), 1):
+        where = f"{manifest}:{line}: row {n}"
+        if not isinstance(r, dict):
+            raise ValueError(f"{where} lacks columns: it is {_kind(r)}, not an object")
+        column = next((c for c in FILE_COLUMNS if c in r), None)
+        caption = next((c for c in CAPTION_COLUMNS if c in r), None)
+        for name, names in ((column, FILE_COLUMNS), (caption, CAPTION_COLUMNS)):
+            if name is None:
+                raise ValueError(f"{where} lacks a column {' or '.join(names)}: {r!r}")
+        file = r[column]
+        if column != "file" and not (isinstance(file, str) and file):
+            raise ValueError(f"{where}: {column} must name an image file, got {file!r}")
+        fields = {
+            **_numeric_cells(r, parse_text=manifest.suffix == ".csv"),
+            "key": str(file),
+            "caption": r[caption],
+            "level": _row_level(r),
+            "quality": _to_float(r.get("quality")),
+        }
+        out.append((line, fields, column, str(file)))
+    return out
+
+
 class CaptionFolder(CaptionImageDataset):
-    """Images + a manifest (.jsonl: one object per line, or .csv with a header) with columns
-    `file, caption` and optionally `level` or `resolution_m` (level wins when both are set)
-    and `quality`. Every other numeric column (e.g. `cloud`) becomes a sample field of the same
-    name; in a csv a cell is numeric when it parses as a float, and an empty cell leaves the
-    field out of that row's sample; `lat` and `lon` columns are the image's place. Files are
+    """Images + a manifest: .jsonl (one object per line) or .csv (with a header). Columns: the
+    image file, `file` (or Hugging Face imagefolder's `file_name`, or `image`); its caption,
+    `caption` (or `text`); optionally `level` or `resolution_m` (or `gsd_m`; level wins when both
+    are set) and `quality`. Every other numeric column (e.g. `cloud`) becomes a sample field of
+    the same name; in a csv a cell is numeric when it parses as a float, and an empty cell leaves
+    the field out of that row's sample; `lat` and `lon` columns are the image's place. Files are
     relative to `image_root` (default: the manifest's folder). min_quality keeps rows whose
-    quality > min_quality, places one side of the spatial split."""
+    quality > min_quality, places one side of the spatial split.
+    `manifest` may be a folder: its metadata.jsonl (or metadata.csv), or its `split` subfolder's
+    (find_manifest). A file_name or image a manifest lists must exist (ValueError naming the line
+    and file); a missing `file` is a bad sample when read."""
 
     def __init__(
         self,
@@ -463,47 +624,30 @@ class CaptionFolder(CaptionImageDataset):
         seed=0,
         allow_empty_caption=False,
         places="all",
+        split="train",
     ):
         super().__init__(transform, min_size, counter, seed, allow_empty_caption)
         check_split(places)
-        manifest = Path(manifest)
+        manifest = find_manifest(manifest, split)
         if not manifest.is_file():
             raise ValueError(f"CaptionFolder: manifest {manifest} does not exist")
+        self.manifest = manifest
         self.image_root = Path(image_root) if image_root is not None else manifest.parent
-        if manifest.suffix == ".jsonl":
-            rows = []
-            with open(manifest) as f:
-                for n, line in enumerate(f, 1):
-                    if line.strip():
-                        try:
-                            rows.append(json.loads(line))
-                        except json.JSONDecodeError as e:
-                            raise ValueError(f"{manifest}:{n}: not valid json ({e})") from None
-        elif manifest.suffix == ".csv":
-            with open(manifest, newline="") as f:
-                rows = list(csv.DictReader(f))
-        else:
-            raise ValueError(f"CaptionFolder: manifest {manifest} must end in .jsonl or .csv")
-        self.rows = []  # [(fields, image path)]
-        for n, r in enumerate(rows, 1):
-            if not isinstance(r, dict) or "file" not in r or "caption" not in r:
-                raise ValueError(f"{manifest}: row {n} lacks 'file' or 'caption' ({r!r})")
-            level = _to_float(r.get("level"))
-            if not math.isfinite(level):
-                res = _to_float(r.get("resolution_m"))
-                level = level_from_resolution(res) if math.isfinite(res) and res > 0 else 0.0
-            quality = _to_float(r.get("quality"))
-            if min_quality is not None and not quality > min_quality:
+        self.rows, missing = [], []  # [(fields, image path)], ["manifest:line: ..."]
+        for line, fields, column, file in read_manifest(manifest):
+            path = self.image_root / file
+            if column != "file" and not path.is_file():
+                missing.append(f"{manifest}:{line}: {column} {file!r}: no such file {path}")
                 continue
-            fields = {
-                **_numeric_cells(r, parse_text=manifest.suffix == ".csv"),
-                "key": str(r["file"]),
-                "caption": r["caption"],
-                "level": level,
-                "quality": quality,
-            }
+            if min_quality is not None and not fields["quality"] > min_quality:
+                continue
+            if fields["level"] is None:
+                fields["level"] = 0.0
             if _in_places(fields, places):
-                self.rows.append((fields, self.image_root / str(r["file"])))
+                self.rows.append((fields, path))
+        if missing:
+            more = f" (and {len(missing) - 1} more missing)" if len(missing) > 1 else ""
+            raise ValueError(missing[0] + more)
         if not self.rows:
             raise ValueError(
                 f"{manifest}: no rows (after min_quality={min_quality}, places={places!r})"
@@ -514,3 +658,69 @@ class CaptionFolder(CaptionImageDataset):
 
     def _record(self, i, generator):
         return self.rows[i]
+
+
+# -----------------------------------------------------------------------------
+# real pairs captioned by a manifest
+
+
+class PairCaptions(torch.utils.data.Dataset):
+    """Real pairs (data/modalities.PairedFolder, whose `pairs` are [(key, control path, target
+    path)]) captioned by a manifest of CaptionFolder's columns (a folder: its metadata.jsonl,
+    find_manifest). A pair takes the row of its target image, else the row of its control image;
+    a row's file is relative to the manifest's folder. The row's caption, its level when it has one
+    (else the pairs' dataset-wide level stays), quality and numeric columns go into the pair's
+    item. A pair without a row, a row of a pair without a caption, or a file listed twice is a
+    ValueError naming it; rows of other files are left alone."""
+
+    def __init__(self, pairs, manifest, split="train"):
+        self.dataset = pairs
+        manifest = find_manifest(manifest, split)
+        if not manifest.is_file():
+            raise ValueError(f"PairCaptions: manifest {manifest} does not exist")
+        rows = {}  # absolute image path -> (line, fields)
+        for line, fields, _, file in read_manifest(manifest):
+            path = os.path.abspath(manifest.parent / file)
+            if path in rows:
+                raise ValueError(
+                    f"{manifest}:{line}: {file!r} is listed again (first on line {rows[path][0]})"
+                )
+            rows[path] = (line, fields)
+        self.fields, lacking = [], []  # [the pair's fields from its row], [(key, target path)]
+        for key, control, target in pairs.pairs:
+            found = rows.get(os.path.abspath(target)) or rows.get(os.path.abspath(control))
+            if found is None:
+                lacking.append((key, target))
+                continue
+            line, fields = found
+            caption = fields["caption"]
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"{manifest}:{line}: {fields['key']!r} has no caption")
+            item = {k: v for k, v in fields.items() if k not in ("key", "level")}
+            if fields["level"] is not None:
+                item["level"] = fields["level"]
+            self.fields.append({**item, "caption": caption.strip()})
+        if lacking:
+            key, target = lacking[0]
+            raise ValueError(
+                f"{manifest}: {len(lacking)} of {len(pairs.pairs)} pairs have no row (one for "
+                f"their target or control image), e.g. {key} (target {target})"
+            )
+
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, transform):  # write_shards sets the reader's transform
+        self.dataset.transform = transform
+
+    def set_epoch(self, epoch):
+        self.dataset.set_epoch(epoch)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        item = self.dataset[i]
+        return {**item, **self.fields[i]} if isinstance(item, dict) else item

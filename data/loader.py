@@ -4,16 +4,16 @@ and this process's batches.
 `cfg` is any object with train.py's data fields (data, data_path, data_split, image_size, gsd_m,
 min_quality, max_bad_fraction, seed, batch_size, num_workers, synthetic_*, places): TrainConfig in
 practice.
-Paired data for a ControlNet (data/modalities.py) reads control_task, control_path and pair_replace,
-and a text -> SAR/NIR/PAN fine-tune on the procedural Earth reads modality; configs without
-these fields get none of it.
+Paired data for a ControlNet (data/modalities.py) reads control_task, control_path, pair_replace
+and pair_captions, and a text -> SAR/NIR/PAN fine-tune on the procedural Earth reads modality;
+configs without these fields get none of it.
 """
 
 from pathlib import Path
 
 import torch
 
-from data.datasets import CaptionFolder, Git10M, KarpathyCaptions
+from data.datasets import CaptionFolder, Git10M, KarpathyCaptions, PairCaptions
 from data.levels import level_from_resolution
 from data.modalities import DERIVED, TASKS, ControlPairs, PairedFolder
 from data.sampler import ResumableSampler
@@ -49,6 +49,11 @@ def _control_fields(cfg):
         )
     if cfg.data == "paired" and not task:
         raise ValueError("--data=paired needs --control_task (e.g. sar2rgb) and --control_path")
+    if getattr(cfg, "pair_captions", "") and cfg.data != "paired":
+        raise ValueError(
+            f"--pair_captions captions --data=paired's pairs; --data={cfg.data} reads its "
+            "captions from --data_path"
+        )
     if cfg.data == "shards" and task:
         raise ValueError(
             f"--control_task={task}: tar shards hold no control images; not supported with "
@@ -94,7 +99,7 @@ def build_dataset(cfg, max_bad_fraction=None):
                 "--data=paired needs --control_path (the control images; --data_path holds the "
                 "targets)"
             )
-        return PairedFolder(
+        pairs = PairedFolder(
             cfg.control_path,
             cfg.data_path,
             replace=_replace_pairs(getattr(cfg, "pair_replace", ())),
@@ -103,6 +108,8 @@ def build_dataset(cfg, max_bad_fraction=None):
             counter=counter,
             seed=cfg.seed,
         )
+        captions = getattr(cfg, "pair_captions", "")
+        return PairCaptions(pairs, captions, split=cfg.data_split) if captions else pairs
     if task and TASKS[task][0] not in DERIVED:
         raise ValueError(
             f"--control_task={task}: its control ({TASKS[task][0]}) cannot be derived from "
@@ -114,11 +121,11 @@ def build_dataset(cfg, max_bad_fraction=None):
 
 
 def _reader(cfg, tf, counter):
-    """The RGB reader that --data names (karpathy, folder, git10m)."""
-    if cfg.data in ("karpathy", "folder") and Path(cfg.data_path).is_dir():
+    """The RGB reader that --data names (karpathy, folder, git10m). A folder --data_path of
+    --data=folder is read as Hugging Face imagefolder lays it out (CaptionFolder)."""
+    if cfg.data == "karpathy" and Path(cfg.data_path).is_dir():
         raise ValueError(
-            f"--data={cfg.data}: --data_path={cfg.data_path} is a folder; give the "
-            f"{'caption json' if cfg.data == 'karpathy' else 'manifest (.jsonl or .csv)'} in it"
+            f"--data=karpathy: --data_path={cfg.data_path} is a folder; give the caption json in it"
         )
     if cfg.data == "karpathy":
         return KarpathyCaptions(
@@ -138,6 +145,7 @@ def _reader(cfg, tf, counter):
             counter=counter,
             seed=cfg.seed,
             places=_places(cfg),
+            split=cfg.data_split,
         )
     if cfg.data == "git10m":
         return Git10M(
