@@ -517,14 +517,8 @@ def cls_metrics(args, images, jobs, classes):
         test,
         labels,
         classes,
-        epochs=args.cls_epochs,
-        batch_size=args.cls_batch,
-        lr=args.cls_lr,
-        size=args.cls_size,
         init=args.resnet_init,
-        seed=args.seed,
-        progress=True,
-        device=args.device,
+        **cls_settings(args),
     )
     unlabelled = (
         f", {len(images) - len(labelled)} test images without a class left out"
@@ -535,6 +529,19 @@ def cls_metrics(args, images, jobs, classes):
         r,
         f"ResNet-18, {r['init']}, {r['epochs']} epochs, Adam {r['lr']:g}, batch "
         f"{r['batch_size']}, {r['size']} px{unlabelled}",
+    )
+
+
+def cls_settings(args):
+    """The Cls-OA classifier's training settings (--cls-*), either protocol's."""
+    return dict(
+        epochs=args.cls_epochs,
+        batch_size=args.cls_batch,
+        lr=args.cls_lr,
+        size=args.cls_size,
+        seed=args.seed,
+        progress=True,
+        device=args.device,
     )
 
 
@@ -606,13 +613,7 @@ def mhn_cls_metrics(args, images, jobs, classes):
         labels,
         args.resnet_init,
         classes=tuple(names),
-        seed=args.seed,
-        epochs=args.cls_epochs,
-        batch_size=args.cls_batch,
-        lr=args.cls_lr,
-        size=args.cls_size,
-        progress=True,
-        device=args.device,
+        **cls_settings(args),
     )
     return cls_report(
         r,

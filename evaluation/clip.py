@@ -93,18 +93,21 @@ def _pil(image):
     return Image.fromarray(np.ascontiguousarray(u8))
 
 
+def batches_of(images, batch_size):
+    """Batches of images: a tensor (N, 3, H, W) cut into batch_size pieces, or an iterable of
+    batches (ImageFiles.batches) as it is."""
+    if not torch.is_tensor(images):
+        return images
+    return (images[i : i + batch_size] for i in range(0, len(images), batch_size))
+
+
 @torch.no_grad()
 def image_embeddings(clip, images, batch_size=64):
     """Unit-norm image embeddings (N, D) float64 for images, a tensor (N, 3, H, W) in [-1, 1] or an
     iterable of such batches, through open_clip's own evaluation transform (resize, centre crop,
     the model's mean/std)."""
     out = []
-    batches = (
-        (images[i : i + batch_size] for i in range(0, len(images), batch_size))
-        if torch.is_tensor(images)
-        else images
-    )
-    for b in batches:
+    for b in batches_of(images, batch_size):
         x = torch.stack([clip.preprocess(_pil(im)) for im in b]).to(clip.device)
         e = clip.model.encode_image(x).double()
         out.append((e / e.norm(dim=1, keepdim=True)).cpu())

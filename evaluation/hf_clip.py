@@ -33,6 +33,7 @@ import torchvision.transforms.functional as TF
 import torchvision.transforms.v2.functional as tvF
 from PIL import Image
 
+from evaluation.clip import batches_of
 from model.release import WeightsError
 
 WEIGHT_FILES = (
@@ -263,12 +264,7 @@ def image_embeddings(clip, images, batch_size=64):
     """Unit-norm image embeddings (N, D) float64 for images, a tensor (N, 3, H, W) in [-1, 1] or an
     iterable of such batches, through the folder's own preprocessing."""
     out = []
-    batches = (
-        (images[i : i + batch_size] for i in range(0, len(images), batch_size))
-        if torch.is_tensor(images)
-        else images
-    )
-    for b in batches:
+    for b in batches_of(images, batch_size):
         x = pixel_values(clip.image, [_uint8(im) for im in b]).to(clip.device)
         out.append(_unit(_features(clip.model.get_image_features(pixel_values=x))))
     return torch.cat(out)
