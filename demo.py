@@ -45,9 +45,10 @@ import torch
 from PIL import Image
 
 from data.levels import resolution_from_level
+from data.datasets import KarpathyCaptions
 from data.shards import ShardDataset, write_once, write_shards
 from data.synthetic import CLASSES, InOrder, ProceduralEarth, sample as procedural_sample
-from data.transforms import image_grid, tensor_to_pil
+from data.transforms import image_grid, tensor_to_pil, train_transform
 from evaluation.probe import (
     evaluate_probe,
     fit_probe,
@@ -56,6 +57,8 @@ from evaluation.probe import (
     make_probe_data,
     save_probe,
 )
+from evaluation.realism import FilesAsTrained
+from evaluation.testset import karpathy
 from evaluation.globe import place_figures, place_for_class, places_in, places_strip
 from evaluation.report import overview_page, results_table
 from evaluation.showcase import editing_strip, stack_images
@@ -86,6 +89,13 @@ FAST = dict(
     probe_train_images=2160,
     probe_steps=1000,
     located=False,
+)
+# --data: the recipe's own configs and budget (docs/real.md)
+REAL = dict(
+    vae_config="configs/real_vae.py",
+    unet_config="configs/real_unet.py",
+    minutes=30.0,
+    vae_share=0.3,
 )
 PRETRAINED = Path("configs/pretrained")
 # held-out renders (make_probe_data) the shipped VAE's error is recorded on
@@ -126,6 +136,13 @@ class DemoConfig:
     # every caption naming its class, a model without the place embedding, no scoring of the place
     located: bool = True
     overwrite: bool = False  # replace a finished demo in `out`
+    # a Karpathy caption json (UCM-Captions, RSICD, Sydney-Captions): the recipe for real imagery
+    # instead (docs/real.md): all trained here on its train split, evaluated on its test split
+    data: str = ""
+    vae_share: float = 0.4  # a from-scratch VAE's share of the budget left when it starts
+    eval_n: int = 4  # --data: images generated per test image
+    cls_epochs: int = 10  # --data: epochs of the zero-shot Cls-OA classifier
+    realism_steps: int = 1500  # --data: steps of the realism feature net (evaluate.py --realism)
 
 
 def parse_args(argv):
@@ -133,13 +150,25 @@ def parse_args(argv):
     under --fast."""
     argv = list(argv)
     cfg = configure(DemoConfig(), argv)
-    if cfg.fast:
-        given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
-        for k, v in FAST.items():
+    given = {a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")}
+    if cfg.fast or cfg.data:
+        for k, v in (REAL if cfg.data else FAST).items():
             if k not in given:
                 setattr(cfg, k, v)
         cfg.from_scratch = True
-    for key in ("pool", "eval_seeds", "probe_train_images", "probe_steps", "steps", "globe_places"):
+    if cfg.data:
+        check_real_data(cfg.data)
+    for key in (
+        "pool",
+        "eval_seeds",
+        "probe_train_images",
+        "probe_steps",
+        "steps",
+        "globe_places",
+        "eval_n",
+        "cls_epochs",
+        "realism_steps",
+    ):
         if getattr(cfg, key) < 1:
             raise ValueError(f"--{key} must be >= 1, got {getattr(cfg, key)}")
     if (
@@ -150,10 +179,11 @@ def parse_args(argv):
         or cfg.level_cfg < 0
         or cfg.location_cfg < 0
         or cfg.globe_samples < 1
+        or not 0 < cfg.vae_share < 1
     ):
         raise ValueError(
             "--minutes must be > 0, --unet_steps and --vae_steps >= 0, the guidance scales >= 0, "
-            "--globe_samples >= 1"
+            "--globe_samples >= 1, --vae_share in (0, 1)"
         )
     for path in (cfg.vae_config, cfg.unet_config):
         if not Path(path).is_file():
@@ -501,12 +531,13 @@ def model_overrides(args):
 
 
 def vae_stage(args, out, t0, budget):
-    """A from-scratch run's VAE, trained on the rendered scenes in out/vae (under a budget: at most
-    40% of what is left, fewer steps if slower); returns its stage record."""
+    """A from-scratch run's VAE, trained on the image shards in out/images in out/vae (under a
+    budget: the vae_share of what is left, fewer steps if slower); returns its stage record."""
     vae_args = ["--data=shards", f"--data_path={out / 'images'}", f"--seed={args.seed}"]
     vae_args += model_overrides(args)
     if budget is not None:
-        share = started_budget(out / "vae") or 0.4 * (budget - (time.time() - t0)) / 60
+        left = budget - (time.time() - t0)
+        share = started_budget(out / "vae") or args.vae_share * left / 60
         vae_args.append(f"--max_minutes={share}")
     seconds = run_stage(args.vae_config, out / "vae", args.vae_steps, *vae_args)
     return {"steps": checkpoint_step(checkpoint_paths(out / "vae")[-1]), "seconds": seconds}
@@ -729,6 +760,292 @@ def write_outputs(
     return summary
 
 
+# ----------------------------------------------------------------------------------------------
+# --data: the recipe for a captioned set of real images (docs/real.md)
+# ----------------------------------------------------------------------------------------------
+# s of the evaluation beyond the timed sampling: three Cls-OA classifiers, the realism feature net
+# and three two-sample tests, the VAE reconstructions, process starts (UCM at 64 px, 2 cores)
+EVAL_SECONDS = 300
+REAL_COLUMNS = 3  # test images shown per class in the overview
+REAL_FIGURES = (
+    ("Cls-OA", "cls_oa", "{:5.1%}"),
+    ("C2ST acc.", "c2st", "{:5.1%}"),
+    ("feature FID", "feature_fid", "{:6.2f}"),
+)
+
+
+def check_real_data(path):
+    """--data must be a Karpathy caption json with a train and a test split."""
+    if not Path(path).is_file():
+        raise ValueError(f"--data {path}: no such file (a Karpathy caption json)")
+    for split in ("train", "test"):
+        karpathy(path, split)  # a ValueError names the file and the splits it has
+
+
+def real_pool(data, out_dir, size, seed):
+    """The train split of a Karpathy json, every caption its own sample (an image with 5 captions is
+    5 samples), written once into lossless image shards at `size` px: the shorter side resized, a
+    random crop, each copy under its own flip or rotation (train_transform, seeded per sample). The
+    VAE trains on them and the U-Net on their latents. Kept on resume when made the same way.
+    Returns (samples, images)."""
+    reader = KarpathyCaptions(
+        data, split="train", transform=train_transform(size), all_captions=True, seed=seed
+    )
+    spec = dict(data=str(Path(data).resolve()), split="train", size=size, seed=seed, n=len(reader))
+    write_once(
+        out_dir,
+        spec,
+        lambda: write_shards(
+            reader,
+            out_dir,
+            samples_per_shard=max(1, len(reader) // 8),
+            image_format="png",
+            overwrite=True,
+            progress=True,
+        ),
+    )
+    return len(reader), len(reader.entries)
+
+
+def real_eval_seconds(args, model_cfg, size, n_test, batch=64):
+    """Seconds the evaluation will take: eval_n images per test image sampled by an untrained model
+    of the architecture (timed), plus EVAL_SECONDS."""
+    torch.manual_seed(0)
+    model = Text2Earth(model_cfg).eval()
+    asked = conditions.request(model_cfg, batch, text=["a scene"] * batch, level=0.0)
+    sampling = sampling_seconds(
+        model,
+        asked,
+        conditions.scales(model_cfg, args.cfg),
+        args.steps,
+        args.eval_n * n_test,
+        size=(size, size),
+    )
+    return sampling + EVAL_SECONDS
+
+
+def write_images(images, paths):
+    """Save image tensors (3, H, W) in [-1, 1] as PNG files (their folders made)."""
+    for x, path in zip(images, paths):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensor_to_pil(x).save(path)
+
+
+def reconstructions(vae_file, test, size, folder):
+    """Each test image as the training data was made (realism.FilesAsTrained), through the VAE,
+    into folder/{key}_0.png: the most a decoded sample can look like the real image."""
+    vae = load_part(vae_file, "vae").eval()
+    real = FilesAsTrained([im.path for im in test], size)
+    paths = [folder / f"{im.key}_0.png" for im in test]
+    with torch.no_grad():
+        for i in range(0, len(test), 64):
+            batch = torch.stack([real[j] for j in range(i, min(i + 64, len(test)))])
+            write_images(vae.reconstruct(batch).clamp(-1, 1), paths[i : i + 64])
+
+
+def equal_count_real(data, test, n, size, folder):
+    """For each test image, n training images of its class (a different one for each, in the
+    json's order, reused only when the class has too few) as the training data was made, into
+    folder/{key}_{k}.png: the images a zero-shot Cls-OA of real images at the same count trains on.
+    Returns False when the test images have no classes."""
+    by_class = {}
+    for im in karpathy(data, "train"):
+        by_class.setdefault(im.label, []).append(im.path)
+    if any(im.label is None or im.label not in by_class for im in test):
+        return False
+    seen = {}
+    for im in test:
+        first, pool = seen.get(im.label, 0), by_class[im.label]
+        seen[im.label] = first + n
+        picked = [pool[(first + k) % len(pool)] for k in range(n)]
+        real = FilesAsTrained(picked, size)
+        write_images([real[k] for k in range(n)], [folder / f"{im.key}_{k}.png" for k in range(n)])
+    return True
+
+
+def run_evaluation(args, out, size, name, n, *extra):
+    """evaluate.py on --data's test split in a process of its own, into out/name (skipped when its
+    report exists): Cls-OA and realism (its feature net shared by every evaluation of the run, in
+    out/realism_net.safetensors). Returns its report."""
+    report = out / name / "report.json"
+    if not report.exists():
+        cmd = [
+            sys.executable,
+            str(Path(__file__).with_name("evaluate.py")),
+            "--test",
+            args.data,
+            "--out",
+            str(out / name),
+            "--n",
+            str(n),
+            "--size",
+            str(size),
+            str(size),
+            "--seed",
+            str(args.seed),
+            "--cls-size",
+            str(size),
+            "--cls-epochs",
+            str(args.cls_epochs),
+            "--realism",
+            "--realism-size",
+            str(size),
+            "--realism-net",
+            str(out / "realism_net.safetensors"),
+            "--realism-steps",
+            str(args.realism_steps),
+            *extra,
+        ]
+        code = subprocess.call(cmd)
+        if code != 0 or not report.exists():
+            raise SystemExit(
+                f"demo.py: evaluate.py stopped (exit code {code}) in {out / name}; run the same "
+                "command again to resume"
+            )
+    return json.loads(report.read_text())
+
+
+def real_figures(reports, classes):
+    """{row: {cls_oa, c2st, feature_fid}} of the evaluations, with the real-against-real figures
+    and chance beside them (None: not measured)."""
+
+    def row(report):
+        m = report["metrics"]
+        return {k: m[k]["value"] if k in m else None for k in ("cls_oa", "c2st", "feature_fid")}
+
+    ours, vae, real = reports
+    m = ours["metrics"]
+    rows = {"generated from the test captions (ours)": row(ours)}
+    if real is not None:
+        rows["real training images, as many (ceiling)"] = row(real)
+    rows["VAE reconstructions of the test images"] = {**row(vae), "cls_oa": None}
+    if "reference" in m.get("c2st", {}):
+        rows[f"real {m['c2st']['reference']['split']} images against test (floor)"] = {
+            "cls_oa": None,
+            "c2st": m["c2st"]["reference"]["value"],
+            "feature_fid": m.get("feature_fid", {}).get("reference", {}).get("value"),
+        }
+    if classes:
+        rows[f"chance ({len(classes)} classes)"] = {
+            "cls_oa": 1 / len(classes),
+            "c2st": 0.5,
+            "feature_fid": None,
+        }
+    return rows
+
+
+def real_overview(args, out, size, test, stages, figures, t0, cores, counts):
+    """out/overview.png: per class, REAL_COLUMNS real test images beside the sample generated from
+    each one's caption, then the figures."""
+    real = FilesAsTrained([im.path for im in test], size)
+    by_class = {}
+    for i, im in enumerate(test):
+        by_class.setdefault(im.label or "test images", []).append(i)
+    rows = []
+    for label, idx in sorted(by_class.items()):
+        cells = []
+        for i in idx[:REAL_COLUMNS]:
+            sample = Image.open(out / "eval" / "generated" / f"{test[i].key}_0.png").convert("RGB")
+            cells.append((tensor_to_pil(real[i]), sample, test[i].caption))
+        rows.append((label, cells))
+    trained = ", ".join(f"{k} {v['steps']} steps" for k, v in stages.items() if v.get("steps"))
+    header = [
+        f"text2earth on {args.data}, {size} px, CPU only ({cores} cores)",
+        f"VAE, U-Net and text tower trained here from scratch on its train split ({counts[1]} "
+        f"images, {counts[0]} captions)",
+        f"stages: {trained}; whole run {(time.time() - t0) / 60:.1f} min; sampling: "
+        f"DPM-Solver++(2M) {args.steps} steps, guidance {args.cfg:g}",
+        "each pair: a real test image and the sample generated from its caption (beside it)",
+    ]
+    columns = [f"test image {k + 1}" for k in range(REAL_COLUMNS)]
+    overview_page(
+        out / "overview.png",
+        header,
+        columns,
+        rows,
+        figures,
+        cell=96,
+        figures=REAL_FIGURES,
+        title="evaluate.py (one run each)",
+        labels=("real", "generated"),
+    )
+
+
+def real_main(args, out, t0, budget, cores):
+    """The recipe for real imagery: the train split into image shards, the VAE, latents, the U-Net
+    and text tower (all from scratch), then evaluate.py on the test split for the samples, the VAE's
+    reconstructions and as many real training images; the overview and results.json."""
+    stages = {}
+    unet_cfg = load_config(args.unet_config)
+    size = unet_cfg.image_size
+    out.mkdir(parents=True, exist_ok=True)
+    test = karpathy(args.data, "test")
+    print(f"writing the train split of {args.data} at {size} px ...", flush=True)
+    t = time.time()
+    counts = real_pool(args.data, out / "images", size, args.seed)
+    stages["images"] = {"samples": counts[0], "images": counts[1], "seconds": time.time() - t}
+    reserve = None
+    if budget is not None:
+        reserve = real_eval_seconds(args, unet_cfg.model, size, len(test)) + SAMPLING_MARGIN
+    stages["vae"] = vae_stage(args, out, t0, budget)
+    vae_file = out / "vae" / "model.safetensors"
+    print(f"encoding them with the VAE ({vae_file}) ...", flush=True)
+    t = time.time()
+    encode_pool(vae_file, out / "images", out / "latents")
+    stages["encode"] = {"seconds": time.time() - t}
+    stages["unet"] = unet_stage(args, out, vae_file, t0, budget, reserve, None)
+    shutil.copyfile(out / "unet" / "model.safetensors", out / "model.safetensors")
+    t = time.time()
+    level = [] if test[0].level is not None else ["--level", "0"]  # no gsd_m: trained without one
+    ours = run_evaluation(
+        args,
+        out,
+        size,
+        "eval",
+        args.eval_n,
+        "--weights",
+        str(out / "model.safetensors"),
+        "--steps",
+        str(args.steps),
+        "--cfg",
+        str(args.cfg),
+        "--batch",
+        "64",
+        *level,
+    )
+    reconstructions(vae_file, test, size, out / "eval_vae" / "generated")
+    vae = run_evaluation(args, out, size, "eval_vae", 1)
+    real = None
+    if equal_count_real(args.data, test, args.eval_n, size, out / "eval_real" / "generated"):
+        real = run_evaluation(args, out, size, "eval_real", args.eval_n)
+    stages["evaluation"] = {"seconds": time.time() - t, "reserved_seconds": reserve}
+    figures = real_figures((ours, vae, real), ours["classes"])
+    real_overview(args, out, size, test, stages, figures, t0, cores, counts)
+    summary = {
+        "figures": figures,
+        "total_minutes": (time.time() - t0) / 60,
+        "stages": stages,
+        "cpu": cpu_name(),
+        "cores": cores,
+        **vars(args),
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=1))
+    for name, row in figures.items():
+        cells = [
+            fmt.format(row[key]) if row[key] is not None else "-" for _, key, fmt in REAL_FIGURES
+        ]
+        print(f"{name:48s} " + "  ".join(cells))
+    print(
+        f"done in {summary['total_minutes']:.1f} min: {out / 'overview.png'}, the reports in "
+        f"{out}/eval*/report.md, weights {out / 'model.safetensors'}"
+    )
+    print(
+        f"try: python sample.py --weights {out / 'model.safetensors'} --size {size} {size} "
+        f'--cfg {args.cfg:g} {" ".join(level)} --prompt "{test[0].caption}"'
+    )
+    return summary
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if {"-h", "--help"} & set(argv):
@@ -751,13 +1068,16 @@ def main(argv=None):
         )
         raise SystemExit(2)
     # redo, not just re-sample
-    for trained in ("unet", "vae", "probe.safetensors") if args.overwrite else ():
+    redo = ("eval", "eval_vae", "eval_real", "realism_net.safetensors")
+    for trained in ("unet", "vae", "probe.safetensors", *redo) if args.overwrite else ():
         path = out / trained
         shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
     torch.manual_seed(0)
     t0 = time.time()
     budget = None if args.fast or args.unet_steps else args.minutes * 60  # None: fixed steps
     stages, cores = {}, usable_cores()
+    if args.data:
+        return real_main(args, out, t0, budget, cores)
     model, size, probe_file, job, reserve = train_models(args, out, t0, budget, cores, stages)
     probe, results = scoring_probe(probe_file, job, stages)
     targets, images, globe = sample_and_measure(args, model, probe, size, results, reserve, stages)

@@ -28,6 +28,11 @@ Metrics, each run when the network it needs is given (nothing is downloaded):
   resolution accuracy            --level-net: a level net (evaluation/classifier.py) or a probe
                                  (evaluation/probe.py), or --fit-level-net DATA trains one on images
                                  of known levels (procedural:N, Git-10M)
+  realism (--realism)            no download: a two-sample test (a small CNN from scratch tells one
+                                 generated image per test image from the real ones; 50% =
+                                 indistinguishable) and FID / KID in the features of a CNN trained
+                                 on the real training split's classes (evaluation/realism.py), each
+                                 beside the same figure for two real sets (test against val)
 
 --protocol mhn measures instead as Txt2Img-MHN's released code does, the protocol of the papers'
 RSICD table (evaluation/mhn.py): FID and IS through their RSICD-tuned Inception (--mhn-inception, or
@@ -50,11 +55,11 @@ from tqdm.auto import tqdm
 from cli import distributed, sampling as cli
 from data.places import SPLITS, in_split
 from data.synthetic import CLASSES as PROCEDURAL_CLASSES
-from evaluation import classifier, clip as clipnet, hf_clip, metrics, mhn
+from evaluation import classifier, clip as clipnet, hf_clip, metrics, mhn, realism
 from evaluation.inception import RESIZE_MODES, fid_features, load_fid_inception
 from evaluation.probe import load_probe
 from evaluation.report import evaluation_table
-from evaluation.testset import ImageFiles, check_classes, level_images, load_testset
+from evaluation.testset import ImageFiles, check_classes, karpathy, level_images, load_testset
 from model.pipeline import generate
 from model.release import WeightsError
 from model.weights import read_metadata, trained_size
@@ -167,6 +172,7 @@ def parse_args(argv=None):
         help="at most this many images for --fit-level-net",
     )
     add_mhn_flags(p)
+    add_realism_flags(p)
     p.add_argument(
         "--overwrite", action="store_true", help="recompute the metrics of a finished evaluation"
     )
@@ -188,6 +194,7 @@ def parse_args(argv=None):
             "--cls-batch and --limit >= 2, --size >= 8"
         )
     check_protocol(args, p)
+    check_realism(args, p)
     args.device = distributed.local_device(args.device)  # under torchrun: this rank's GPU
     args.device, args.dtype = cli.check_sampling(args, p)
     values = cli.condition_values(args, model_cfg, p)
@@ -335,6 +342,161 @@ def check_protocol(args, p):
 # ----------------------------------------------------------------------------------------------
 # Generation, resumable
 # ----------------------------------------------------------------------------------------------
+
+
+def add_realism_flags(p):
+    """The realism metrics' flags (evaluation/realism.py)."""
+    g = p.add_argument_group("--realism (evaluation/realism.py; nothing downloaded)")
+    g.add_argument(
+        "--realism",
+        action="store_true",
+        help="two-sample test accuracy and feature-space FID / KID of one generated image per "
+        "test image against the real test images",
+    )
+    g.add_argument(
+        "--realism-size", type=int, default=64, help="the size both sets are compared at"
+    )
+    g.add_argument(
+        "--realism-steps", type=int, default=1500, help="training steps of the feature net"
+    )
+    g.add_argument(
+        "--realism-train",
+        default=None,
+        metavar="JSON",
+        help="a Karpathy json whose train split (with classes) trains the feature net (default: "
+        "--test when it is one; none: no feature FID)",
+    )
+    g.add_argument(
+        "--realism-net",
+        default=None,
+        metavar="FILE",
+        help="the feature net: reused when the file exists, else trained on --realism-train and "
+        "written there (default OUT/realism_net.safetensors); give one file to compare runs",
+    )
+    g.add_argument(
+        "--realism-reference",
+        default=None,
+        metavar="SPLIT",
+        help="a second real split of a Karpathy --test, measured against the test images the same "
+        "way: the figures of real against real (default val when the json has one; none: skip)",
+    )
+
+
+def check_realism(args, p):
+    """--realism's settings: the size, the training json, the reference split."""
+    if not args.realism:
+        return
+    if args.realism_size < 16 or args.realism_steps < 1:
+        p.error(
+            f"--realism-size must be >= 16 and --realism-steps >= 1, got {args.realism_size} and "
+            f"{args.realism_steps}"
+        )
+    karpathy_test = str(args.test).endswith(".json") and Path(args.test).is_file()
+    if args.realism_train is None:
+        args.realism_train = args.test if karpathy_test else "none"
+    if args.realism_train != "none" and not Path(args.realism_train).is_file():
+        p.error(f"--realism-train {args.realism_train}: no such file (a Karpathy json)")
+    if args.realism_reference is None:
+        args.realism_reference = "val" if karpathy_test else "none"
+    if args.realism_reference != "none" and not karpathy_test:
+        p.error("--realism-reference needs a Karpathy json --test (a second split of it)")
+
+
+def realism_net_of(args, out, classes, size):
+    """(net, info): the feature net of --realism-net (default OUT/realism_net.safetensors), loaded,
+    or trained on --realism-train's train split and written there; (None, reason) when there is
+    none to train on."""
+    path = Path(args.realism_net or out / "realism_net.safetensors")
+    if path.is_file():
+        net, info = realism.load_feature_net(path)
+        if net.size != args.realism_size:
+            raise ValueError(
+                f"--realism-net {path} reads {net.size} px images, --realism-size is "
+                f"{args.realism_size}"
+            )
+        return net, {**info, "file": str(path)}
+    if args.realism_train == "none":
+        return None, "needs --realism-train (a Karpathy json with classes) or --realism-net"
+    train = karpathy(args.realism_train, "train", args.image_root)
+    names = classes or sorted({im.label for im in train if im.label is not None})
+    unknown = sorted({im.label for im in train} - set(names))
+    if unknown or len(names) < 2:
+        raise ValueError(
+            f"--realism-train {args.realism_train}: its train split needs a class per image from "
+            f"the test set's classes (unknown: {unknown[:3]}, {len(names)} classes)"
+        )
+    print(f"realism: training the feature net on {len(train)} images ({path})")
+    net = realism.train_feature_net(
+        realism.FilesAsTrained([im.path for im in train], size),
+        [names.index(im.label) for im in train],
+        len(names),
+        size=args.realism_size,
+        steps=args.realism_steps,
+        seed=args.seed,
+    )
+    info = {
+        "train": str(args.realism_train),
+        "split": "train",
+        "n": len(train),
+        "read_at": size,
+        "steps": args.realism_steps,
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    realism.save_feature_net(net, path, info)
+    return net, {**info, "file": str(path), "width": net.width, "size": net.size}
+
+
+def realism_metrics(args, images, jobs, classes, size, out):
+    """The two-sample test and the feature-space FID / KID of the first generated image of each
+    test image against the real test images (read as training data is made, at the generated size),
+    each with the same figure for the --realism-reference split against the test images."""
+    real = realism.FilesAsTrained([im.path for im in images], size[0])
+    fake = ImageFiles([jobs[args.n * i][0] for i in range(len(images))], size=size[0])
+    reference = None
+    if args.realism_reference != "none":
+        ref = karpathy(args.test, args.realism_reference, args.image_root)
+        reference = realism.FilesAsTrained([im.path for im in ref], size[0])
+    c2st = realism.two_sample_accuracy(
+        real, fake, size=args.realism_size, seed=args.seed, paired=True
+    )
+    entry = dict(
+        value=c2st["accuracy"],
+        interval=list(c2st["interval"]),
+        stderr=c2st["stderr"],
+        auc=c2st["auc"],
+        p_value=c2st["p_value"],
+        n_real=c2st["n_real"],
+        n_fake=c2st["n_fake"],
+        implementation=f"Critic width {c2st['width']} from scratch, {c2st['folds']} folds x "
+        f"{c2st['steps']} steps, {c2st['size']} px, one generated image per test image, in its "
+        "fold; 50% = indistinguishable",
+    )
+    if reference is not None:
+        r = realism.two_sample_accuracy(real, reference, size=args.realism_size, seed=args.seed)
+        entry["reference"] = dict(
+            split=args.realism_reference, value=r["accuracy"], interval=list(r["interval"])
+        )
+    results = {"c2st": entry}
+    net, info = realism_net_of(args, out, classes, size[0])
+    if net is None:
+        results["c2st"]["notes"] = [f"no feature FID: {info}"]
+        return results
+    d = realism.feature_distances(net, real, fake)
+    entry = dict(
+        value=d["fid"],
+        kid=d["kid"],
+        kid_std=d["kid_std"],
+        n_real=d["n_real"],
+        n_fake=d["n_fake"],
+        net=info,
+        implementation=f"FID in the {d['dim']} pooled features of {info['file']} (a CNN trained "
+        f"from scratch on {info.get('train')}'s {info.get('split')} split, {net.size} px)",
+    )
+    if reference is not None:
+        r = realism.feature_distances(net, real, reference)
+        entry["reference"] = dict(split=args.realism_reference, value=r["fid"], kid=r["kid"])
+    results["feature_fid"] = entry
+    return results
 
 
 def settings_of(args, size, values, model_cfg):
@@ -960,6 +1122,14 @@ def measure(args, nets, images, jobs, classes, levels, size, cache):
             ),
         ),
     ]
+    steps.append(
+        (
+            "realism",
+            args.realism,
+            "--realism",
+            lambda: realism_metrics(args, images, jobs, classes, size, cache.parent),
+        )
+    )
     results, skipped, failed = {}, {}, {}
     for name, needed, flag, run in steps:
         if not needed:

@@ -27,12 +27,25 @@ def load_font(size):
         return ImageFont.load_default()
 
 
-def overview_page(path, header, columns, rows, table, cell=128, footer=None):
+def overview_page(
+    path,
+    header,
+    columns,
+    rows,
+    table,
+    cell=128,
+    footer=None,
+    figures=FIGURES,
+    title="probe (evaluation/probe.py)",
+    labels=("real render", "generated"),
+):
     """Write the page to `path`. header: lines of text at the top; columns: one label per level;
     rows: (label, [(real PIL image, generated PIL image, prompt) per column]); table: {row name:
-    evaluate_probe figures}. Images are enlarged to `cell` pixels with nearest-neighbour sampling
-    (every pixel the model made stays visible). footer: a PIL image added beneath the table (the
-    demo's editing examples, evaluation/showcase.py)."""
+    {key: figure or None}} with the keys of `figures` ((heading, key, format) per column; the
+    default: evaluate_probe's), under `title`. Images are enlarged to `cell` pixels with
+    nearest-neighbour sampling (every pixel the model made stays visible); `labels` name the two
+    images of a pair. footer: a PIL image added beneath the table (the demo's editing examples,
+    evaluation/showcase.py)."""
     font, small, tiny = load_font(15), load_font(12), load_font(10)
     label_w, gap, pad, text_h = 150, 14, 10, 52
     pair_w = 2 * cell + 4 + gap
@@ -41,7 +54,7 @@ def overview_page(path, header, columns, rows, table, cell=128, footer=None):
     table_h = 30 + 22 * (len(table) + 1)
     width = (
         max(
-            label_w + pair_w * len(columns), 300 + 130 * len(FIGURES), footer.width if footer else 0
+            label_w + pair_w * len(columns), 380 + 130 * len(figures), footer.width if footer else 0
         )
         + pad
     )
@@ -56,8 +69,8 @@ def overview_page(path, header, columns, rows, table, cell=128, footer=None):
     for j, name in enumerate(columns):
         x = label_w + j * pair_w
         d.text((x, top - 40), name, fill="black", font=font)
-        d.text((x, top - 18), "real render", fill="gray", font=small)
-        d.text((x + cell + 4, top - 18), "generated", fill="gray", font=small)
+        d.text((x, top - 18), labels[0], fill="gray", font=small)
+        d.text((x + cell + 4, top - 18), labels[1], fill="gray", font=small)
     for i, (label, cells) in enumerate(rows):
         y = top + i * row_h
         for k, line in enumerate(textwrap.wrap(label, 20)[:4]):
@@ -69,15 +82,16 @@ def overview_page(path, header, columns, rows, table, cell=128, footer=None):
             for k, line in enumerate(textwrap.wrap(prompt, 2 * cell // 6)[:4]):
                 d.text((x, y + cell + 2 + 12 * k), line, fill="dimgray", font=tiny)
     y = top + len(rows) * row_h + 14
-    cols_x = [300 + 130 * k for k in range(len(FIGURES))]
-    d.text((pad, y), "probe (evaluation/probe.py)", fill="black", font=font)
-    for x, (head, _, _) in zip(cols_x, FIGURES):
+    cols_x = [(380 if figures is not FIGURES else 300) + 130 * k for k in range(len(figures))]
+    d.text((pad, y), title, fill="black", font=font)
+    for x, (head, _, _) in zip(cols_x, figures):
         d.text((x, y), head, fill="black", font=font)
-    for k, (name, figures) in enumerate(table.items()):
+    for k, (name, values) in enumerate(table.items()):
         row_y = y + 22 * (k + 1)
         d.text((pad, row_y), name, fill="black", font=small)
-        for x, (_, key, fmt) in zip(cols_x, FIGURES):
-            d.text((x, row_y), fmt.format(figures[key]), fill="black", font=small)
+        for x, (_, key, fmt) in zip(cols_x, figures):
+            shown = "-" if values.get(key) is None else fmt.format(values[key])
+            d.text((x, row_y), shown, fill="black", font=small)
     if footer is not None:
         page.paste(footer, (0, top + len(rows) * row_h + table_h))
     page.save(path)
@@ -117,6 +131,8 @@ MORE_COLUMNS = (
     ("level corr.", "level", "corr", "{:.2f}", 1),
     ("probe class", "probe_class", "value", "{:.1%}", 1),
     ("IS", "is", "value", "{:.2f}", 1),
+    ("C2ST acc.", "c2st", "value", "{:.1%}", 1),
+    ("feature FID", "feature_fid", "value", "{:.2f}", 1),
 )
 PROTOCOL_NAMES = {
     "ours": "ours (pytorch-fid's FID; not comparable with the papers' RSICD table)",
@@ -167,6 +183,12 @@ def evaluation_table(report):
         if key == "clip_score" and r.get("real_images") is not None:
             lines.append(
                 f"- clip_score of the real test images with their captions: {r['real_images']:.2f}"
+            )
+        if r.get("reference") is not None:
+            ref = r["reference"]
+            lines.append(
+                f"- {key} of the real {ref['split']} images against the real test images (the "
+                f"scale's floor): {ref['value']:.3f}"
             )
         if key == "is" and r.get("real_images") is not None:
             lines.append(f"- IS of the real FID images: {r['real_images']:.2f}")
