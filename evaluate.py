@@ -391,15 +391,32 @@ def check_realism(args, p):
             f"--realism-size must be >= 16 and --realism-steps >= 1, got {args.realism_size} and "
             f"{args.realism_steps}"
         )
-    karpathy_test = str(args.test).endswith(".json") and Path(args.test).is_file()
+    splits = karpathy_splits(args.test)  # None: not a Karpathy json
     if args.realism_train is None:
-        args.realism_train = args.test if karpathy_test else "none"
-    if args.realism_train != "none" and not Path(args.realism_train).is_file():
-        p.error(f"--realism-train {args.realism_train}: no such file (a Karpathy json)")
+        args.realism_train = args.test if splits and "train" in splits else "none"
+    if args.realism_train != "none" and "train" not in (karpathy_splits(args.realism_train) or ()):
+        p.error(
+            f"--realism-train {args.realism_train}: not a Karpathy json with a train split (or no "
+            "such file)"
+        )
     if args.realism_reference is None:
-        args.realism_reference = "val" if karpathy_test else "none"
-    if args.realism_reference != "none" and not karpathy_test:
-        p.error("--realism-reference needs a Karpathy json --test (a second split of it)")
+        args.realism_reference = "val" if splits and "val" in splits else "none"
+    if args.realism_reference != "none" and args.realism_reference not in (splits or ()):
+        p.error(
+            f"--realism-reference {args.realism_reference}: needs a Karpathy json --test with "
+            f"that split (splits: {sorted(splits) if splits else 'none'})"
+        )
+
+
+def karpathy_splits(path):
+    """The split names of a Karpathy json's images, or None when `path` is not one."""
+    try:
+        meta = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(meta, dict) or not isinstance(meta.get("images"), list):
+        return None
+    return {im.get("split") for im in meta["images"] if isinstance(im, dict)}
 
 
 def realism_net_of(args, out, classes, size):
