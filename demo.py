@@ -140,6 +140,7 @@ class DemoConfig:
     # instead (docs/real.md): all trained here on its train split, evaluated on its test split
     data: str = ""
     vae_share: float = 0.4  # a from-scratch VAE's share of the budget left when it starts
+    image_size: int = 0  # --data: the images' size for both stages (0: the configs', 64)
     eval_n: int = 4  # --data: images generated per test image
     cls_epochs: int = 10  # --data: epochs of the zero-shot Cls-OA classifier
     realism_steps: int = 1500  # --data: steps of the realism feature net (evaluate.py --realism)
@@ -158,6 +159,11 @@ def parse_args(argv):
         cfg.from_scratch = True
     if cfg.data:
         check_real_data(cfg.data)
+    if cfg.image_size and (not cfg.data or cfg.image_size % 16):
+        raise ValueError(
+            f"--image_size={cfg.image_size}: takes --data and a multiple of 16 (the procedural "
+            "demo's size is its stage configs')"
+        )
     for key in (
         "pool",
         "eval_seeds",
@@ -525,9 +531,10 @@ def fork_probe(args, size, vae_file, probe_file, deadline):
 
 
 def model_overrides(args):
-    """The stages' changes to configs/demo.py's model: without places (--located=False) no place
-    embedding either, the model and its training draws those of the recipe without location."""
-    return [] if args.located else ["--model.unet.place_conditions=()"]
+    """The stages' changes to their configs: without places (--located=False) no place embedding
+    either, the model and its training draws those of the recipe without location; --image_size."""
+    size = [f"--image_size={args.image_size}"] if args.image_size else []
+    return size + ([] if args.located else ["--model.unet.place_conditions=()"])
 
 
 def vae_stage(args, out, t0, budget):
@@ -765,7 +772,7 @@ def write_outputs(
 # ----------------------------------------------------------------------------------------------
 # s of the evaluation beyond the timed sampling: three Cls-OA classifiers, the realism feature net
 # and three two-sample tests, the VAE reconstructions, process starts (UCM at 64 px, 2 cores)
-EVAL_SECONDS = 300
+EVAL_SECONDS = 270
 REAL_COLUMNS = 3  # test images shown per class in the overview
 REAL_FIGURES = (
     ("Cls-OA", "cls_oa", "{:5.1%}"),
@@ -977,7 +984,7 @@ def real_main(args, out, t0, budget, cores):
     reconstructions and as many real training images; the overview and results.json."""
     stages = {}
     unet_cfg = load_config(args.unet_config)
-    size = unet_cfg.image_size
+    size = args.image_size or unet_cfg.image_size
     out.mkdir(parents=True, exist_ok=True)
     test = karpathy(args.data, "test")
     print(f"writing the train split of {args.data} at {size} px ...", flush=True)
