@@ -83,7 +83,8 @@ def add_model_flags(
         action="append",
         default=[],
         metavar="FILE[:SCALE]",
-        help="merge a LoRA (ours, or diffusers / peft layout) into the model; repeat for several",
+        help="merge a LoRA into the U-Net and text encoder it adapts (ours, diffusers / peft or "
+        "kohya layout); repeat for several",
     )
     p.add_argument(
         "--device",

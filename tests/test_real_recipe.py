@@ -6,12 +6,15 @@ errors."""
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
 
 import demo
-from evaluation.realism import two_sample_accuracy
+from data.transforms import tensor_to_pil
+from evaluation.realism import FilesAsTrained, two_sample_accuracy
+from evaluation.testset import karpathy
 from test_mhn import run_evaluate  # evaluate.main in this process: (exit code, printed text)
 
 UCM = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ucm_captions"
@@ -138,9 +141,16 @@ def test_recipe_end_to_end_on_a_few_real_images(mini_ucm, tmp_path, capsys):
     assert nets == {str(out / "realism_net.safetensors")}
     assert len(list((out / "eval" / "generated").glob("*.png"))) == 2 * 9
     assert len(list((out / "eval_vae" / "generated").glob("*_0.png"))) == 9
-    # as many real training images, each a different one of its test image's class
-    real = sorted((out / "eval_real" / "generated").glob("*.png"))
-    assert len(real) == 2 * 9 and len({p.read_bytes() for p in real}) == 18
+    # as many real training images: the j-th test image of a class gets its 2j-th and 2j+1-th
+    assert len(list((out / "eval_real" / "generated").glob("*.png"))) == 2 * 9
+    train, seen = karpathy(mini_ucm, "train"), {}
+    for im in karpathy(mini_ucm, "test"):
+        j = seen[im.label] = seen.get(im.label, -1) + 1
+        pool = [t.path for t in train if t.label == im.label]
+        for k in range(2):
+            expected = tensor_to_pil(FilesAsTrained([pool[2 * j + k]], 64)[0])
+            written = Image.open(out / "eval_real" / "generated" / f"{im.key}_{k}.png")
+            assert np.array_equal(np.asarray(written), np.asarray(expected)), (im.key, k)
     assert Image.open(out / "overview.png").size[0] > 600
     assert (out / "model.safetensors").is_file()
     with pytest.raises(SystemExit) as e:
