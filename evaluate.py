@@ -105,7 +105,10 @@ def parse_args(argv=None):
         "only images in the regions training leaves out",
     )
     p.add_argument(
-        "--image-root", default=None, help="test images' folder (default: `images` beside the json)"
+        "--image-root",
+        default=None,
+        help="test images' folder (default: images/, imgs/, RSICD_images/ or NWPU_images/ beside "
+        "the json, the first that exists)",
     )
     p.add_argument("--limit", type=int, default=None, help="only the first K test images")
     p.add_argument(

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from data.datasets import CaptionFolder, Git10M
+from data.datasets import KARPATHY_IMAGE_FOLDERS, CaptionFolder, Git10M
 from data.levels import level_from_resolution
 from data.samples import extra_fields
 from data.places import random_place
@@ -77,9 +77,13 @@ def split_holds(image_split, split):
 def karpathy(path, split="test", image_root=None):
     """The `split` images of a Karpathy-format json ({"images": [{"filename", "split", "sentences",
     "class_id"?}], "classes"?, "gsd_m"?}) (split: a name, "!name" for every image not in it, None
-    for all); images in image_root (default: `images` beside the json)."""
+    for all); images in image_root (default: the first of images/, imgs/, RSICD_images/,
+    NWPU_images/ beside the json that exists)."""
     meta = _read_json(path)
-    root = Path(image_root) if image_root else Path(path).parent / "images"
+    if image_root is None:  # as the training reader finds them (images/, RSICD_images/, ...)
+        found = [Path(path).parent / d for d in KARPATHY_IMAGE_FOLDERS]
+        image_root = next((d for d in found if d.is_dir()), found[0])
+    root = Path(image_root)
     names = meta.get("classes")
     level = level_from_resolution(meta["gsd_m"]) if meta.get("gsd_m") else None
     out = []

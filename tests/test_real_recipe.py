@@ -156,3 +156,13 @@ def test_recipe_end_to_end_on_a_few_real_images(mini_ucm, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         demo.main([f"--data={mini_ucm}", f"--out={out}", *tiny])
     assert e.value.code == 2 and "holds a finished demo" in capsys.readouterr().err
+
+
+def test_test_images_are_found_where_the_training_reader_finds_them(tmp_path):
+    """RSICD ships its images in RSICD_images/: the test set reads them there, as training does."""
+    (tmp_path / "RSICD_images").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "RSICD_images" / "airport_1.jpg")
+    entry = {"filename": "airport_1.jpg", "split": "test", "sentences": [{"raw": "an airport"}]}
+    (tmp_path / "dataset_rsicd.json").write_text(json.dumps({"images": [entry]}))
+    (im,) = karpathy(tmp_path / "dataset_rsicd.json", "test")
+    assert im.path == tmp_path / "RSICD_images" / "airport_1.jpg" and im.label == "airport"
