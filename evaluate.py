@@ -1142,14 +1142,15 @@ def measure(args, nets, images, jobs, classes, levels, size, cache):
             ),
         ),
     ]
-    steps.append(
-        (
-            "realism",
-            args.realism,
-            "--realism",
-            lambda: realism_metrics(args, images, jobs, classes, size, cache.parent),
+    if args.realism:  # asked for, or not at all: it needs no network
+        steps.append(
+            (
+                "realism",
+                True,
+                "--realism",
+                lambda: realism_metrics(args, images, jobs, classes, size, cache.parent),
+            )
         )
-    )
     results, skipped, failed = {}, {}, {}
     for name, needed, flag, run in steps:
         if not needed:

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from model import conditions
 from model.diffusion import Diffusion
 from model.pipeline import decode, guided_denoiser, initial_noise, run_sampler, spacing_for
-from model.samplers import SAMPLERS, ddim_step, make_timesteps
+from model.samplers import SAMPLERS, ddim_step, make_timesteps, sampler_timesteps
 from model.vae import blend_ramp, tile_starts
 
 METHODS = ("model", "replace")
@@ -362,7 +362,7 @@ def img2img(model, cond, image, strength, *, seeds, encode_tile=None, decode_til
     progress = sampling.pop("progress", False)
     skip = strength_skip(steps, strength)
     dcfg = model.cfg.diffusion
-    t0 = int(make_timesteps(dcfg.num_steps, steps, *spacing_for(model, sampler))[skip])
+    t0 = int(sampler_timesteps(sampler, dcfg.num_steps, steps, *spacing_for(model, sampler))[skip])
     z0 = encode(model, image, encode_tile)
     noise = initial_noise(model, seeds, z0.shape[2:])
     x = renoise(z0, noise, Diffusion.from_config(dcfg).alphas_cumprod[t0].item())

@@ -1,4 +1,5 @@
-"""Samplers: DDPM ancestral, DDIM, Euler and DPM-Solver++(2M), as plain functions with one signature
+"""Samplers: DDPM ancestral, DDIM, Euler, DPM-Solver++(2M) and the few-step LCM and TCD samplers,
+as plain functions with one signature
 
     sample_xxx(model_fn, x, diffusion, steps, *, generator=None, prediction="eps",
                spacing="leading", steps_offset=1, callback=None, progress=False, skip=0,
@@ -8,7 +9,8 @@ model_fn(x_t, t) -> prediction (eps, v or x0, as `prediction` says) with x_t (B,
 timesteps in [0, T); wrap the U-Net and guidance into it with model/guidance.py. x is the initial
 noise, N(0, I), shaped like the latents. `diffusion` is a model.diffusion.Diffusion. The defaults
 (leading spacing, steps_offset 1) follow SD2-base's scheduler_config.json, which Text2Earth
-inherits. callback, if given, is called after every step with {"i", "t", "x" (the sampler's state),
+inherits; sample_lcm and sample_tcd take lcm_timesteps instead (spacing and steps_offset unused).
+callback, if given, is called after every step with {"i", "t", "x" (the sampler's state),
 "x0"}. Editing (model/editing.py) uses two more arguments:
     skip     start at the skip-th of the `steps` timesteps; x is then the noisy latent x_t at that
              timestep (SDEdit / img2img: the re-noised input image) instead of N(0, I) noise
@@ -65,6 +67,36 @@ def make_timesteps(num_train_steps, steps, spacing="leading", steps_offset=1, in
     return ts
 
 
+def lcm_timesteps(num_train_steps, steps, original_steps=50):
+    """The descending sampling timesteps of latent consistency models, long (steps,), as diffusers'
+    LCMScheduler and TCDScheduler pick them. Distillation ran on the `original_steps` grid
+    t = k c - 1, k = 1..N, with the skipping step c = T // N (Luo et al. 2023, "skipping-step
+    technique"; t = 19, 39, ..., 999 for T = 1000, N = 50); sampling takes `steps` of the grid's
+    timesteps evenly spaced in index: the floor(i N / steps)-th largest, i = 0..steps-1.
+        steps 4: 999, 759, 499, 259
+    """
+    if not isinstance(original_steps, int) or not 1 <= original_steps <= num_train_steps:
+        raise ValueError(
+            f"original_steps must be an int in [1, {num_train_steps}], got {original_steps!r}"
+        )
+    if not isinstance(steps, int) or not 1 <= steps <= original_steps:
+        raise ValueError(
+            f"steps={steps!r} picks timesteps outside the {original_steps}-step original schedule "
+            f"of latent consistency models; steps must be an int in [1, {original_steps}]"
+        )
+    c = num_train_steps // original_steps  # the skipping step
+    grid = torch.arange(original_steps, 0, -1) * c - 1  # N, descending
+    return grid[torch.arange(steps) * original_steps // steps]
+
+
+def sampler_timesteps(sampler, num_train_steps, steps, spacing="leading", steps_offset=1):
+    """The timesteps `sampler` (a SAMPLERS name) visits in `steps` steps, long (steps,): the grid of
+    latent consistency models for lcm and tcd (lcm_timesteps), make_timesteps for the others."""
+    if sampler in ("lcm", "tcd"):
+        return lcm_timesteps(num_train_steps, steps)
+    return make_timesteps(num_train_steps, steps, spacing, steps_offset)
+
+
 def _setup(
     name,
     x,
@@ -77,9 +109,11 @@ def _setup(
     defaults,
     integer=True,
     skip=0,
+    lcm=False,
 ):
     """Validate the shared arguments and sampler options; returns (timesteps from the skip-th on,
-    options)."""
+    options). lcm: the timesteps of lcm_timesteps on the option original_steps' grid instead of
+    make_timesteps (spacing is then checked but unused, steps_offset unused)."""
     check_prediction(prediction)
     if not torch.is_tensor(x) or not x.is_floating_point():
         raise ValueError(
@@ -90,10 +124,16 @@ def _setup(
         raise ValueError(
             f"{name}: unknown option(s) {sorted(unknown)}; accepted: {sorted(defaults) or 'none'}"
         )
-    ts = make_timesteps(diffusion.num_steps, steps, spacing, steps_offset, integer)
+    o = {**defaults, **opts}
+    if lcm and spacing not in SPACINGS:
+        raise ValueError(f"spacing must be one of {SPACINGS}, got {spacing!r}")
+    if lcm:
+        ts = lcm_timesteps(diffusion.num_steps, steps, o["original_steps"])
+    else:
+        ts = make_timesteps(diffusion.num_steps, steps, spacing, steps_offset, integer)
     if not isinstance(skip, int) or not 0 <= skip < steps:
         raise ValueError(f"{name}: skip must be an int in [0, steps = {steps}), got {skip!r}")
-    return ts[skip:], {**defaults, **opts}
+    return ts[skip:], o
 
 
 def _replaced(replace, x, abar):
@@ -370,9 +410,151 @@ def sample_dpmpp_2m(
     return x
 
 
+# ----------------------------------------------------------------------------------------------
+# Latent consistency models: LCM and TCD
+# ----------------------------------------------------------------------------------------------
+
+
+def lcm_boundary_scalings(t, timestep_scaling=10.0, sigma_data=0.5):
+    """The consistency model's boundary-condition scalings (Song et al. 2023, "Consistency Models",
+    Sec. 3 and App. C; Luo et al. 2023 use them with the timestep scaled by s = timestep_scaling):
+        c_skip(t) = sigma_data^2 / ((t s)^2 + sigma_data^2)
+        c_out(t) = t s / sqrt((t s)^2 + sigma_data^2)
+    so that f(x_t, t) = c_skip x_t + c_out x0 is the identity at t = 0 (c_skip 1, c_out 0).
+    t: a number or a tensor (B,) of timesteps; returns (c_skip, c_out), numbers or tensors like t.
+    """
+    scaled = t * timestep_scaling
+    c_skip = sigma_data**2 / (scaled**2 + sigma_data**2)
+    c_out = scaled / (scaled**2 + sigma_data**2) ** 0.5
+    return c_skip, c_out
+
+
+@torch.no_grad()
+def sample_lcm(
+    model_fn,
+    x,
+    diffusion,
+    steps,
+    *,
+    generator=None,
+    prediction="eps",
+    spacing="leading",
+    steps_offset=1,
+    callback=None,
+    progress=False,
+    skip=0,
+    replace=None,
+    **opts,
+):
+    """Multistep latent consistency sampling, Luo et al. 2023 ("Latent Consistency Models"): at each
+    timestep t the consistency function maps x_t to a clean sample,
+        f(x_t, t) = c_skip(t) x_t + c_out(t) x0(x_t, t)     (lcm_boundary_scalings),
+    which is re-noised with fresh noise z to the next timestep s,
+        x_s = sqrt(abar_s) f + sqrt(1 - abar_s) z;
+    the last step returns f. Timesteps from lcm_timesteps; spacing and steps_offset are unused.
+
+    Options: original_steps (50, the distillation grid), timestep_scaling (10.0). Matches diffusers'
+    LCMScheduler. The callback's "x0" is f.
+    """
+    ts, o = _setup(
+        "sample_lcm",
+        x,
+        diffusion,
+        steps,
+        prediction,
+        spacing,
+        steps_offset,
+        opts,
+        {"original_steps": 50, "timestep_scaling": 10.0},
+        skip=skip,
+        lcm=True,
+    )
+    ac = diffusion.alphas_cumprod
+    x = _replaced(replace, x, ac[int(ts[0])].item())
+    for i in tqdm(range(len(ts)), disable=not progress, desc="lcm"):
+        t = int(ts[i])
+        x0, _ = to_x0_eps(x, model_fn(x, _t(t, x)), _scalar(ac[t].item(), x), prediction)
+        c_skip, c_out = lcm_boundary_scalings(t, o["timestep_scaling"])
+        f = c_out * x0 + c_skip * x  # the consistency function's clean sample
+        if i + 1 < len(ts):  # re-noise to the next timestep
+            ab_s = ac[int(ts[i + 1])].item()
+            x = math.sqrt(ab_s) * f + math.sqrt(1 - ab_s) * _randn(x, generator)
+        else:
+            ab_s, x = 1.0, f
+        x = _replaced(replace, x, ab_s)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": f})
+    return x
+
+
+@torch.no_grad()
+def sample_tcd(
+    model_fn,
+    x,
+    diffusion,
+    steps,
+    *,
+    generator=None,
+    prediction="eps",
+    spacing="leading",
+    steps_offset=1,
+    callback=None,
+    progress=False,
+    skip=0,
+    replace=None,
+    **opts,
+):
+    """Strategic stochastic sampling of Zheng et al. 2024 ("Trajectory Consistency Distillation"):
+    from timestep t, with t' the next timestep (0 after the last) and the intermediate
+    s = floor((1 - gamma) t'), a deterministic DDIM step to s,
+        x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s) eps,
+    then forward noise back up to t' with fresh noise z,
+        x_t' = sqrt(abar_t' / abar_s) x_s + sqrt(1 - abar_t' / abar_s) z.
+    gamma = 0 is deterministic (DDIM on the LCM timesteps); the last step has s = 0 and no noise,
+    so the sample stands at abar_0, as in diffusers. Timesteps from lcm_timesteps; spacing and
+    steps_offset are unused.
+
+    Options: gamma (0.3, diffusers' default eta; in [0, 1]), original_steps (50). Matches diffusers'
+    TCDScheduler.
+    """
+    ts, o = _setup(
+        "sample_tcd",
+        x,
+        diffusion,
+        steps,
+        prediction,
+        spacing,
+        steps_offset,
+        opts,
+        {"gamma": 0.3, "original_steps": 50},
+        skip=skip,
+        lcm=True,
+    )
+    gamma = o["gamma"]
+    if not 0 <= gamma <= 1:
+        raise ValueError(f"sample_tcd: gamma must lie in [0, 1], got {gamma}")
+    ac = diffusion.alphas_cumprod
+    x = _replaced(replace, x, ac[int(ts[0])].item())
+    for i in tqdm(range(len(ts)), disable=not progress, desc="tcd"):
+        t = int(ts[i])
+        t_next = int(ts[i + 1]) if i + 1 < len(ts) else 0
+        s = math.floor((1 - gamma) * t_next)  # on LCM's grid as diffusers' float32 floor
+        ab_next, ab_s = ac[t_next].item(), ac[s].item()
+        x0, eps = to_x0_eps(x, model_fn(x, _t(t, x)), _scalar(ac[t].item(), x), prediction)
+        x = math.sqrt(ab_s) * x0 + math.sqrt(1 - ab_s) * eps  # DDIM to s
+        if gamma > 0 and i + 1 < len(ts):
+            x = math.sqrt(ab_next / ab_s) * x + math.sqrt(1 - ab_next / ab_s) * _randn(x, generator)
+        x = _replaced(replace, x, ab_next if i + 1 < len(ts) else ab_s)
+        if callback is not None:
+            callback({"i": i, "t": t, "x": x, "x0": x0})
+    return x
+
+
 SAMPLERS = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
     "euler": sample_euler,
     "dpmpp_2m": sample_dpmpp_2m,
+    "lcm": sample_lcm,
+    "tcd": sample_tcd,
 }
