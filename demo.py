@@ -9,6 +9,9 @@ procedural Earth -> trained model -> images.
     python demo.py --fast
     # remake the two files the default run starts from
     python demo.py --train-vae --train-probe
+    # your captioned images instead (a Karpathy json): all trained from scratch, then evaluate.py
+    # on its test split; ~30 minutes on 2 CPU cores for UCM-Captions at 64 px (docs/real.md)
+    python demo.py --data=../shared/data/ucm_captions/dataset.json
 
 As Text2Earth trains its U-Net on a frozen pretrained VAE, the default run starts from two small
 files in configs/pretrained/, checked against the content hash that configs/pretrained/manifest.json
