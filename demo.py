@@ -577,6 +577,18 @@ def unet_stage(args, out, vae_file, t0, budget, reserve, probe):
     }
 
 
+def latents_and_unet(args, out, vae_file, timing, probe, stages):
+    """The image shards in out/images encoded by the VAE into out/latents, then the U-Net stage on
+    them (timing: (t0, budget, reserve) as unet_stage takes them; probe: the process beside it or
+    None), its weights copied to out/model.safetensors; both stages' records go into `stages`."""
+    print(f"encoding them with the VAE ({vae_file}) ...", flush=True)
+    t = time.time()
+    encode_pool(vae_file, out / "images", out / "latents")
+    stages["encode"] = {"seconds": time.time() - t}
+    stages["unet"] = unet_stage(args, out, vae_file, *timing, probe)
+    shutil.copyfile(out / "unet" / "model.safetensors", out / "model.safetensors")
+
+
 def train_models(args, out, t0, budget, cores, stages):
     """Stage 1: the scenes; the VAE (shipped, or trained now, the probe then beside the U-Net);
     latents; U-Net + text tower. Each step's record goes into `stages`. Returns (model, size,
@@ -606,12 +618,7 @@ def train_models(args, out, t0, budget, cores, stages):
     else:
         steps = manifest_of(vae_file).get(vae_file.name, {}).get("steps")
         stages["vae"] = {"pretrained": str(vae_file), "steps": steps}
-    print(f"encoding them with the VAE ({vae_file}) ...", flush=True)
-    t = time.time()
-    encode_pool(vae_file, out / "images", out / "latents")
-    stages["encode"] = {"seconds": time.time() - t}
-    stages["unet"] = unet_stage(args, out, vae_file, t0, budget, reserve, job)
-    shutil.copyfile(out / "unet" / "model.safetensors", out / "model.safetensors")
+    latents_and_unet(args, out, vae_file, (t0, budget, reserve), job, stages)
     model = load_model(out / "model.safetensors").eval()
     return model, size, probe_file, job, reserve
 
@@ -999,12 +1006,7 @@ def real_main(args, out, t0, budget, cores):
         reserve = real_eval_seconds(args, unet_cfg.model, size, len(test)) + SAMPLING_MARGIN
     stages["vae"] = vae_stage(args, out, t0, budget)
     vae_file = out / "vae" / "model.safetensors"
-    print(f"encoding them with the VAE ({vae_file}) ...", flush=True)
-    t = time.time()
-    encode_pool(vae_file, out / "images", out / "latents")
-    stages["encode"] = {"seconds": time.time() - t}
-    stages["unet"] = unet_stage(args, out, vae_file, t0, budget, reserve, None)
-    shutil.copyfile(out / "unet" / "model.safetensors", out / "model.safetensors")
+    latents_and_unet(args, out, vae_file, (t0, budget, reserve), None, stages)
     t = time.time()
     level = [] if test[0].level is not None else ["--level", "0"]  # no gsd_m: trained without one
     ours = run_evaluation(

@@ -936,13 +936,7 @@ def fit_level_net(args, path, size):
     net = classifier.train_level_net(
         list(images),
         levels,
-        epochs=args.cls_epochs,
-        batch_size=args.cls_batch,
-        lr=args.cls_lr,
-        size=args.cls_size,
-        seed=args.seed,
-        progress=True,
-        device=args.device,
+        **cls_settings(args),
     )
     classifier.save_net(net.cpu(), path, {**recipe, "images": len(images)})
     return path

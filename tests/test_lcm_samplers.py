@@ -16,6 +16,7 @@ from model.samplers import (
     sample_lcm,
     sample_tcd,
 )
+from test_samplers import tiny_net  # the fixed random conv net standing in for the U-Net
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -30,22 +31,6 @@ def reference(kind="lcm", prediction="eps", **config):
     """diffusers' LCMScheduler or TCDScheduler with SD2's schedule."""
     cls = diffusers.LCMScheduler if kind == "lcm" else diffusers.TCDScheduler
     return cls(**SCHEDULE, prediction_type=PRED[prediction], **config)
-
-
-def tiny_net(seed=0):
-    """A fixed random conv net of x and t standing in for the U-Net: model_fn(x, t) -> (B, 4, H, W)."""
-    g = torch.Generator().manual_seed(seed)
-    w1 = torch.randn(8, 4, 3, 3, generator=g) * 0.2
-    w2 = torch.randn(4, 8, 3, 3, generator=g) * 0.2
-    freq = torch.randn(8, generator=g)
-
-    def model_fn(x, t):
-        t = torch.as_tensor(t, dtype=torch.float32).reshape(-1).expand(x.shape[0])  # B
-        h = torch.nn.functional.conv2d(x, w1, padding=1)  # B, 8, H, W
-        h = torch.tanh(h + torch.sin(t[:, None] / 300 * freq)[:, :, None, None])
-        return 0.5 * x + torch.nn.functional.conv2d(h, w2, padding=1)  # B, 4, H, W
-
-    return model_fn
 
 
 def noise(seed=0, shape=(2, 4, 8, 8)):
